@@ -1,0 +1,162 @@
+//! Types and names shared by interceptor's kernel programs and its userspace agent.
+//!
+//! This is the one place where the two sides agree on a layout. Every struct is
+//! `#[repr(C)]`, `Copy`, has no `Option`/enum fields and spells out its padding, so the
+//! verifier, the compiler for `bpfel-unknown-none` and the host compiler all see the same
+//! bytes. The `user` feature adds `aya::Pod` impls for userspace; the kernel build does not
+//! enable it.
+//!
+//! Byte order is part of each field's contract and is written next to it: addresses are
+//! kept in network byte order exactly as the kernel hands them over; ports are network byte
+//! order in [`RedirectConfig`] (compared against `bpf_sock_addr::user_port`) and host byte
+//! order in [`ConnKey`] (what `bpf_sock_ops::local_port` gives and what userspace reads
+//! from a socket address).
+#![no_std]
+
+/// `bpftool prog show` names (the kernel keeps 15 characters).
+pub const PROG_CONNECT4: &str = "imds_connect4";
+pub const PROG_CONNECT6: &str = "imds_connect6";
+pub const PROG_SOCKOPS: &str = "imds_sockops";
+/// Every program, in the order the loader attaches them.
+pub const PROGRAMS: [&str; 3] = [PROG_SOCKOPS, PROG_CONNECT4, PROG_CONNECT6];
+
+/// `bpftool map show` names. The kernel crate repeats these as literals in `#[map(name = ..)]`
+/// (the attribute takes no constants); a userspace test parses the built object and fails if
+/// the two drift.
+pub const MAP_CONFIG: &str = "imds_config";
+pub const MAP_EXEMPT: &str = "imds_exempt";
+pub const MAP_PENDING: &str = "imds_pending";
+pub const MAP_CONNS: &str = "imds_conns";
+pub const MAP_STATS: &str = "imds_stats";
+/// aya-log's ring buffer; its name is fixed by aya-log.
+pub const MAP_LOGS: &str = "AYA_LOGS";
+/// Every map the loader pins.
+pub const MAPS: [&str; 6] = [
+    MAP_CONFIG,
+    MAP_EXEMPT,
+    MAP_PENDING,
+    MAP_CONNS,
+    MAP_STATS,
+    MAP_LOGS,
+];
+
+/// Capacity of [`MAP_EXEMPT`]: cgroups allowed to reach the real metadata service.
+pub const EXEMPT_MAX_ENTRIES: u32 = 4096;
+/// Capacity of [`MAP_PENDING`] (LRU): connects seen by connect4/6 whose SYN is not out yet.
+pub const PENDING_MAX_ENTRIES: u32 = 8192;
+/// Capacity of [`MAP_CONNS`] (LRU): redirected connections the proxy has not accepted yet.
+pub const CONNS_MAX_ENTRIES: u32 = 16384;
+
+/// Bumped whenever a shared layout or a map's meaning changes. Pinned state of another
+/// version is never reused silently.
+pub const ABI_VERSION: u32 = 1;
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// [`RedirectConfig::flags`]: an IPv4 proxy address is configured.
+pub const FLAG_PROXY4: u32 = 1;
+/// [`RedirectConfig::flags`]: an IPv6 proxy address is configured.
+pub const FLAG_PROXY6: u32 = 1 << 1;
+
+/// The single entry of [`MAP_CONFIG`] (an array of one). Written by the agent, read by
+/// every program on every connect. A zeroed entry (no `FLAG_PROXY4`) makes connect4 refuse
+/// metadata connections instead of letting them through: the programs fail closed until
+/// the agent has configured them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RedirectConfig {
+    pub abi_version: u32,
+    pub flags: u32,
+    /// Metadata service IPv4 address, network byte order.
+    pub metadata_ip4: u32,
+    /// Proxy IPv4 address, network byte order.
+    pub proxy_ip4: u32,
+    /// Metadata service IPv6 address, network byte order words.
+    pub metadata_ip6: [u32; 4],
+    /// Proxy IPv6 address, network byte order words.
+    pub proxy_ip6: [u32; 4],
+    /// Metadata service port, network byte order.
+    pub metadata_port: u16,
+    /// Proxy IPv4 port, network byte order.
+    pub proxy_port4: u16,
+    /// Proxy IPv6 port, network byte order.
+    pub proxy_port6: u16,
+    pub _pad0: u16,
+    /// Inode (= cgroup id) of the cgroup the programs were attached to, for `status`.
+    pub cgroup_id: u64,
+    /// Hash of the eBPF object that was loaded, so an agent can tell whether the pinned
+    /// programs are its own build.
+    pub object_hash: u64,
+}
+
+/// Key of [`MAP_CONNS`]: the redirected connection as the proxy sees it after `accept()`.
+/// IPv4 addresses sit in word 0, the other words zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    /// [`AF_INET`] or [`AF_INET6`]; an IPv4-mapped IPv6 connection is keyed as IPv4,
+    /// because that is how the proxy's IPv4 listener sees it.
+    pub family: u32,
+    /// Client (pod) port, host byte order.
+    pub client_port: u16,
+    /// Proxy port, host byte order.
+    pub proxy_port: u16,
+    /// Client address, network byte order words.
+    pub client_addr: [u32; 4],
+    /// Proxy address, network byte order words.
+    pub proxy_addr: [u32; 4],
+}
+
+/// What the kernel recorded about a redirected connect, in the caller's own context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnRecord {
+    /// `bpf_get_current_cgroup_id()` of the connecting task (cgroup v2 inode number).
+    pub cgroup_id: u64,
+    /// Thread-group id (process id) of the connecting task, in the initial pid namespace.
+    pub pid: u32,
+    /// Address family of the original destination.
+    pub family: u32,
+    /// Original destination address, network byte order words.
+    pub orig_addr: [u32; 4],
+    /// Original destination port, network byte order.
+    pub orig_port: u16,
+    pub _pad0: [u8; 6],
+}
+
+/// Indices into [`MAP_STATS`] (a per-CPU array of `u64` counters).
+pub mod stat {
+    /// Metadata connects rewritten to the proxy.
+    pub const REDIRECTED: u32 = 0;
+    /// Metadata connects from exempt cgroups, left alone.
+    pub const EXEMPT: u32 = 1;
+    /// Metadata connects refused (returned 0: EPERM) because no proxy address is configured
+    /// for that family or the record could not be stored.
+    pub const REFUSED: u32 = 2;
+    /// Redirected connections re-keyed by sock_ops for the proxy.
+    pub const RECORDED: u32 = 3;
+    /// sock_ops saw a connection to the proxy with no pending record (not ours, or evicted).
+    pub const UNRECORDED: u32 = 4;
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["redirected", "exempt", "refused", "recorded", "unrecorded"];
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
+    // with every padding byte written out as a field, so any bit pattern is valid and no
+    // byte is uninitialised.
+    unsafe impl aya::Pod for super::RedirectConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnRecord {}
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<RedirectConfig>() == 72);
+    assert!(core::mem::size_of::<ConnKey>() == 40);
+    assert!(core::mem::size_of::<ConnRecord>() == 40);
+};

@@ -1,0 +1,338 @@
+//! interceptor's kernel programs.
+//!
+//! * `imds_connect4` / `imds_connect6` (`cgroup/connect4`, `cgroup/connect6`) run in the
+//!   context of the task calling `connect()`. A TCP connect to the metadata address is
+//!   rewritten to the agent's proxy and the caller's cgroup id and pid are recorded under
+//!   the socket's cookie. The rewrite happens before the route lookup, so the original
+//!   destination needs no route.
+//! * `imds_sockops` (`sockops`, `BPF_SOCK_OPS_TCP_CONNECT_CB`) runs once the source port is
+//!   chosen and before the SYN leaves: it moves the record to a key made of the
+//!   connection's addresses, which is what the proxy can see after `accept()`.
+//!
+//! Every entry point is a thin wrapper; the raw context reads live in `ctx` below.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+        helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_cgroup_id},
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
+        programs::{SockAddrContext, SockOpsContext},
+    };
+    use aya_log_ebpf::debug;
+    use interceptor_ebpf::{
+        AF_INET, AF_INET6, CONNS_MAX_ENTRIES, ConnKey, ConnRecord, EXEMPT_MAX_ENTRIES, FLAG_PROXY4,
+        FLAG_PROXY6, PENDING_MAX_ENTRIES, RedirectConfig, stat,
+    };
+
+    const SOCK_STREAM: u32 = 1;
+    /// `connect()` proceeds (possibly to a rewritten address).
+    const ALLOW: i32 = 1;
+    /// `connect()` fails with EPERM.
+    const REFUSE: i32 = 0;
+    /// `::ffff:0:0/96` third word, network byte order.
+    const V4_MAPPED_WORD2: u32 = 0x0000_ffffu32.to_be();
+
+    #[map(name = "imds_config")]
+    static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+    #[map(name = "imds_exempt")]
+    static EXEMPT: HashMap<u64, u8> = HashMap::with_max_entries(EXEMPT_MAX_ENTRIES, 0);
+
+    #[map(name = "imds_pending")]
+    static PENDING: LruHashMap<u64, ConnRecord> =
+        LruHashMap::with_max_entries(PENDING_MAX_ENTRIES, 0);
+
+    #[map(name = "imds_conns")]
+    static CONNS: LruHashMap<ConnKey, ConnRecord> =
+        LruHashMap::with_max_entries(CONNS_MAX_ENTRIES, 0);
+
+    #[map(name = "imds_stats")]
+    static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
+        try_connect4(&ctx)
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
+        try_connect6(&ctx)
+    }
+
+    #[sock_ops]
+    pub fn imds_sockops(ctx: SockOpsContext) -> u32 {
+        try_sockops(&ctx);
+        // The return value of a sock_ops program is ignored for TCP_CONNECT_CB.
+        1
+    }
+
+    fn try_connect4(ctx: &SockAddrContext) -> i32 {
+        let addr = ctx::sock_addr(ctx);
+        if addr.type_ != SOCK_STREAM {
+            return ALLOW;
+        }
+        let Some(config) = CONFIG.get(0) else {
+            return ALLOW;
+        };
+        // The common case (any other destination) costs two compares.
+        if addr.user_ip4 != config.metadata_ip4 || port_of(addr) != config.metadata_port {
+            return ALLOW;
+        }
+        if config.flags & FLAG_PROXY4 == 0 {
+            count(stat::REFUSED);
+            debug!(ctx, "imds connect4 refused: no proxy address configured");
+            return REFUSE;
+        }
+        redirect(
+            ctx,
+            AF_INET,
+            [config.metadata_ip4, 0, 0, 0],
+            config.metadata_port,
+            || ctx::set_ip4(ctx, config.proxy_ip4, config.proxy_port4),
+        )
+    }
+
+    fn try_connect6(ctx: &SockAddrContext) -> i32 {
+        let addr = ctx::sock_addr(ctx);
+        if addr.type_ != SOCK_STREAM {
+            return ALLOW;
+        }
+        let Some(config) = CONFIG.get(0) else {
+            return ALLOW;
+        };
+        let port = port_of(addr);
+        if port != config.metadata_port {
+            return ALLOW;
+        }
+        let ip6 = ctx::user_ip6(ctx);
+        // A dual-stack socket reaches the IPv4 metadata address as ::ffff:169.254.169.254,
+        // through this hook and not connect4: redirect it to the IPv4 proxy, mapped.
+        if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD2 && ip6[3] == config.metadata_ip4
+        {
+            if config.flags & FLAG_PROXY4 == 0 {
+                count(stat::REFUSED);
+                return REFUSE;
+            }
+            let mapped = [0, 0, V4_MAPPED_WORD2, config.proxy_ip4];
+            return redirect(ctx, AF_INET6, ip6, port, || {
+                ctx::set_ip6(ctx, mapped, config.proxy_port4)
+            });
+        }
+        if ip6 != config.metadata_ip6 {
+            return ALLOW;
+        }
+        if config.flags & FLAG_PROXY6 == 0 {
+            // No IPv6 proxy: refusing is the only answer that cannot leak the node's role.
+            count(stat::REFUSED);
+            debug!(
+                ctx,
+                "imds connect6 refused: no IPv6 proxy address configured"
+            );
+            return REFUSE;
+        }
+        redirect(ctx, AF_INET6, ip6, port, || {
+            ctx::set_ip6(ctx, config.proxy_ip6, config.proxy_port6)
+        })
+    }
+
+    /// Records who is connecting, then rewrites the destination. Exempt cgroups are left
+    /// alone; a record that cannot be stored refuses the connect rather than sending the
+    /// proxy a connection it could not attribute.
+    fn redirect(
+        ctx: &SockAddrContext,
+        family: u32,
+        orig_addr: [u32; 4],
+        orig_port: u16,
+        rewrite: impl FnOnce(),
+    ) -> i32 {
+        // SAFETY: a helper without arguments, valid in cgroup_sock_addr programs.
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        if EXEMPT.get_ptr(cgroup_id).is_some() {
+            count(stat::EXEMPT);
+            return ALLOW;
+        }
+        let record = ConnRecord {
+            cgroup_id,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            family,
+            orig_addr,
+            orig_port,
+            _pad0: [0; 6],
+        };
+        if PENDING.insert(ctx::cookie(ctx), record, 0).is_err() {
+            count(stat::REFUSED);
+            return REFUSE;
+        }
+        rewrite();
+        count(stat::REDIRECTED);
+        ALLOW
+    }
+
+    fn try_sockops(ctx: &SockOpsContext) {
+        if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+            return;
+        }
+        let Some(key) = conn_key(ctx) else {
+            return;
+        };
+        // Only connections towards the proxy can have a record; skip the others cheaply.
+        let Some(config) = CONFIG.get(0) else {
+            return;
+        };
+        let to_proxy = if key.family == AF_INET {
+            config.flags & FLAG_PROXY4 != 0
+                && key.proxy_addr[0] == config.proxy_ip4
+                && key.proxy_port == u16::from_be(config.proxy_port4)
+        } else {
+            config.flags & FLAG_PROXY6 != 0
+                && key.proxy_addr == config.proxy_ip6
+                && key.proxy_port == u16::from_be(config.proxy_port6)
+        };
+        if !to_proxy {
+            return;
+        }
+        let cookie = ctx::cookie(ctx);
+        let Some(record) = PENDING.get_ptr(cookie) else {
+            count(stat::UNRECORDED);
+            return;
+        };
+        // SAFETY: the pointer comes from a successful lookup in this map; the entry is
+        // copied out before it is removed.
+        let record = unsafe { *record };
+        if CONNS.insert(key, record, 0).is_ok() {
+            count(stat::RECORDED);
+        }
+        let _ = PENDING.remove(cookie);
+    }
+
+    /// The connection's addresses as the proxy will see them after `accept()`.
+    fn conn_key(ctx: &SockOpsContext) -> Option<ConnKey> {
+        let family = ctx.family();
+        let client_port = ctx.local_port() as u16;
+        // On little-endian hosts the kernel hands sock_ops' remote_port over as the
+        // network-order port shifted into the upper 16 bits (a long-standing quirk of
+        // this context field; bpf_sock's remote_port differs).
+        let proxy_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+        if family == AF_INET {
+            return Some(ConnKey {
+                family: AF_INET,
+                client_port,
+                proxy_port,
+                client_addr: [ctx.local_ip4(), 0, 0, 0],
+                proxy_addr: [ctx.remote_ip4(), 0, 0, 0],
+            });
+        }
+        if family != AF_INET6 {
+            return None;
+        }
+        let (local, remote) = (ctx.local_ip6(), ctx.remote_ip6());
+        let mapped = remote[0] == 0 && remote[1] == 0 && remote[2] == V4_MAPPED_WORD2;
+        Some(if mapped {
+            ConnKey {
+                family: AF_INET,
+                client_port,
+                proxy_port,
+                client_addr: [local[3], 0, 0, 0],
+                proxy_addr: [remote[3], 0, 0, 0],
+            }
+        } else {
+            ConnKey {
+                family: AF_INET6,
+                client_port,
+                proxy_port,
+                client_addr: local,
+                proxy_addr: remote,
+            }
+        })
+    }
+
+    fn port_of(addr: &bpf_sock_addr) -> u16 {
+        // user_port holds the port in network byte order in its low 16 bits.
+        addr.user_port as u16
+    }
+
+    fn count(index: u32) {
+        if let Some(counter) = STATS.get_ptr_mut(index) {
+            // SAFETY: per-CPU slot of this CPU; programs do not migrate while running.
+            unsafe { *counter += 1 };
+        }
+    }
+
+    /// Raw context access, in one place.
+    mod ctx {
+        use core::ptr::{read_volatile, write_volatile};
+
+        use aya_ebpf::{
+            EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie,
+            programs::SockAddrContext,
+        };
+
+        pub fn sock_addr(ctx: &SockAddrContext) -> &bpf_sock_addr {
+            // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime.
+            unsafe { &*ctx.sock_addr }
+        }
+
+        // The verifier allows only direct, naturally sized accesses to the context, so
+        // the address words are read and written one at a time, volatile so that the
+        // compiler cannot merge them into wider accesses.
+
+        pub fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+            let addr = ctx.sock_addr;
+            // SAFETY: valid context pointer (above); in-bounds u32 fields.
+            unsafe {
+                [
+                    read_volatile(&raw const (*addr).user_ip6[0]),
+                    read_volatile(&raw const (*addr).user_ip6[1]),
+                    read_volatile(&raw const (*addr).user_ip6[2]),
+                    read_volatile(&raw const (*addr).user_ip6[3]),
+                ]
+            }
+        }
+
+        /// Rewrites the destination; `port` in network byte order.
+        pub fn set_ip4(ctx: &SockAddrContext, ip: u32, port: u16) {
+            let addr = ctx.sock_addr;
+            // SAFETY: valid context pointer; user_ip4/user_port are writable in connect4
+            // and connect6 (for the mapped case the kernel reads user_ip6 instead).
+            unsafe {
+                write_volatile(&raw mut (*addr).user_ip4, ip);
+                write_volatile(&raw mut (*addr).user_port, u32::from(port));
+            }
+        }
+
+        /// Rewrites the destination; `port` in network byte order.
+        pub fn set_ip6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) {
+            let addr = ctx.sock_addr;
+            // SAFETY: valid context pointer; user_ip6/user_port are writable in connect6.
+            unsafe {
+                write_volatile(&raw mut (*addr).user_ip6[0], ip[0]);
+                write_volatile(&raw mut (*addr).user_ip6[1], ip[1]);
+                write_volatile(&raw mut (*addr).user_ip6[2], ip[2]);
+                write_volatile(&raw mut (*addr).user_ip6[3], ip[3]);
+                write_volatile(&raw mut (*addr).user_port, u32::from(port));
+            }
+        }
+
+        pub fn cookie(ctx: &impl EbpfContext) -> u64 {
+            // SAFETY: bpf_get_socket_cookie accepts sock_addr and sock_ops contexts.
+            unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

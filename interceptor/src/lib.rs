@@ -1,0 +1,9 @@
+//! interceptor: per-pod AWS credentials on Kubernetes nodes, from the kernel.
+//!
+//! Data flows one way: kernel record ([`ebpf`]) -> identity -> pod -> policy ->
+//! credentials -> response. Only [`ebpf`] talks to the kernel through aya.
+#![forbid(unsafe_code)]
+
+pub mod cgroupfs;
+pub mod config;
+pub mod ebpf;

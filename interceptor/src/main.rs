@@ -1,0 +1,100 @@
+use std::{collections::BTreeMap, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use interceptor::{
+    cgroupfs,
+    config::{self, AttachArgs, Cli, Command, LogFormat, PinArgs, StatusArgs},
+    ebpf,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let usage = error.use_stderr();
+            let _ = error.print();
+            return ExitCode::from(if usage { config::EXIT_USAGE as u8 } else { 0 });
+        }
+    };
+    init_tracing(&cli.log);
+    let env: config::Env = std::env::vars().collect::<BTreeMap<_, _>>();
+    let result = match &cli.command {
+        Command::Attach(args) => attach(args, &env),
+        Command::Detach(args) => detach(args),
+        Command::Status(args) => status(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            if error.downcast_ref::<config::ConfigError>().is_some() {
+                ExitCode::from(config::EXIT_USAGE as u8)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_tracing(log: &config::LogArgs) {
+    let filter = EnvFilter::try_new(&log.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn attach(args: &AttachArgs, env: &config::Env) -> Result<ExitCode> {
+    let redirect = args.redirect(env)?;
+    let cgroup_root = match &args.cgroup_root {
+        Some(path) => path.clone(),
+        None => cgroupfs::default_cgroup_root()?,
+    };
+    let options = ebpf::Options {
+        pin_dir: args.pins.bpf_pin_dir.clone(),
+        cgroup_root: cgroup_root.clone(),
+        redirect,
+        reload: args.reload,
+        kernel_log: tracing::enabled!(target: "interceptor::kernel", tracing::Level::DEBUG),
+    };
+    let datapath = ebpf::Datapath::open(&options)
+        .with_context(|| format!("attaching to {}", cgroup_root.display()))?;
+    tracing::info!(
+        outcome = ?datapath.outcome(),
+        cgroup = %cgroup_root.display(),
+        cgroup_id = datapath.cgroup_id(),
+        "programs attached"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn detach(args: &PinArgs) -> Result<ExitCode> {
+    let removed = ebpf::detach(&args.bpf_pin_dir)?;
+    if removed.is_empty() {
+        println!("nothing pinned under {}", args.bpf_pin_dir.display());
+    }
+    for path in removed {
+        println!("removed {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(args: &StatusArgs) -> Result<ExitCode> {
+    let status = ebpf::status(&args.pins.bpf_pin_dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!("{status}");
+    }
+    // Like `systemctl is-active`: scripts can test the exit status.
+    Ok(if status.attached() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}

@@ -1,0 +1,20 @@
+//! Test harness: a simulated Kubernetes node on the real kernel.
+//!
+//! A [`node::Node`] is a bridge with the node address the proxy listens on, plus a test
+//! cgroup tree laid out as the kubelet lays it out (systemd driver). Each [`node::Pod`] is a
+//! network namespace joined to the bridge by a veth pair, with a container cgroup
+//! (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/
+//! cri-containerd-<id>.scope`). Pods get an address on the node's /24 and no other route,
+//! so nothing they dial can leave the machine: a connect to 169.254.169.254 that is not
+//! redirected fails at once with ENETUNREACH.
+//!
+//! Every resource is owned by a guard whose `Drop` removes it, so a failing (panicking)
+//! test cleans up too.
+
+pub mod cmd;
+pub mod node;
+pub mod privilege;
+pub mod probe;
+
+pub use node::{Node, Pod};
+pub use privilege::require_root;

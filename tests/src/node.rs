@@ -1,0 +1,271 @@
+//! The simulated node and its pods (see the crate docs).
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::cmd;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, short enough for an interface name.
+fn unique(prefix: &str) -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// A cgroup directory, removed with everything below it (processes killed first) on drop.
+#[derive(Debug)]
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `path` and its missing parents.
+    pub fn create(path: PathBuf) -> Self {
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|error| panic!("creating cgroup {}: {error}", path.display()));
+        Self { path }
+    }
+
+    /// The cgroup id the kernel reports for tasks in it: the directory's inode.
+    pub fn id(&self) -> u64 {
+        interceptor::cgroupfs::cgroup_id(&self.path).expect("cgroup id")
+    }
+
+    pub fn procs_file(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+fn remove_cgroup_tree(path: &Path) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::remove_dir(path).is_err() && path.exists() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A network namespace, deleted on drop (with the veth end inside it).
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: String) -> Self {
+        cmd::run("ip", &["netns", "add", &name]);
+        Self { name }
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        cmd::run("ip", &full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        cmd::quiet("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A network interface in the host namespace, deleted on drop.
+#[derive(Debug)]
+struct Link(String);
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        cmd::quiet("ip", &["link", "del", &self.0]);
+    }
+}
+
+/// A node: a bridge holding the node address, and a kubelet-shaped cgroup tree.
+#[derive(Debug)]
+pub struct Node {
+    /// The node address pods reach the proxy on (the bridge's address).
+    pub address: Ipv4Addr,
+    subnet: u8,
+    next_host: AtomicU32,
+    // Drop order: the bridge, then the whole cgroup tree.
+    bridge: Link,
+    top: Cgroup,
+    /// `kubepods.slice`: where the agent attaches its programs.
+    pub kubepods: PathBuf,
+}
+
+impl Node {
+    pub fn new() -> Self {
+        let name = unique("ic");
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let subnet = 10 + ((std::process::id() * 31 + n) % 240) as u8;
+        let address = Ipv4Addr::new(10, 213, subnet, 1);
+        let bridge = Link(format!("{name}b"));
+        cmd::run("ip", &["link", "add", &bridge.0, "type", "bridge"]);
+        cmd::run(
+            "ip",
+            &["addr", "add", &format!("{address}/24"), "dev", &bridge.0],
+        );
+        cmd::run("ip", &["link", "set", &bridge.0, "up"]);
+        let mount = interceptor::cgroupfs::cgroup2_mount().expect("cgroup2 mount");
+        let top = Cgroup::create(mount.join(format!("interceptor-test-{name}")));
+        let kubepods = top.path.join("kubepods.slice");
+        fs::create_dir_all(kubepods.join("kubepods-besteffort.slice")).expect("kubepods tree");
+        Self {
+            address,
+            subnet,
+            next_host: AtomicU32::new(10),
+            bridge,
+            top,
+            kubepods,
+        }
+    }
+
+    /// The test's top cgroup (the "node"), which holds `kubepods.slice` and anything else
+    /// the test creates beside it.
+    pub fn cgroup_top(&self) -> &Path {
+        &self.top.path
+    }
+
+    /// A pod: netns + veth on the bridge + a containerd-style container cgroup.
+    pub fn pod(&self) -> Pod {
+        let host = self.next_host.fetch_add(1, Ordering::Relaxed);
+        let ip = Ipv4Addr::new(
+            10,
+            213,
+            self.subnet,
+            u8::try_from(host).expect("< 250 pods"),
+        );
+        let uid = uuid_like(&unique(""));
+        let container_id = format!("{:0>64}", unique("").replace('x', "0"));
+        let slice = self
+            .kubepods
+            .join("kubepods-besteffort.slice")
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ));
+        let pod_slice = Cgroup::create(slice.clone());
+        let container = Cgroup::create(slice.join(format!("cri-containerd-{container_id}.scope")));
+        let netns = Netns::create(unique("icp"));
+        let veth = Link(unique("icv"));
+        cmd::run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &veth.0,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns.name,
+            ],
+        );
+        cmd::run(
+            "ip",
+            &["link", "set", &veth.0, "master", &self.bridge.0, "up"],
+        );
+        netns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        netns.exec(&["ip", "link", "set", "eth0", "up"]);
+        netns.exec(&["ip", "link", "set", "lo", "up"]);
+        Pod {
+            ip,
+            uid,
+            container_id,
+            container,
+            pod_slice,
+            _veth: veth,
+            netns,
+        }
+    }
+
+    /// A cgroup beside `kubepods.slice` (e.g. `system.slice/foo.service`): outside the
+    /// attached tree.
+    pub fn outside_cgroup(&self, relative: &str) -> Cgroup {
+        Cgroup::create(self.top.path.join(relative))
+    }
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn uuid_like(seed: &str) -> String {
+    let digits: String = seed.chars().filter(char::is_ascii_digit).collect();
+    let hex = format!("{digits:0>32}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// A simulated pod. Dropping it kills its processes and removes its netns and cgroups.
+#[derive(Debug)]
+pub struct Pod {
+    pub ip: Ipv4Addr,
+    pub uid: String,
+    pub container_id: String,
+    // Drop order: processes and cgroups, then the veth, then the netns.
+    pub container: Cgroup,
+    pub pod_slice: Cgroup,
+    /// Held for its `Drop`: removes the host end of the pair.
+    _veth: Link,
+    pub netns: Netns,
+}
+
+impl Pod {
+    /// `program args` run inside the pod's container cgroup and network namespace.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        in_cgroup(&self.container, Some(&self.netns), program, args)
+    }
+}
+
+/// `program args` started inside `cgroup` (and `netns`). The shell moves itself into the
+/// cgroup before exec, so the program and its children are there from their first
+/// instruction. `nsenter --net` (not `ip netns exec`) keeps the host's /sys mounts.
+pub fn in_cgroup(cgroup: &Cgroup, netns: Option<&Netns>, program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("sh");
+    let script = match netns {
+        Some(netns) => format!(
+            "echo $$ > \"$0\" && exec nsenter --net=/run/netns/{} -- \"$@\"",
+            netns.name
+        ),
+        None => "echo $$ > \"$0\" && exec \"$@\"".to_owned(),
+    };
+    command
+        .arg("-c")
+        .arg(script)
+        .arg(cgroup.procs_file())
+        .arg(program)
+        .args(args);
+    command
+}

@@ -1,0 +1,62 @@
+//! `cargo xtask build-ebpf`: the kernel programs, built with nightly for bpfel-unknown-none.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::run::{self, workspace_root};
+
+pub const TARGET: &str = "bpfel-unknown-none";
+
+#[derive(Args, Default)]
+pub struct BuildOptions {
+    /// Build without optimisations (the verifier rejects most debug builds; for experiments).
+    #[arg(long)]
+    pub debug: bool,
+}
+
+/// Builds the object and returns its path. The userspace build embeds exactly this file
+/// (see `interceptor/build.rs`, which finds it by the same rule).
+pub fn build(options: &BuildOptions) -> Result<PathBuf> {
+    let profile = if options.debug { "dev" } else { "release" };
+    let mut cmd = run::cargo(Some("nightly"));
+    cmd.args([
+        "build",
+        "--package",
+        "interceptor-ebpf",
+        "--bin",
+        "interceptor-ebpf",
+        "--features",
+        "kernel",
+        "--target",
+        TARGET,
+        "-Z",
+        "build-std=core",
+        "--profile",
+        profile,
+    ])
+    // BTF in the object lets bpftool show the maps' key and value types.
+    .env(
+        "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+        "-C debuginfo=2 -C link-arg=--btf",
+    );
+    run::status(&mut cmd).context("building the eBPF programs (is `cargo xtask setup` done?)")?;
+    let dir = if options.debug { "debug" } else { "release" };
+    let object = object_path(dir);
+    anyhow::ensure!(
+        object.is_file(),
+        "the build produced no {}",
+        object.display()
+    );
+    eprintln!("eBPF object: {}", object.display());
+    Ok(object)
+}
+
+pub fn object_path(profile_dir: &str) -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join(TARGET)
+        .join(profile_dir)
+        .join("interceptor-ebpf")
+}

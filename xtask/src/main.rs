@@ -1,0 +1,37 @@
+//! Developer tasks: `cargo xtask <task>`.
+//!
+//! Every task installs or builds what it depends on, so that a fresh machine needs nothing
+//! but the repository and `cargo`.
+
+mod ebpf;
+mod run;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "interceptor's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: Debian packages, rust-src, bpf-linker, test peers.
+    Setup,
+    /// Build the eBPF object (`interceptor-ebpf`) for bpfel-unknown-none.
+    BuildEbpf(ebpf::BuildOptions),
+    /// Run every check and test: setup, build, fmt, clippy, unit and privileged tests.
+    Test(test::TestOptions),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf(options) => ebpf::build(&options).map(|_| ()),
+        Task::Test(options) => test::run(&options),
+    }
+}

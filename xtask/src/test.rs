@@ -1,0 +1,62 @@
+//! `cargo xtask test`: the README's test command. Runs every check and test there is,
+//! privileged ones included, after installing and building what they need.
+
+use std::env;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::{ebpf, run, setup};
+
+#[derive(Args)]
+pub struct TestOptions {
+    /// Skip `cargo xtask setup` (for quick local iterations).
+    #[arg(long)]
+    pub no_setup: bool,
+    /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
+    #[arg(last = true)]
+    pub cargo_args: Vec<String>,
+}
+
+pub fn run(options: &TestOptions) -> Result<()> {
+    if !run::is_root() {
+        // The tests load eBPF programs and create network namespaces and cgroups.
+        bail!("cargo xtask test must run as root (the tests load eBPF programs)");
+    }
+    if !options.no_setup {
+        setup::run()?;
+    }
+    let object = ebpf::build(&ebpf::BuildOptions::default())?;
+    // rustfmt.toml uses options that only nightly's rustfmt has.
+    run::status(run::cargo(Some("nightly")).args(["fmt", "--all", "--check"]))?;
+    run::status(
+        run::cargo(None)
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("INTERCEPTOR_EBPF_OBJECT", &object),
+    )?;
+    run::status(
+        run::cargo(None)
+            .args(["build", "--package", "interceptor", "--bins"])
+            .env("INTERCEPTOR_EBPF_OBJECT", &object),
+    )?;
+    let agent = run::workspace_root().join("target/debug/interceptor");
+    let venv = setup::peers_dir("venv", &setup::python_requirements())?;
+    let js = setup::peers_dir("js", &setup::js_package())?;
+    run::status(
+        run::cargo(None)
+            .args(["test", "--workspace"])
+            .args(&options.cargo_args)
+            .env("INTERCEPTOR_EBPF_OBJECT", &object)
+            .env("INTERCEPTOR_BIN", &agent)
+            .env("INTERCEPTOR_PY_VENV", &venv)
+            .env("INTERCEPTOR_JS_PEERS", &js)
+            .env("CI", env::var("CI").unwrap_or_default()),
+    )
+}
