@@ -15,17 +15,15 @@ pub struct ProbeReport {
 pub fn binary() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
+        // Test executables live in target/<profile>/deps, binaries one level up.
         let exe = std::env::current_exe().expect("current_exe");
-        let dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("target dir");
-        let probe = dir.join("imds-probe");
-        assert!(
-            probe.is_file(),
-            "no probe at {}: build the tests with cargo",
-            probe.display()
-        );
+        let probe = exe
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join("imds-probe"))
+            .find(|path| path.is_file())
+            .unwrap_or_else(|| panic!("no imds-probe near {}: build with cargo", exe.display()));
         probe.display().to_string()
     })
 }

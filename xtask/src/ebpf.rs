@@ -8,6 +8,8 @@ use clap::Args;
 use crate::run::{self, workspace_root};
 
 pub const TARGET: &str = "bpfel-unknown-none";
+/// BTF in the object lets bpftool show the maps' key and value types.
+pub const RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf";
 
 #[derive(Args, Default)]
 pub struct BuildOptions {
@@ -36,11 +38,7 @@ pub fn build(options: &BuildOptions) -> Result<PathBuf> {
         "--profile",
         profile,
     ])
-    // BTF in the object lets bpftool show the maps' key and value types.
-    .env(
-        "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-        "-C debuginfo=2 -C link-arg=--btf",
-    );
+    .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", RUSTFLAGS);
     run::status(&mut cmd).context("building the eBPF programs (is `cargo xtask setup` done?)")?;
     let dir = if options.debug { "debug" } else { "release" };
     let object = object_path(dir);

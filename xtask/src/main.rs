@@ -24,6 +24,8 @@ enum Task {
     Setup,
     /// Build the eBPF object (`interceptor-ebpf`) for bpfel-unknown-none.
     BuildEbpf(ebpf::BuildOptions),
+    /// Demonstrate interceptor on a simulated node on this machine (as root).
+    Demo,
     /// Run every check and test: setup, build, fmt, clippy, unit and privileged tests.
     Test(test::TestOptions),
 }
@@ -32,6 +34,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::BuildEbpf(options) => ebpf::build(&options).map(|_| ()),
+        Task::Demo => test::demo(),
         Task::Test(options) => test::run(&options),
     }
 }

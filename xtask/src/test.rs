@@ -27,6 +27,27 @@ pub fn run(options: &TestOptions) -> Result<()> {
         setup::run()?;
     }
     let object = ebpf::build(&ebpf::BuildOptions::default())?;
+    // The kernel crate builds for another target: checked on its own.
+    run::status(
+        run::cargo(Some("nightly"))
+            .args([
+                "clippy",
+                "--package",
+                "interceptor-ebpf",
+                "--bin",
+                "interceptor-ebpf",
+            ])
+            .args([
+                "--features",
+                "kernel",
+                "--target",
+                ebpf::TARGET,
+                "-Z",
+                "build-std=core",
+            ])
+            .args(["--release", "--", "-D", "warnings"])
+            .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", ebpf::RUSTFLAGS),
+    )?;
     // rustfmt.toml uses options that only nightly's rustfmt has.
     run::status(run::cargo(Some("nightly")).args(["fmt", "--all", "--check"]))?;
     run::status(
@@ -58,5 +79,26 @@ pub fn run(options: &TestOptions) -> Result<()> {
             .env("INTERCEPTOR_PY_VENV", &venv)
             .env("INTERCEPTOR_JS_PEERS", &js)
             .env("CI", env::var("CI").unwrap_or_default()),
+    )
+}
+
+/// `cargo xtask demo`: setup, build, then the demonstration binary (tests/src/bin/demo.rs).
+pub fn demo() -> Result<()> {
+    if !run::is_root() {
+        bail!("cargo xtask demo must run as root (it loads eBPF programs)");
+    }
+    setup::run()?;
+    let object = ebpf::build(&ebpf::BuildOptions::default())?;
+    run::status(
+        run::cargo(None)
+            .args([
+                "run",
+                "--quiet",
+                "--package",
+                "interceptor-tests",
+                "--bin",
+                "demo",
+            ])
+            .env("INTERCEPTOR_EBPF_OBJECT", &object),
     )
 }
