@@ -1,7 +1,11 @@
 //! `cargo xtask test`: the README's test command. Runs every check and test there is,
 //! privileged ones included, after installing and building what they need.
 
-use std::env;
+use std::{
+    env,
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -70,16 +74,64 @@ pub fn run(options: &TestOptions) -> Result<()> {
     let agent = run::workspace_root().join("target/debug/interceptor");
     let venv = setup::peers_dir("venv", &setup::python_requirements())?;
     let js = setup::peers_dir("js", &setup::js_package())?;
-    run::status(
-        run::cargo(None)
-            .args(["test", "--workspace"])
-            .args(&options.cargo_args)
-            .env("INTERCEPTOR_EBPF_OBJECT", &object)
-            .env("INTERCEPTOR_BIN", &agent)
-            .env("INTERCEPTOR_PY_VENV", &venv)
-            .env("INTERCEPTOR_JS_PEERS", &js)
-            .env("CI", env::var("CI").unwrap_or_default()),
-    )
+    let mut test = run::cargo(None);
+    test.args(["test", "--workspace"])
+        .args(&options.cargo_args)
+        .env("INTERCEPTOR_EBPF_OBJECT", &object)
+        .env("INTERCEPTOR_BIN", &agent)
+        .env("INTERCEPTOR_PY_VENV", &venv)
+        .env("INTERCEPTOR_JS_PEERS", &js)
+        .env("CI", env::var("CI").unwrap_or_default());
+    let totals = run_counting(&mut test)?;
+    // One closing line for the whole run (cargo prints one per test binary, the last of
+    // which is often a doc-test run of nothing).
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if totals.failed > 0 || !totals.success {
+        bail!("cargo test failed");
+    }
+    if totals.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    success: bool,
+}
+
+/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+fn run_counting(cmd: &mut Command) -> Result<Totals> {
+    eprintln!("+ {}", run::describe(cmd));
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    let mut totals = Totals::default();
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for part in result.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                if let (Some(count), Some(kind)) = (words.next(), words.next()) {
+                    let count: u64 = count.parse().unwrap_or(0);
+                    match kind {
+                        "passed" => totals.passed += count,
+                        "failed" => totals.failed += count,
+                        "ignored" => totals.ignored += count,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    totals.success = child.wait()?.success();
+    Ok(totals)
 }
 
 /// `cargo xtask demo`: setup, build, then the demonstration binary (tests/src/bin/demo.rs).
