@@ -1,0 +1,107 @@
+//! The programs' aya-log records reach the agent's tracing output at debug level, and only
+//! when asked for: by default the programs log nothing.
+
+use std::{
+    net::SocketAddrV4,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
+use interceptor_tests::{Node, probe, require_root};
+use tracing::{Event, Subscriber, field::Visit};
+use tracing_subscriber::{Layer, layer::Context, prelude::*};
+
+/// Collects the messages of `interceptor::kernel` events.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<String>>>);
+
+impl<S: Subscriber> Layer<S> for Captured {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        if event.metadata().target() != "interceptor::kernel" {
+            return;
+        }
+        struct Message(String);
+        impl Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        self.0.lock().unwrap().push(message.0);
+    }
+}
+
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = ebpf::detach(&self.0);
+    }
+}
+
+fn refused_ipv6_connect(pod: &interceptor_tests::Pod) {
+    let report = probe::run(pod.command(probe::binary(), &["[fd00:ec2::254]:80", "1", "v6"]));
+    assert_eq!(report.connected, 0, "{report:?}");
+}
+
+fn wait_for(captured: &Captured, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = captured.0.lock().unwrap().clone();
+        if !seen.is_empty() || Instant::now() > deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn kernel_log_reaches_tracing_only_when_enabled() {
+    if !require_root("kernel_log_reaches_tracing_only_when_enabled") {
+        return;
+    }
+    let captured = Captured::default();
+    tracing_subscriber::registry().with(captured.clone()).init();
+    let node = Node::new();
+    let pod = node.pod();
+    for enabled in [false, true] {
+        let pins = Pins(PathBuf::from(format!(
+            "/sys/fs/bpf/interceptor-test-{}-log-{enabled}",
+            std::process::id()
+        )));
+        let mut datapath = ebpf::Datapath::open(&ebpf::Options {
+            pin_dir: pins.0.clone(),
+            cgroup_root: node.kubepods.clone(),
+            redirect: Redirect {
+                metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
+                metadata6: METADATA_IPV6,
+                proxy4: Some(SocketAddrV4::new(node.address, 8181)),
+                proxy6: None,
+            },
+            reload: false,
+            kernel_log: enabled,
+        })
+        .expect("attach");
+        datapath.spawn_kernel_log();
+        refused_ipv6_connect(&pod);
+        let seen = wait_for(&captured, Duration::from_secs(if enabled { 5 } else { 2 }));
+        if enabled {
+            assert!(
+                seen.iter().any(|m| m.contains("connect6 refused")),
+                "expected the program's debug record in tracing, saw {seen:?}"
+            );
+        } else {
+            assert!(
+                seen.is_empty(),
+                "the programs must log nothing by default: {seen:?}"
+            );
+        }
+        drop(datapath);
+        drop(pins);
+    }
+}
