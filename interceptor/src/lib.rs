@@ -7,3 +7,4 @@
 pub mod cgroupfs;
 pub mod config;
 pub mod ebpf;
+pub mod k8s;

@@ -11,6 +11,7 @@
 //! Every resource is owned by a guard whose `Drop` removes it, so a failing (panicking)
 //! test cleans up too.
 
+pub mod apiserver;
 pub mod cmd;
 pub mod node;
 pub mod privilege;
