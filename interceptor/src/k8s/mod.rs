@@ -20,7 +20,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 pub use namespaces::{NamespaceInfo, NamespaceStore};
-pub use pods::{Lookup, PodInfo, PodStore};
+pub use pods::{Lookup, PodChange, PodInfo, PodStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
