@@ -7,4 +7,5 @@
 pub mod cgroupfs;
 pub mod config;
 pub mod ebpf;
+pub mod imds;
 pub mod k8s;
