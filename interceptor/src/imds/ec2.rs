@@ -80,6 +80,18 @@ pub fn credentials(document: &CredentialsDocument<'_>) -> Response<Body> {
     text(body)
 }
 
+/// What EC2 answers for an instance profile whose role cannot be assumed: a 200 whose
+/// `Code` is not `Success`, which every SDK reports as a credentials error.
+pub fn credentials_failure(code: &str, message: &str, last_updated: SystemTime) -> Response<Body> {
+    let body = format!(
+        "{{\n  \"Code\" : {},\n  \"Message\" : {},\n  \"LastUpdated\" : \"{}\"\n}}",
+        json_string(code),
+        json_string(message),
+        timestamp(last_updated),
+    );
+    text(body)
+}
+
 /// `GET .../iam/info`.
 pub fn info(
     instance_profile_arn: &str,

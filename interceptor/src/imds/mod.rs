@@ -3,4 +3,8 @@
 
 pub mod ec2;
 pub mod route;
+pub mod server;
 pub mod token;
+pub mod upstream;
+
+pub use server::{Backend, CredentialsFailure, RoleAnswer, Served, Server, ServerConfig};

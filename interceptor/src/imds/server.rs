@@ -1,0 +1,298 @@
+//! The HTTP side: accept, attribute once per connection from the kernel's record, answer
+//! each request as EC2 would for that caller.
+//!
+//! What a caller is and what it may have is asked of a [`Backend`] (the resolver and the
+//! credentials cache in the agent), per request, so that an annotation or namespace change
+//! takes effect on the next request of an open keep-alive connection.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use regex::Regex;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+
+use super::{
+    ec2::{self, Body, CredentialsDocument, TOKEN_HEADER, TTL_HEADER},
+    route::{Route, classify},
+    token::{TokenMinter, parse_ttl},
+    upstream::Upstream,
+};
+use crate::ebpf::{Attributed, Attribution};
+
+/// The role a caller may have right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleAnswer {
+    /// `name` is what IMDS lists (the last component of the ARN).
+    Role { arn: String, name: String },
+    /// No annotation and no default: 404, like an instance without a profile.
+    NoRole,
+    /// Refused by policy (reason logged and posted as an Event by the backend): 404.
+    Denied,
+}
+
+/// Credentials to serve.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub token: String,
+    pub expiration: SystemTime,
+    pub last_updated: SystemTime,
+}
+
+/// Why credentials could not be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialsFailure {
+    /// STS refused (AccessDenied and other client errors): answered as EC2 answers an
+    /// instance profile whose role cannot be assumed.
+    Refused { code: String, message: String },
+    /// STS unreachable or throttling and nothing cached: 503, the SDK retries.
+    Unavailable,
+}
+
+/// What the server needs to know about callers.
+pub trait Backend: Send + Sync + 'static {
+    type Caller: Send + Sync + 'static;
+    /// The caller behind a kernel record; `None` refuses the connection (403).
+    fn caller(&self, record: Attributed) -> impl Future<Output = Option<Self::Caller>> + Send;
+    /// What IMDSv2 tokens are bound to (stable for the caller's lifetime).
+    fn binding(&self, caller: &Self::Caller) -> String;
+    fn role(&self, caller: &Self::Caller) -> impl Future<Output = RoleAnswer> + Send;
+    fn credentials(
+        &self,
+        caller: &Self::Caller,
+        arn: &str,
+    ) -> impl Future<Output = Result<Served, CredentialsFailure>> + Send;
+}
+
+/// Limits and switches of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Refuse tokenless requests (EC2's `HttpTokens=required`).
+    pub imdsv2_required: bool,
+    /// Paths forwarded to the real metadata service; `None` forwards nothing.
+    pub allow_route: Option<Regex>,
+    /// Time a client has to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted.
+    pub max_header_bytes: usize,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            imdsv2_required: false,
+            allow_route: None,
+            header_read_timeout: Duration::from_secs(5),
+            max_header_bytes: 16 * 1024,
+            max_connections: 1024,
+        }
+    }
+}
+
+pub struct Server<B: Backend> {
+    backend: Arc<B>,
+    attribution: Arc<Attribution>,
+    upstream: Arc<Upstream>,
+    tokens: Arc<TokenMinter>,
+    config: ServerConfig,
+}
+
+impl<B: Backend> Server<B> {
+    pub fn new(
+        backend: Arc<B>,
+        attribution: Arc<Attribution>,
+        upstream: Arc<Upstream>,
+        config: ServerConfig,
+    ) -> Self {
+        Self {
+            backend,
+            attribution,
+            upstream,
+            tokens: Arc::new(TokenMinter::new()),
+            config,
+        }
+    }
+
+    /// Serves `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        loop {
+            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let server = Arc::clone(&self);
+            tokio::spawn(async move {
+                server.connection(stream, peer).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let Ok(local) = stream.local_addr() else {
+            return;
+        };
+        let (header_timeout, max_header_bytes) = (
+            self.config.header_read_timeout,
+            self.config.max_header_bytes,
+        );
+        let caller = match self.attribution.take(peer, local) {
+            Ok(Some(record)) => self.backend.caller(record).await.map(Arc::new),
+            Ok(None) => {
+                tracing::debug!(%peer, "connection without a kernel record: refused");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(%peer, %error, "reading the kernel's record failed: refused");
+                None
+            }
+        };
+        let service = service_fn(move |request: Request<Incoming>| {
+            let server = Arc::clone(&self);
+            let caller = caller.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(server.handle(caller.as_deref(), request).await)
+            }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(max_header_bytes.max(8192));
+        let _ = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    }
+
+    async fn handle(
+        &self,
+        caller: Option<&B::Caller>,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
+        let Some(caller) = caller else {
+            return ec2::error(StatusCode::FORBIDDEN);
+        };
+        let route = classify(request.method(), request.uri().path());
+        let headers = request.headers();
+        let binding = self.backend.binding(caller);
+        let now = SystemTime::now();
+        if route == Route::Token {
+            // EC2 refuses token requests that went through a proxy.
+            if headers.contains_key("x-forwarded-for") {
+                return ec2::error(StatusCode::FORBIDDEN);
+            }
+            let Some(ttl) = parse_ttl(headers.get(TTL_HEADER).map(|value| value.as_bytes())) else {
+                return ec2::error(StatusCode::BAD_REQUEST);
+            };
+            return ec2::token(self.tokens.mint(&binding, ttl, now), ttl.as_secs());
+        }
+        match headers.get(TOKEN_HEADER) {
+            Some(token) => {
+                let token = token.to_str().unwrap_or("");
+                if let Err(error) = self.tokens.verify(token, &binding, now) {
+                    tracing::debug!(%error, "IMDSv2 token refused");
+                    return ec2::error(StatusCode::UNAUTHORIZED);
+                }
+            }
+            None if self.config.imdsv2_required => return ec2::error(StatusCode::UNAUTHORIZED),
+            None => {}
+        }
+        match route {
+            Route::Token => unreachable!("answered above"),
+            Route::CredentialsList => match self.backend.role(caller).await {
+                RoleAnswer::Role { name, .. } => ec2::text(name),
+                RoleAnswer::NoRole | RoleAnswer::Denied => ec2::error(StatusCode::NOT_FOUND),
+            },
+            Route::Credentials(asked) => match self.backend.role(caller).await {
+                RoleAnswer::Role { arn, name } if name == asked => {
+                    match self.backend.credentials(caller, &arn).await {
+                        Ok(served) => ec2::credentials(&CredentialsDocument {
+                            access_key_id: &served.access_key_id,
+                            secret_access_key: &served.secret_access_key,
+                            token: &served.token,
+                            expiration: served.expiration,
+                            last_updated: served.last_updated,
+                        }),
+                        Err(CredentialsFailure::Refused { code, message }) => {
+                            ec2::credentials_failure(&code, &message, now)
+                        }
+                        Err(CredentialsFailure::Unavailable) => {
+                            ec2::error(StatusCode::SERVICE_UNAVAILABLE)
+                        }
+                    }
+                }
+                _ => ec2::error(StatusCode::NOT_FOUND),
+            },
+            Route::Info => match self.backend.role(caller).await {
+                RoleAnswer::Role { arn, .. } => {
+                    let (profile_arn, profile_id) = instance_profile_of(&arn);
+                    ec2::info(&profile_arn, &profile_id, now)
+                }
+                RoleAnswer::NoRole | RoleAnswer::Denied => ec2::error(StatusCode::NOT_FOUND),
+            },
+            Route::Passthrough(path) => {
+                let allowed = self
+                    .config
+                    .allow_route
+                    .as_ref()
+                    .is_some_and(|allow| allow.is_match(&path));
+                if !allowed {
+                    return ec2::error(StatusCode::NOT_FOUND);
+                }
+                let method = if request.method() == Method::HEAD {
+                    Method::HEAD
+                } else {
+                    Method::GET
+                };
+                match self.upstream.forward(&method, &path).await {
+                    Ok(response) => response,
+                    Err(error) => {
+                        tracing::warn!(%error, path, "passthrough failed");
+                        ec2::error(StatusCode::BAD_GATEWAY)
+                    }
+                }
+            }
+            Route::Malformed => ec2::error(StatusCode::NOT_FOUND),
+            Route::MethodNotAllowed => ec2::error(StatusCode::METHOD_NOT_ALLOWED),
+        }
+    }
+}
+
+/// The instance profile that `iam/info` reports for a role: same account and partition,
+/// named after the role, with a stable id derived from the ARN (pods have no real
+/// instance profile; SDKs read only `Code`).
+fn instance_profile_of(role_arn: &str) -> (String, String) {
+    let mut parts = role_arn.splitn(6, ':');
+    let (partition, account) = (parts.nth(1).unwrap_or("aws"), parts.nth(1).unwrap_or(""));
+    let name = role_arn.rsplit('/').next().unwrap_or(role_arn);
+    let digest = ring::digest::digest(&ring::digest::SHA256, role_arn.as_bytes());
+    let id: String = digest.as_ref()[..10]
+        .iter()
+        .map(|byte| char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[usize::from(byte % 32)]))
+        .collect();
+    (
+        format!("arn:{partition}:iam::{account}:instance-profile/{name}"),
+        format!("AIPA{id}"),
+    )
+}
