@@ -7,5 +7,6 @@
 pub mod cgroupfs;
 pub mod config;
 pub mod ebpf;
+pub mod identity;
 pub mod imds;
 pub mod k8s;
