@@ -4,13 +4,16 @@ const UID: &str = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
 const UID_: &str = "0a1b2c3d_4e5f_6789_abcd_ef0123456789";
 const ID: &str = "3f9d2b7c1e5a4d6f8b0c2e4a6d8f0b1c3e5a7d9f1b3c5e7a9d1f3b5c7e9a1d3f";
 
+/// A path, the QoS class and the container (runtime, id) it must resolve to.
+type Case = (String, QosClass, Option<(Runtime, &'static str)>);
+
 fn ok(path: &str) -> CgroupIdentity {
     parse_cgroup_path(path).unwrap_or_else(|error| panic!("{path}: {error}"))
 }
 
 #[test]
 fn real_world_layouts_resolve() {
-    let cases: Vec<(String, QosClass, Option<(Runtime, &str)>)> = vec![
+    let cases: Vec<Case> = vec![
         // systemd driver, containerd
         (
             format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/cri-containerd-{ID}.scope"),
