@@ -10,3 +10,4 @@ pub mod ebpf;
 pub mod identity;
 pub mod imds;
 pub mod k8s;
+pub mod policy;
