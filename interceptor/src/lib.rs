@@ -10,4 +10,6 @@ pub mod ebpf;
 pub mod identity;
 pub mod imds;
 pub mod k8s;
+pub mod optout;
 pub mod policy;
+pub mod resolve;

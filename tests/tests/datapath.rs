@@ -191,7 +191,7 @@ async fn outside_and_exempt_cgroups_are_left_alone_and_ipv6_is_refused() {
         unreachable!()
     };
     drop(placeholder);
-    let mut datapath = ebpf::Datapath::open(&options(&pins, &node, proxy)).expect("attach");
+    let datapath = ebpf::Datapath::open(&options(&pins, &node, proxy)).expect("attach");
     datapath.exempt().insert(exempt_pod.container.id()).unwrap();
     let (_, seen) = test_proxy_on(proxy, datapath.attribution()).await;
 

@@ -64,21 +64,27 @@ impl ConfigMap {
 }
 
 /// Cgroups whose connects are never redirected.
-pub struct ExemptCgroups(HashMap<MapData, u64, u8>);
+pub struct ExemptCgroups(Mutex<HashMap<MapData, u64, u8>>);
 
 impl ExemptCgroups {
     pub fn open(dir: &Path) -> Result<Self, Error> {
-        typed(dir, MAP_EXEMPT).map(Self)
+        typed(dir, MAP_EXEMPT).map(|map| Self(Mutex::new(map)))
     }
 
-    pub fn insert(&mut self, cgroup_id: u64) -> Result<(), Error> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, u8>> {
         self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn insert(&self, cgroup_id: u64) -> Result<(), Error> {
+        self.map()
             .insert(cgroup_id, 1, 0)
             .map_err(map_error(MAP_EXEMPT))
     }
 
-    pub fn remove(&mut self, cgroup_id: u64) -> Result<(), Error> {
-        match self.0.remove(&cgroup_id) {
+    pub fn remove(&self, cgroup_id: u64) -> Result<(), Error> {
+        match self.map().remove(&cgroup_id) {
             Err(error) if is_not_found(&error) => Ok(()),
             Ok(()) => Ok(()),
             Err(source) => Err(map_error(MAP_EXEMPT)(source)),
@@ -86,7 +92,7 @@ impl ExemptCgroups {
     }
 
     pub fn list(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.0.keys().filter_map(Result::ok).collect();
+        let mut ids: Vec<u64> = self.map().keys().filter_map(Result::ok).collect();
         ids.sort_unstable();
         ids
     }

@@ -93,7 +93,7 @@ pub struct Datapath {
     outcome: Outcome,
     cgroup_id: u64,
     config: ConfigMap,
-    exempt: ExemptCgroups,
+    exempt: Arc<ExemptCgroups>,
     attribution: Arc<Attribution>,
     stats: Stats,
     kernel_log: Option<KernelLog>,
@@ -134,11 +134,11 @@ impl Datapath {
             (outcome, load_and_attach(options, &cgroup, cgroup_id)?)
         };
 
-        let mut datapath = Self {
+        let datapath = Self {
             outcome,
             cgroup_id,
             config: ConfigMap::open(&options.pin_dir)?,
-            exempt: ExemptCgroups::open(&options.pin_dir)?,
+            exempt: Arc::new(ExemptCgroups::open(&options.pin_dir)?),
             attribution: Arc::new(Attribution::open(&options.pin_dir)?),
             stats: Stats::open(&options.pin_dir)?,
             kernel_log,
@@ -167,8 +167,9 @@ impl Datapath {
         Arc::clone(&self.attribution)
     }
 
-    pub fn exempt(&mut self) -> &mut ExemptCgroups {
-        &mut self.exempt
+    /// The kernel's exempt cgroups, shared with whoever manages opt-outs.
+    pub fn exempt(&self) -> Arc<ExemptCgroups> {
+        Arc::clone(&self.exempt)
     }
 
     /// The configuration the kernel holds now.

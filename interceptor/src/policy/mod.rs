@@ -305,8 +305,7 @@ pub fn resolve_role(value: &str, config: &PolicyConfig) -> Result<RoleArn, Polic
             })?;
         base.join(value)?
     };
-    if !config.allowed_partitions.contains(&arn.partition)
-    {
+    if !config.allowed_partitions.contains(&arn.partition) {
         return Err(PolicyError::PartitionNotAllowed {
             partition: arn.partition.clone(),
         });

@@ -374,3 +374,24 @@ fn glob_matching() {
     assert!(!glob_match("abc", "abcd"));
     assert!(!glob_match("a*bc*c", "abc"));
 }
+
+#[test]
+fn glob_entries_with_arns_of_other_accounts() {
+    let config = restricted(RestrictionFormat::Glob);
+    let ns = NamespacePolicy::from_annotations(
+        "team-a",
+        &annotations(&[(
+            DEFAULT_NAMESPACE_KEY,
+            r#"["*", "arn:aws:iam::999999999999:role/*"]"#,
+        )]),
+        &config,
+    );
+    assert!(matches!(
+        decide(&role("arn:aws:iam::999999999999:role/role-b"), &ns, &config),
+        Decision::Role { .. }
+    ));
+    assert!(matches!(
+        decide(&role("role-a"), &ns, &config),
+        Decision::Role { .. }
+    ));
+}

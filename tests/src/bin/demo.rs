@@ -63,7 +63,7 @@ async fn main() {
         reload: false,
         kernel_log: false,
     };
-    let mut datapath = ebpf::Datapath::open(&options).expect("attach the programs");
+    let datapath = ebpf::Datapath::open(&options).expect("attach the programs");
     // The opted-out pod keeps the node's own metadata service (here: no route to it).
     datapath
         .exempt()

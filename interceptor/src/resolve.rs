@@ -1,0 +1,220 @@
+//! Who is asking, and what may they have: kernel record -> cgroup -> pod -> policy.
+//!
+//! A connection is attributed once ([`Resolver::caller`]): the kernel's cgroup id becomes
+//! a pod UID through the cgroup index, and the pod is looked up in the node's pod store,
+//! waiting a bounded time for a pod the watch has not delivered yet. The role is decided
+//! per request ([`Resolver::decide`]) from the pod's and its namespace's current
+//! annotations, so a change takes effect on the next request. Every refusal is logged
+//! once per (pod, reason) and posted as a rate-limited Event on the pod.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::{
+    ebpf::Attributed,
+    identity::index::{CgroupIndex, Resolved},
+    k8s::{EventSink, Lookup, NamespaceStore, PodInfo, PodStore},
+    policy::{Decision, NamespacePolicy, PolicyConfig},
+};
+
+/// Annotation on a pod asking to keep the node's own identity (CNI and CSI agents...).
+/// Honoured only in namespaces that allow it (see [`ALLOW_NODE_IDENTITY`]) or that are
+/// listed with `--node-identity-namespace`, so a workload cannot opt itself out.
+pub const NODE_IDENTITY: &str = "interceptor.dev/node-identity";
+/// Namespace annotation (set by cluster admins) allowing pods in it to opt out.
+pub const ALLOW_NODE_IDENTITY: &str = "interceptor.dev/allow-node-identity";
+
+/// Why a connection is not served for any pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The cgroup no longer exists, or is not under the pods' tree.
+    UnknownCgroup { cgroup_id: u64 },
+    /// The cgroup is not a pod's (a kubepods or QoS slice, a stray process).
+    NotAPod { path: String, reason: String },
+    /// The watch has not delivered the pod within the wait.
+    UnknownPod { uid: String },
+    /// The pod was deleted: its cgroups get nothing.
+    DeletedPod { uid: String },
+}
+
+impl Refusal {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::UnknownCgroup { .. } => "unknown_cgroup",
+            Self::NotAPod { .. } => "not_a_pod",
+            Self::UnknownPod { .. } => "unknown_pod",
+            Self::DeletedPod { .. } => "deleted_pod",
+        }
+    }
+}
+
+/// An attributed connection's caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub uid: String,
+    pub cgroup: Arc<Resolved>,
+    pub pid: u32,
+}
+
+/// What a caller may have right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Decided {
+        pod: Arc<PodInfo>,
+        decision: Decision,
+    },
+    /// The pod keeps the node's identity: it should not have been redirected (its cgroups
+    /// are in the kernel's exempt map once the agent has seen them); refused meanwhile.
+    NodeIdentity { pod: Arc<PodInfo> },
+    /// Deleted since the connection was attributed.
+    Gone,
+}
+
+pub struct Resolver {
+    index: Arc<CgroupIndex>,
+    pods: Arc<PodStore>,
+    namespaces: Arc<NamespaceStore>,
+    policy: PolicyConfig,
+    node_identity_namespaces: BTreeSet<String>,
+    unknown_pod_wait: Duration,
+    events: EventSink,
+    /// Compiled namespace policies by name, with the resourceVersion they came from.
+    compiled: Mutex<HashMap<String, (String, Arc<NamespacePolicy>)>>,
+}
+
+impl Resolver {
+    pub fn new(
+        index: Arc<CgroupIndex>,
+        pods: Arc<PodStore>,
+        namespaces: Arc<NamespaceStore>,
+        policy: PolicyConfig,
+        node_identity_namespaces: BTreeSet<String>,
+        unknown_pod_wait: Duration,
+        events: EventSink,
+    ) -> Self {
+        Self {
+            index,
+            pods,
+            namespaces,
+            policy,
+            node_identity_namespaces,
+            unknown_pod_wait,
+            events,
+            compiled: Mutex::default(),
+        }
+    }
+
+    pub fn policy(&self) -> &PolicyConfig {
+        &self.policy
+    }
+
+    pub fn index(&self) -> &Arc<CgroupIndex> {
+        &self.index
+    }
+
+    /// The pod behind a kernel record.
+    pub async fn caller(&self, record: Attributed) -> Result<Caller, Refusal> {
+        let cgroup =
+            self.index
+                .resolve(record.cgroup_id, record.pid)
+                .ok_or(Refusal::UnknownCgroup {
+                    cgroup_id: record.cgroup_id,
+                })?;
+        let uid = match &cgroup.identity {
+            Ok(identity) => identity.pod_uid.as_str().to_owned(),
+            Err(reason) => {
+                return Err(Refusal::NotAPod {
+                    path: cgroup.path.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        };
+        match self.pods.wait_for(&uid, self.unknown_pod_wait).await {
+            Lookup::Found(_) => Ok(Caller {
+                uid,
+                cgroup,
+                pid: record.pid,
+            }),
+            Lookup::Deleted => Err(Refusal::DeletedPod { uid }),
+            Lookup::Unknown => Err(Refusal::UnknownPod { uid }),
+        }
+    }
+
+    /// Does this pod keep the node's identity?
+    pub fn keeps_node_identity(&self, pod: &PodInfo) -> bool {
+        if self.node_identity_namespaces.contains(&pod.namespace) {
+            return true;
+        }
+        let asks = pod
+            .annotations
+            .get(NODE_IDENTITY)
+            .is_some_and(|value| value.trim() == "true");
+        asks && self.namespaces.get(&pod.namespace).is_some_and(|ns| {
+            ns.annotations
+                .get(ALLOW_NODE_IDENTITY)
+                .is_some_and(|value| value.trim() == "true")
+        })
+    }
+
+    fn namespace_policy(&self, namespace: &str) -> Arc<NamespacePolicy> {
+        let info = self.namespaces.get(namespace);
+        let version = info
+            .as_ref()
+            .map(|ns| ns.resource_version.clone())
+            .unwrap_or_default();
+        let mut compiled = self
+            .compiled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((seen, policy)) = compiled.get(namespace)
+            && *seen == version
+        {
+            return Arc::clone(policy);
+        }
+        let empty = Default::default();
+        let annotations = info.as_ref().map_or(&empty, |ns| &ns.annotations);
+        let policy = Arc::new(NamespacePolicy::from_annotations(
+            namespace,
+            annotations,
+            &self.policy,
+        ));
+        compiled.insert(namespace.to_owned(), (version, Arc::clone(&policy)));
+        policy
+    }
+
+    /// The caller's role decision now. Denials are logged and posted as Events.
+    pub fn decide(&self, caller: &Caller) -> Verdict {
+        let Lookup::Found(pod) = self.pods.get(&caller.uid) else {
+            return Verdict::Gone;
+        };
+        if self.keeps_node_identity(&pod) {
+            return Verdict::NodeIdentity { pod };
+        }
+        let decision = crate::policy::decide(
+            &pod.annotations,
+            &self.namespace_policy(&pod.namespace),
+            &self.policy,
+        );
+        if let Decision::Denied(reason) = &decision
+            && self
+                .events
+                .warn(&pod, reason.event_reason(), reason.to_string())
+                == crate::k8s::events::Posted::Sent
+        {
+            tracing::warn!(pod = %pod.key(), %reason, "role refused");
+        }
+        Verdict::Decided { pod, decision }
+    }
+
+    /// Forgets what is cached about namespaces that are gone (call periodically).
+    pub fn prune(&self) {
+        let mut compiled = self
+            .compiled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        compiled.retain(|namespace, _| self.namespaces.get(namespace).is_some());
+    }
+}

@@ -1,0 +1,382 @@
+//! On the simulated node: the kernel's record -> cgroup -> pod (from the test API server
+//! through the real `kube` client) -> policy, for pods that must each get exactly their
+//! expected decision.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use interceptor::{
+    cgroupfs,
+    ebpf::{self, Attribution, METADATA_IPV4, METADATA_IPV6, Redirect},
+    identity::index::{CgroupIndex, Limits},
+    k8s::{self, EventSink, NamespaceStore, PodStore, events},
+    optout::OptOuts,
+    policy::{BaseArn, Decision, PolicyConfig},
+    resolve::{Resolver, Verdict},
+};
+use interceptor_tests::{
+    Node, Pod,
+    apiserver::{FakeApiServer, new_namespace, new_pod, wait_for},
+    node::in_cgroup,
+    probe, require_root,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpListener,
+};
+
+const NODE: &str = "node-a";
+const ROLE_KEY: &str = "iam.amazonaws.com/role";
+
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = ebpf::detach(&self.0);
+    }
+}
+
+fn api_pod(
+    pod: &Pod,
+    namespace: &str,
+    name: &str,
+    role: Option<&str>,
+    extra: &[(&str, &str)],
+) -> k8s_openapi::api::core::v1::Pod {
+    let mut api = new_pod(namespace, name, NODE);
+    api.metadata.uid = Some(pod.uid.clone());
+    let mut annotations: BTreeMap<String, String> = extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    if let Some(role) = role {
+        annotations.insert(ROLE_KEY.into(), role.into());
+    }
+    api.metadata.annotations = Some(annotations);
+    api
+}
+
+fn namespace(name: &str, annotations: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Namespace {
+    let mut ns = new_namespace(name);
+    ns.metadata.annotations = Some(
+        annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    );
+    ns
+}
+
+/// What the stand-in server concluded per tag.
+type Seen = Arc<Mutex<HashMap<String, Vec<String>>>>;
+
+fn summary(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Decided {
+            pod,
+            decision: Decision::Role { arn, .. },
+        } => format!("{} role {arn}", pod.key()),
+        Verdict::Decided {
+            pod,
+            decision: Decision::NoRole,
+        } => format!("{} no-role", pod.key()),
+        Verdict::Decided {
+            pod,
+            decision: Decision::Denied(reason),
+        } => {
+            format!("{} denied {}", pod.key(), reason.metric_label())
+        }
+        Verdict::NodeIdentity { pod } => format!("{} node-identity", pod.key()),
+        Verdict::Gone => "gone".into(),
+    }
+}
+
+fn serve(
+    listener: TcpListener,
+    attribution: Arc<Attribution>,
+    resolver: Arc<Resolver>,
+    seen: Seen,
+) {
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let local = stream.local_addr().unwrap();
+            let record = attribution.take(peer, local).expect("map lookup");
+            let (resolver, seen) = (resolver.clone(), seen.clone());
+            tokio::spawn(async move {
+                let answer = match record {
+                    None => "unattributed".to_owned(),
+                    Some(record) => match resolver.caller(record).await {
+                        Ok(caller) => summary(&resolver.decide(&caller)),
+                        Err(refusal) => format!("refused {}", refusal.metric_label()),
+                    },
+                };
+                let (read, mut write) = stream.into_split();
+                let mut tag = String::new();
+                let _ = BufReader::new(read).read_line(&mut tag).await;
+                let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+                seen.lock()
+                    .unwrap()
+                    .entry(tag.trim().to_owned())
+                    .or_default()
+                    .push(answer);
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pod_gets_exactly_its_decision() {
+    if !require_root("every_pod_gets_exactly_its_decision") {
+        return;
+    }
+    let server = FakeApiServer::start().await;
+    server.add_namespace(namespace(
+        "team-a",
+        // Names are resolved against the base ARN, so "*" means any role of that account.
+        &[(
+            "iam.amazonaws.com/allowed-roles",
+            r#"["*", "arn:aws:iam::999999999999:role/*"]"#,
+        )],
+    ));
+    server.add_namespace(namespace(
+        "locked",
+        &[("iam.amazonaws.com/allowed-roles", r#"["role-a"]"#)],
+    ));
+    server.add_namespace(namespace("infra", &[]));
+
+    let node = Node::new();
+    let pods: Vec<(&str, Pod)> = ["a", "b", "plain", "locked", "host", "cni"]
+        .into_iter()
+        .map(|tag| (tag, node.pod()))
+        .collect();
+    let pod = |tag: &str| &pods.iter().find(|(t, _)| *t == tag).unwrap().1;
+    server.add_pod(api_pod(pod("a"), "team-a", "app-a", Some("role-a"), &[]));
+    server.add_pod(api_pod(
+        pod("b"),
+        "team-a",
+        "app-b",
+        Some("arn:aws:iam::999999999999:role/role-b"),
+        &[],
+    ));
+    server.add_pod(api_pod(pod("plain"), "team-a", "plain", None, &[]));
+    server.add_pod(api_pod(
+        pod("locked"),
+        "locked",
+        "wants-b",
+        Some("role-b"),
+        &[],
+    ));
+    server.add_pod(api_pod(
+        pod("host"),
+        "team-a",
+        "host-net",
+        Some("role-host"),
+        &[],
+    ));
+    server.add_pod(api_pod(pod("cni"), "infra", "cni-agent", None, &[]));
+
+    let client = server.client().await;
+    let (pod_store, namespace_store) = (PodStore::new(), NamespaceStore::new());
+    let watches = [
+        tokio::spawn(k8s::pods::watch(
+            client.clone(),
+            NODE.into(),
+            pod_store.clone(),
+        )),
+        tokio::spawn(k8s::namespaces::watch(
+            client.clone(),
+            namespace_store.clone(),
+        )),
+    ];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        pod_store.wait_synced().await;
+        namespace_store.wait_synced().await;
+    })
+    .await
+    .expect("stores sync");
+
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/interceptor-test-{}-decisions",
+        std::process::id()
+    )));
+    let listener = TcpListener::bind((node.address, 0)).await.unwrap();
+    let SocketAddr::V4(proxy) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let datapath = ebpf::Datapath::open(&ebpf::Options {
+        pin_dir: pins.0.clone(),
+        cgroup_root: node.kubepods.clone(),
+        redirect: Redirect {
+            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
+            metadata6: METADATA_IPV6,
+            proxy4: Some(proxy),
+            proxy6: None,
+        },
+        reload: false,
+        kernel_log: false,
+    })
+    .expect("attach");
+    let index = Arc::new(CgroupIndex::new(
+        cgroupfs::cgroup2_mount().unwrap(),
+        node.kubepods.clone(),
+        Limits::default(),
+    ));
+    let resolver = Arc::new(Resolver::new(
+        index,
+        pod_store.clone(),
+        namespace_store.clone(),
+        PolicyConfig {
+            base_role_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+            namespace_restrictions: true,
+            ..PolicyConfig::default()
+        },
+        BTreeSet::from(["infra".to_owned()]),
+        Duration::from_millis(300),
+        EventSink::new(Some(client), Some(NODE.into()), events::Limits::default()),
+    ));
+    let mut optouts = OptOuts::new(resolver.clone(), pod_store.clone(), datapath.exempt());
+    optouts.sync();
+    assert!(
+        datapath
+            .exempt()
+            .list()
+            .contains(&pod("cni").container.id()),
+        "the opted-out pod's container is exempt in the kernel"
+    );
+    let seen_by_proxy: Seen = Arc::default();
+    serve(
+        listener,
+        datapath.attribution(),
+        resolver.clone(),
+        seen_by_proxy.clone(),
+    );
+
+    let mut reports = HashMap::new();
+    for (tag, pod) in &pods {
+        let command = if *tag == "host" {
+            // hostNetwork: the node's network namespace, the pod's own cgroup.
+            in_cgroup(
+                &pod.container,
+                None,
+                probe::binary(),
+                &["169.254.169.254:80", "3", tag],
+            )
+        } else {
+            pod.command(probe::binary(), &["169.254.169.254:80", "3", tag])
+        };
+        reports.insert(
+            *tag,
+            tokio::task::spawn_blocking(move || probe::run(command))
+                .await
+                .unwrap(),
+        );
+    }
+
+    let seen = seen_by_proxy.lock().unwrap().clone();
+    let expect = |tag: &str, answer: &str| {
+        let answers = seen
+            .get(tag)
+            .unwrap_or_else(|| panic!("{tag}: nothing reached the proxy: {:?}", reports[tag]));
+        assert_eq!(answers.len(), 3, "{tag}: {answers:?}");
+        assert!(
+            answers.iter().all(|a| a == answer),
+            "{tag}: expected {answer:?}, got {answers:?}"
+        );
+    };
+    expect(
+        "a",
+        "team-a/app-a role arn:aws:iam::123456789012:role/role-a",
+    );
+    expect(
+        "b",
+        "team-a/app-b role arn:aws:iam::999999999999:role/role-b",
+    );
+    expect("plain", "team-a/plain no-role");
+    expect("locked", "locked/wants-b denied not_allowed");
+    expect(
+        "host",
+        "team-a/host-net role arn:aws:iam::123456789012:role/role-host",
+    );
+    assert!(
+        !seen.contains_key("cni"),
+        "the opted-out pod must not be redirected: {seen:?}"
+    );
+    assert!(
+        reports["cni"].first_error.contains("errno 101"),
+        "{:?}",
+        reports["cni"]
+    );
+
+    // The refusal became one Event on that pod, however often it asked.
+    let event = wait_for("the RoleNotAllowed event", Duration::from_secs(10), || {
+        let events = server.events();
+        match events
+            .iter()
+            .filter(|e| e["reason"] == "RoleNotAllowed")
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [one] => Ok((*one).clone()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(event["regarding"]["uid"], pod("locked").uid.as_str());
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed in namespace locked")
+    );
+
+    // The decision follows annotation changes, and a deleted pod gets nothing.
+    server.update_pod("team-a", "app-a", |api| {
+        api.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ROLE_KEY.into(), "role-a2".into());
+    });
+    wait_for(
+        "the changed role",
+        Duration::from_secs(10),
+        || match pod_store.get(&pod("a").uid) {
+            k8s::Lookup::Found(info) if info.annotations[ROLE_KEY] == "role-a2" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    server.delete_pod("team-a", "app-b");
+    wait_for("the delete", Duration::from_secs(10), || {
+        match pod_store.get(&pod("b").uid) {
+            k8s::Lookup::Deleted => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    for tag in ["a", "b"] {
+        let command = pod(tag).command(
+            probe::binary(),
+            &["169.254.169.254:80", "1", &format!("{tag}-after")],
+        );
+        tokio::task::spawn_blocking(move || probe::run(command))
+            .await
+            .unwrap();
+    }
+    let after = seen_by_proxy.lock().unwrap().clone();
+    assert_eq!(
+        after.get("a-after").map(Vec::as_slice),
+        Some(&["team-a/app-a role arn:aws:iam::123456789012:role/role-a2".to_owned()][..])
+    );
+    assert_eq!(
+        after.get("b-after").map(Vec::as_slice),
+        Some(&["refused deleted_pod".to_owned()][..])
+    );
+    for watch in watches {
+        watch.abort();
+    }
+}
