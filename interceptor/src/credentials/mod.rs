@@ -1,0 +1,90 @@
+//! The credentials a pod is entitled to: STS AssumeRole per (role, external id, session),
+//! cached, fetched once however many ask at the same time, prefetched when a pod with a
+//! role appears, and refreshed well ahead of expiry.
+//!
+//! Lifetimes (docs/credentials.md): sessions last `session_duration` (default 1 h); a
+//! credential is refreshed in the background once less than `refresh_lead` (default
+//! 30 min, minus up to 10 % jitter so refreshes of many keys spread out) is left, and one
+//! with less than `serve_floor` (15 min: SDKs refresh 15 minutes before expiry, and the
+//! Java SDK v1 storms below that) is never served while STS answers. While STS is down,
+//! cached credentials are served until `stale_floor` (2 min) before they expire.
+
+mod cache;
+mod session;
+mod sts;
+
+use std::{
+    fmt,
+    time::{Duration, SystemTime},
+};
+
+pub use cache::{CacheStats, CredentialCache, Key, Settings};
+pub use session::session_name;
+pub use sts::{StsConfig, StsError, sts_client};
+
+/// What a pod's role is assumed with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoleRequest {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    pub session_name: String,
+}
+
+/// Temporary credentials. `Debug` never shows the secret or the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: SystemTime,
+    pub issued: SystemTime,
+    /// `arn:aws:sts::<account>:assumed-role/<role>/<session>`.
+    pub assumed_role_arn: String,
+}
+
+impl Credentials {
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expiration
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &"<redacted>")
+            .field("expiration", &self.expiration)
+            .field("assumed_role_arn", &self.assumed_role_arn)
+            .finish()
+    }
+}
+
+/// Why no credentials can be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialsError {
+    /// STS refused (AccessDenied and other client errors): retrying will not help.
+    #[error("STS refused to assume {role}: {code}: {message}")]
+    Refused {
+        role: String,
+        code: String,
+        message: String,
+    },
+    /// STS unreachable, throttling or failing, and nothing usable is cached.
+    #[error("STS unavailable while assuming {role}: {reason}")]
+    Unavailable { role: String, reason: String },
+}
+
+impl CredentialsError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Refused { .. } => "refused",
+            Self::Unavailable { .. } => "unavailable",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

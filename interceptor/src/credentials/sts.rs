@@ -1,0 +1,133 @@
+//! The STS client: the agent's own credentials from the standard chain (environment,
+//! profile, web identity / IRSA, the metadata service), optionally through an
+//! intermediate role (kiam's `--assume-role-arn`), and the endpoint the flags ask for.
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::{BehaviorVersion, Region, timeout::TimeoutConfig};
+use aws_sdk_sts::{Client, error::ProvideErrorMetadata};
+use aws_smithy_http_client::tls;
+
+use super::{Credentials, RoleRequest};
+
+/// Where and as whom STS is called.
+#[derive(Debug, Clone, Default)]
+pub struct StsConfig {
+    /// `--sts-endpoint`: used as is (tests point it at a local STS).
+    pub endpoint: Option<String>,
+    /// `AWS_REGION` (or `--region`): signing region, and with `regional` the endpoint's.
+    pub region: Option<String>,
+    /// `--use-regional-sts-endpoint`: call `sts.<region>.amazonaws.com`, not the global
+    /// endpoint. (kube2iam's flag of that name has no effect; this one does.)
+    pub regional: bool,
+    /// `--assume-role-arn`: assume this role first and the pods' roles with its
+    /// credentials, so nodes need permission for one role only.
+    pub intermediate_role: Option<String>,
+}
+
+/// STS's answer, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StsError {
+    /// A client error (AccessDenied, MalformedPolicyDocument, ...): do not retry.
+    Refused { code: String, message: String },
+    /// Throttling, 5xx, timeouts, connection failures (after the SDK's own retries).
+    Transient { reason: String },
+}
+
+/// Builds the STS client. The HTTP stack is rustls with ring (no C crypto build).
+pub async fn sts_client(config: &StsConfig) -> Client {
+    let https = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let region = Region::new(config.region.clone().unwrap_or_else(|| "us-east-1".into()));
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .operation_attempt_timeout(Duration::from_secs(3))
+        .operation_timeout(Duration::from_secs(10))
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(https)
+        .region(region.clone())
+        .timeout_config(timeouts);
+    let endpoint = match (&config.endpoint, config.regional) {
+        (Some(endpoint), _) => Some(endpoint.clone()),
+        (None, true) => None,
+        // The global endpoint, explicitly: SDK defaults have moved to regional ones.
+        (None, false) => Some("https://sts.amazonaws.com".to_owned()),
+    };
+    if let Some(endpoint) = &endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let base = loader.load().await;
+    let Some(intermediate) = &config.intermediate_role else {
+        return Client::new(&base);
+    };
+    let provider = aws_config::sts::AssumeRoleProvider::builder(intermediate)
+        .session_name("interceptor")
+        .configure(&base)
+        .build()
+        .await;
+    let with_intermediate = base
+        .into_builder()
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(provider),
+        )
+        .build();
+    Client::new(&with_intermediate)
+}
+
+/// One AssumeRole call.
+pub async fn assume_role(
+    client: &Client,
+    request: &RoleRequest,
+    duration: Duration,
+) -> Result<Credentials, StsError> {
+    let mut call = client
+        .assume_role()
+        .role_arn(&request.role_arn)
+        .role_session_name(&request.session_name)
+        .duration_seconds(i32::try_from(duration.as_secs()).unwrap_or(3600));
+    if let Some(external_id) = &request.external_id {
+        call = call.external_id(external_id);
+    }
+    let output = call.send().await.map_err(|error| {
+        let code = error.code().unwrap_or_default().to_owned();
+        let message = error.message().unwrap_or_default().to_owned();
+        let status = error.raw_response().map(|raw| raw.status().as_u16());
+        let transient = matches!(
+            code.as_str(),
+            "Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "IDPCommunicationError"
+        ) || status.is_none_or(|status| status >= 500);
+        if transient {
+            let reason = if code.is_empty() {
+                format!(
+                    "{}",
+                    aws_smithy_types::error::display::DisplayErrorContext(&error)
+                )
+            } else {
+                format!("{code}: {message}")
+            };
+            StsError::Transient { reason }
+        } else {
+            StsError::Refused { code, message }
+        }
+    })?;
+    let credentials = output.credentials.ok_or_else(|| StsError::Transient {
+        reason: "STS answered without credentials".into(),
+    })?;
+    let expiration =
+        SystemTime::try_from(credentials.expiration).unwrap_or_else(|_| SystemTime::now());
+    Ok(Credentials {
+        access_key_id: credentials.access_key_id,
+        secret_access_key: credentials.secret_access_key,
+        session_token: credentials.session_token,
+        expiration,
+        issued: SystemTime::now(),
+        assumed_role_arn: output
+            .assumed_role_user
+            .map(|user| user.arn)
+            .unwrap_or_default(),
+    })
+}
