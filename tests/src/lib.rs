@@ -13,9 +13,11 @@
 
 pub mod apiserver;
 pub mod cmd;
+pub mod moto;
 pub mod node;
 pub mod privilege;
 pub mod probe;
+pub mod sts_proxy;
 
 pub use node::{Node, Pod};
 pub use privilege::require_root;

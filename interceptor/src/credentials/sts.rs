@@ -23,6 +23,9 @@ pub struct StsConfig {
     /// `--assume-role-arn`: assume this role first and the pods' roles with its
     /// credentials, so nodes need permission for one role only.
     pub intermediate_role: Option<String>,
+    /// Explicit credentials for the agent itself instead of the default chain (tests, and
+    /// hosts where the chain is not wanted).
+    pub agent_credentials: Option<aws_credential_types::Credentials>,
 }
 
 /// STS's answer, classified.
@@ -59,6 +62,9 @@ pub async fn sts_client(config: &StsConfig) -> Client {
     };
     if let Some(endpoint) = &endpoint {
         loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(credentials) = &config.agent_credentials {
+        loader = loader.credentials_provider(credentials.clone());
     }
     let base = loader.load().await;
     let Some(intermediate) = &config.intermediate_role else {

@@ -1,0 +1,85 @@
+//! moto's real server as STS (and IAM), started from the test peers' virtualenv.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The Python virtualenv `cargo xtask setup` made (see xtask/src/setup.rs for the naming).
+pub fn venv() -> PathBuf {
+    if let Some(path) = std::env::var_os("INTERCEPTOR_PY_VENV") {
+        return PathBuf::from(path);
+    }
+    let requirements =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/requirements.txt");
+    let bytes = std::fs::read(&requirements).expect("tests/peers/requirements.txt");
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let path = home.join(format!(".local/share/interceptor/venv-{hash:016x}"));
+    assert!(
+        path.join("bin/moto_server").is_file(),
+        "no test peers at {}: run `cargo xtask setup`",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free loopback port")
+}
+
+/// A running moto server on loopback, killed (by its PID) on drop.
+pub struct MotoServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl MotoServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `env`: e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0` to make moto check IAM policies.
+    pub fn start_with(env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let child = Command::new(venv().join("bin/moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, addr }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,143 @@
+//! A forwarder in front of moto that counts STS calls by `Action` and injects faults
+//! (delay, 503, throttling, AccessDenied) switchable at run time.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Every call answers 503 (STS down).
+    Unavailable,
+    /// Every call answers STS's Throttling error.
+    Throttle,
+    /// AssumeRole answers AccessDenied.
+    Deny,
+}
+
+#[derive(Default)]
+struct State {
+    counts: HashMap<String, u64>,
+    fault: Option<Fault>,
+    delay: Duration,
+}
+
+#[derive(Clone)]
+pub struct StsProxy {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+fn sts_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+         <Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>\
+         <RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+    );
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    response
+        .headers_mut()
+        .insert("content-type", "text/xml".parse().unwrap());
+    response
+}
+
+impl StsProxy {
+    /// Listens on loopback and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Self {
+            addr: listener.local_addr().unwrap(),
+            state: Arc::default(),
+        };
+        let state = proxy.state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |request| forward(request, upstream, state.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        proxy
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Calls seen for `action` (e.g. `AssumeRole`), faulted ones included.
+    pub fn count(&self, action: &str) -> u64 {
+        self.state
+            .lock()
+            .unwrap()
+            .counts
+            .get(action)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.state.lock().unwrap().fault = Some(fault);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
+}
+
+async fn forward(
+    request: Request<Incoming>,
+    upstream: SocketAddr,
+    state: Arc<Mutex<State>>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let action = form_urlencoded::parse(&body)
+        .find(|(key, _)| key == "Action")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    let (fault, delay) = {
+        let mut state = state.lock().unwrap();
+        *state.counts.entry(action.clone()).or_default() += 1;
+        (state.fault.clone().unwrap_or(Fault::None), state.delay)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    match fault {
+        Fault::Unavailable => return Ok(sts_error(503, "ServiceUnavailable", "injected outage")),
+        Fault::Throttle => return Ok(sts_error(400, "Throttling", "Rate exceeded")),
+        Fault::Deny if action == "AssumeRole" => {
+            return Ok(sts_error(
+                403,
+                "AccessDenied",
+                "User: arn:aws:iam::123456789012:user/node is not authorized to perform: sts:AssumeRole",
+            ));
+        }
+        _ => {}
+    }
+    let stream = TcpStream::connect(upstream).await.expect("moto reachable");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let upstream_request = Request::from_parts(parts, Full::new(body));
+    let response = sender.send_request(upstream_request).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Response::from_parts(parts, Full::new(body)))
+}
