@@ -23,6 +23,10 @@ pub const EXIT_USAGE: i32 = 64;
 pub const ENV_HOST_IP: &str = "HOST_IP";
 /// The node's IPv6 address pods can reach, if IPv6 metadata should be served.
 pub const ENV_HOST_IPV6: &str = "HOST_IPV6";
+/// The node's name (downward API `spec.nodeName`).
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// The AWS region for STS.
+pub const ENV_AWS_REGION: &str = "AWS_REGION";
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/interceptor";
 pub const DEFAULT_APP_PORT: u16 = 8181;
@@ -53,6 +57,8 @@ pub enum Command {
     Detach(PinArgs),
     /// Show what is attached and what the kernel holds.
     Status(StatusArgs),
+    /// Run the agent: attach, watch this node's pods, serve the metadata API.
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +120,104 @@ pub struct AttachArgs {
     pub reload: bool,
 }
 
+/// `interceptor run`. Flag names are kube2iam's where the meaning is the same.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub attach: AttachArgs,
+    /// This node's name (field selector for the pod watch) [env: NODE_NAME].
+    #[arg(long)]
+    pub node: Option<String>,
+    /// kubeconfig file; default: in-cluster service account, else KUBECONFIG.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Port of /healthz, /readyz, /metrics (and /debug/store with --debug). Separate from
+    /// the credential port, so that what can scrape metrics cannot assume roles.
+    #[arg(long, default_value_t = 8182)]
+    pub metrics_port: u16,
+    /// Serve /debug/store: pods, cgroups, decisions and credential expiries (no secrets).
+    #[arg(long)]
+    pub debug: bool,
+    /// Refuse requests without an IMDSv2 token (EC2's HttpTokens=required).
+    #[arg(long)]
+    pub imdsv2_required: bool,
+    /// Metadata paths forwarded to the real metadata service (kiam's flag); default none.
+    #[arg(long)]
+    pub allow_route_regexp: Option<String>,
+    /// Pod annotation naming the role.
+    #[arg(long, default_value = crate::policy::DEFAULT_ROLE_KEY)]
+    pub iam_role_key: String,
+    /// Pod annotation holding the ExternalId.
+    #[arg(long, default_value = crate::policy::DEFAULT_EXTERNAL_ID_KEY)]
+    pub iam_external_id: String,
+    /// Prefix for role names: arn:aws:iam::<account>:role/[path/].
+    #[arg(long)]
+    pub base_role_arn: Option<String>,
+    /// Role for pods without the annotation (name or ARN).
+    #[arg(long)]
+    pub default_role: Option<String>,
+    /// Take the base role ARN from the node's instance profile (upstream metadata).
+    #[arg(long)]
+    pub auto_discover_base_arn: bool,
+    /// Take the default role from the node's instance profile (upstream metadata).
+    #[arg(long)]
+    pub auto_discover_default_role: bool,
+    /// Check roles against the namespace's allowed-roles annotation.
+    #[arg(long)]
+    pub namespace_restrictions: bool,
+    /// Namespace annotation listing allowed roles (JSON array).
+    #[arg(long, default_value = crate::policy::DEFAULT_NAMESPACE_KEY)]
+    pub namespace_key: String,
+    #[arg(long, value_enum, default_value_t = crate::policy::RestrictionFormat::Glob)]
+    pub namespace_restriction_format: crate::policy::RestrictionFormat,
+    /// Namespaces whose pods keep the node's identity (not intercepted); repeatable.
+    #[arg(long = "node-identity-namespace")]
+    pub node_identity_namespaces: Vec<String>,
+    /// How long a connection from a pod the watch has not delivered yet waits for it.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub unknown_pod_wait: std::time::Duration,
+    /// STS session duration of pods' credentials (e.g. 1h, 3600s).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub iam_role_session_ttl: std::time::Duration,
+    /// STS endpoint URL (e.g. a VPC endpoint).
+    #[arg(long)]
+    pub sts_endpoint: Option<String>,
+    /// Use the regional STS endpoint of --region / AWS_REGION.
+    #[arg(long)]
+    pub use_regional_sts_endpoint: bool,
+    /// AWS region [env: AWS_REGION].
+    #[arg(long)]
+    pub region: Option<String>,
+    /// An intermediate role assumed first; pods' roles are assumed with its credentials.
+    #[arg(long)]
+    pub assume_role_arn: Option<String>,
+}
+
+/// Durations as kube2iam writes them: `900`, `900s`, `15m`, `1h`, `500ms`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 900s, 15m, 1h)"))?;
+    let seconds = |factor: u64| {
+        value
+            .checked_mul(factor)
+            .map(std::time::Duration::from_secs)
+    };
+    match unit {
+        "" | "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "ms" => Some(std::time::Duration::from_millis(value)),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{text:?} is not a duration (e.g. 900s, 15m, 1h)"))
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -127,6 +231,24 @@ pub enum ConfigError {
     ZeroPort,
     #[error("--metadata-addr {0} must be an IPv4 address and port (e.g. 169.254.169.254:80)")]
     MetadataNotIpv4(SocketAddr),
+    #[error("no node name: pass --node or set NODE_NAME (downward API spec.nodeName)")]
+    NoNode,
+    #[error("--allow-route-regexp {pattern:?}: {source}")]
+    BadRegex {
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    #[error("--base-role-arn: {0}")]
+    BadBaseArn(#[source] crate::policy::PolicyError),
+    #[error("--default-role: {0}")]
+    BadDefaultRole(#[source] crate::policy::PolicyError),
+    #[error("--iam-role-session-ttl {0:?} is outside STS's 15 min to 12 h")]
+    BadSessionTtl(std::time::Duration),
+    #[error("--unknown-pod-wait {0:?} must stay under the SDKs' 1 s metadata timeout")]
+    BadUnknownPodWait(std::time::Duration),
+    #[error("--metrics-port {0} must differ from --app-port")]
+    MetricsOnAppPort(u16),
 }
 
 impl ConfigError {
@@ -137,6 +259,13 @@ impl ConfigError {
             Self::UnusableHostIp(_) => "unusable_host_ip",
             Self::ZeroPort => "zero_port",
             Self::MetadataNotIpv4(_) => "metadata_not_ipv4",
+            Self::NoNode => "no_node",
+            Self::BadRegex { .. } => "bad_regex",
+            Self::BadBaseArn(_) => "bad_base_arn",
+            Self::BadDefaultRole(_) => "bad_default_role",
+            Self::BadSessionTtl(_) => "bad_session_ttl",
+            Self::BadUnknownPodWait(_) => "bad_unknown_pod_wait",
+            Self::MetricsOnAppPort(_) => "metrics_on_app_port",
         }
     }
 }
@@ -261,5 +390,81 @@ mod tests {
         let redirect = attach(&[]).redirect(&env).unwrap();
         assert_eq!(redirect.proxy6, Some("[fd00::7]:8181".parse().unwrap()));
         assert_eq!(redirect.metadata6, METADATA_IPV6);
+    }
+}
+
+/// `interceptor run`'s settings, validated.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub redirect: Redirect,
+    pub node: String,
+    pub policy: crate::policy::PolicyConfig,
+    pub allow_route: Option<regex::Regex>,
+    pub region: Option<String>,
+}
+
+impl RunArgs {
+    pub fn validate(&self, env: &Env) -> Result<RunConfig, ConfigError> {
+        let redirect = self.attach.redirect(env)?;
+        let node = self
+            .node
+            .clone()
+            .or_else(|| env.get(ENV_NODE_NAME).cloned())
+            .filter(|node| !node.trim().is_empty())
+            .ok_or(ConfigError::NoNode)?;
+        let allow_route = self
+            .allow_route_regexp
+            .as_ref()
+            .map(|pattern| {
+                regex::RegexBuilder::new(pattern)
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|source| ConfigError::BadRegex {
+                        pattern: pattern.clone(),
+                        source,
+                    })
+            })
+            .transpose()?;
+        let base_role_arn = self
+            .base_role_arn
+            .as_deref()
+            .map(crate::policy::BaseArn::parse)
+            .transpose()
+            .map_err(ConfigError::BadBaseArn)?;
+        let policy = crate::policy::PolicyConfig {
+            iam_role_key: self.iam_role_key.clone(),
+            iam_external_id_key: self.iam_external_id.clone(),
+            base_role_arn,
+            default_role: self.default_role.clone(),
+            namespace_restrictions: self.namespace_restrictions,
+            namespace_key: self.namespace_key.clone(),
+            restriction_format: self.namespace_restriction_format,
+            ..crate::policy::PolicyConfig::default()
+        };
+        if let Some(default) = &self.default_role {
+            crate::policy::resolve_role(default, &policy).map_err(ConfigError::BadDefaultRole)?;
+        }
+        let ttl = self.iam_role_session_ttl;
+        if ttl < std::time::Duration::from_secs(900)
+            || ttl > std::time::Duration::from_secs(12 * 3600)
+        {
+            return Err(ConfigError::BadSessionTtl(ttl));
+        }
+        if self.unknown_pod_wait >= std::time::Duration::from_millis(900) {
+            return Err(ConfigError::BadUnknownPodWait(self.unknown_pod_wait));
+        }
+        if self.metrics_port == self.attach.app_port {
+            return Err(ConfigError::MetricsOnAppPort(self.metrics_port));
+        }
+        Ok(RunConfig {
+            redirect,
+            node,
+            policy,
+            allow_route,
+            region: self
+                .region
+                .clone()
+                .or_else(|| env.get(ENV_AWS_REGION).cloned()),
+        })
     }
 }

@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod identity;
 pub mod imds;
 pub mod k8s;
+pub mod metrics;
 pub mod optout;
 pub mod policy;
 pub mod resolve;

@@ -1,3 +1,7 @@
+//! The `interceptor` binary: CLI dispatch; `agent` wires the library's modules for `run`.
+
+mod agent;
+
 use std::{collections::BTreeMap, process::ExitCode};
 
 use anyhow::{Context, Result};
@@ -24,6 +28,7 @@ fn main() -> ExitCode {
         Command::Attach(args) => attach(args, &env),
         Command::Detach(args) => detach(args),
         Command::Status(args) => status(args),
+        Command::Run(args) => run(args, &env),
     };
     match result {
         Ok(code) => code,
@@ -70,6 +75,13 @@ fn attach(args: &AttachArgs, env: &config::Env) -> Result<ExitCode> {
         cgroup_id = datapath.cgroup_id(),
         "programs attached"
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(args: &config::RunArgs, env: &config::Env) -> Result<ExitCode> {
+    let config = args.validate(env)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(agent::run(args, config))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -27,7 +27,10 @@ use super::{
     token::{TokenMinter, parse_ttl},
     upstream::Upstream,
 };
-use crate::ebpf::{Attributed, Attribution};
+use crate::{
+    ebpf::{Attributed, Attribution},
+    metrics::{Metrics, RequestTimer},
+};
 
 /// The role a caller may have right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +111,7 @@ pub struct Server<B: Backend> {
     upstream: Arc<Upstream>,
     tokens: Arc<TokenMinter>,
     config: ServerConfig,
+    metrics: Arc<Metrics>,
 }
 
 impl<B: Backend> Server<B> {
@@ -116,6 +120,7 @@ impl<B: Backend> Server<B> {
         attribution: Arc<Attribution>,
         upstream: Arc<Upstream>,
         config: ServerConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             backend,
@@ -123,6 +128,7 @@ impl<B: Backend> Server<B> {
             upstream,
             tokens: Arc::new(TokenMinter::new()),
             config,
+            metrics,
         }
     }
 
@@ -160,6 +166,7 @@ impl<B: Backend> Server<B> {
         let caller = match self.attribution.take(peer, local) {
             Ok(Some(record)) => self.backend.caller(record).await.map(Arc::new),
             Ok(None) => {
+                self.metrics.attribution_misses.inc();
                 tracing::debug!(%peer, "connection without a kernel record: refused");
                 None
             }
@@ -190,10 +197,26 @@ impl<B: Backend> Server<B> {
         caller: Option<&B::Caller>,
         request: Request<Incoming>,
     ) -> Response<Body> {
-        let Some(caller) = caller else {
-            return ec2::error(StatusCode::FORBIDDEN);
-        };
         let route = classify(request.method(), request.uri().path());
+        let class = route.class();
+        let _timer = RequestTimer::start(&self.metrics, class);
+        let response = match caller {
+            Some(caller) => self.respond(caller, route, &request).await,
+            None => ec2::error(StatusCode::FORBIDDEN),
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[class, response.status().as_str()])
+            .inc();
+        response
+    }
+
+    async fn respond(
+        &self,
+        caller: &B::Caller,
+        route: Route,
+        request: &Request<Incoming>,
+    ) -> Response<Body> {
         let headers = request.headers();
         let binding = self.backend.binding(caller);
         let now = SystemTime::now();

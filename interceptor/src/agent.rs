@@ -1,0 +1,617 @@
+//! `interceptor run`: wires the modules together and runs until SIGTERM/SIGINT.
+//!
+//! Order matters for fail-closed start: the proxy's listener is bound first (so a
+//! redirected connection always has somewhere to go), then the programs are attached (or
+//! re-used), then the watches start; readiness (`/readyz`) waits for all three. On
+//! shutdown the programs stay attached through their pins, so pods never reach the real
+//! metadata service between an agent's exit and its successor's start; `interceptor
+//! detach` is the explicit way to remove them.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use interceptor::{
+    cgroupfs,
+    config::{RunArgs, RunConfig},
+    credentials::{
+        CredentialCache, CredentialsError, RoleRequest, Settings, StsConfig, session_name,
+        sts_client,
+    },
+    ebpf::{self, Attributed, Datapath},
+    identity::index::{CgroupIndex, Limits},
+    imds::{self, CredentialsFailure, RoleAnswer, Served, ServerConfig, upstream::Upstream},
+    k8s::{self, EventSink, NamespaceStore, PodChange, PodStore, events},
+    metrics::Metrics,
+    optout::OptOuts,
+    policy::{BaseArn, Decision},
+    resolve::{Caller, Resolver, Verdict},
+};
+use tokio::net::TcpListener;
+
+/// The metadata server's view of the agent.
+struct AgentBackend {
+    resolver: Arc<Resolver>,
+    credentials: Arc<CredentialCache>,
+    events: EventSink,
+    metrics: Arc<Metrics>,
+}
+
+impl AgentBackend {
+    fn request(&self, caller: &Caller) -> Option<(Arc<k8s::PodInfo>, RoleRequest)> {
+        match self.resolver.decide(caller) {
+            Verdict::Decided {
+                pod,
+                decision:
+                    Decision::Role {
+                        arn, external_id, ..
+                    },
+            } => {
+                let request = RoleRequest {
+                    role_arn: arn.to_string(),
+                    external_id,
+                    session_name: session_name(&pod.namespace, &pod.name),
+                };
+                Some((pod, request))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl imds::Backend for AgentBackend {
+    type Caller = Caller;
+
+    async fn caller(&self, record: Attributed) -> Option<Caller> {
+        match self.resolver.caller(record).await {
+            Ok(caller) => Some(caller),
+            Err(refusal) => {
+                self.metrics
+                    .caller_refusals
+                    .with_label_values(&[refusal.metric_label()])
+                    .inc();
+                tracing::debug!(?refusal, cgroup_id = record.cgroup_id, "connection refused");
+                None
+            }
+        }
+    }
+
+    fn binding(&self, caller: &Caller) -> String {
+        caller.uid.clone()
+    }
+
+    async fn role(&self, caller: &Caller) -> RoleAnswer {
+        let verdict = self.resolver.decide(caller);
+        let outcome = match &verdict {
+            Verdict::Decided {
+                decision: Decision::Role { .. },
+                ..
+            } => "role",
+            Verdict::Decided {
+                decision: Decision::NoRole,
+                ..
+            } => "no_role",
+            Verdict::Decided {
+                decision: Decision::Denied(reason),
+                ..
+            } => reason.metric_label(),
+            Verdict::NodeIdentity { .. } => "node_identity",
+            Verdict::Gone => "gone",
+        };
+        self.metrics.decisions.with_label_values(&[outcome]).inc();
+        match verdict {
+            Verdict::Decided {
+                decision: Decision::Role { arn, .. },
+                ..
+            } => RoleAnswer::Role {
+                name: arn.name().to_owned(),
+                arn: arn.to_string(),
+            },
+            Verdict::Decided {
+                decision: Decision::NoRole,
+                ..
+            } => RoleAnswer::NoRole,
+            _ => RoleAnswer::Denied,
+        }
+    }
+
+    async fn credentials(&self, caller: &Caller, arn: &str) -> Result<Served, CredentialsFailure> {
+        let Some((pod, request)) = self
+            .request(caller)
+            .filter(|(_, request)| request.role_arn == arn)
+        else {
+            return Err(CredentialsFailure::Unavailable);
+        };
+        let started = std::time::Instant::now();
+        let result = self.credentials.get(&request).await;
+        let outcome = result
+            .as_ref()
+            .map_or_else(|error| error.metric_label(), |_| "ok");
+        self.metrics
+            .sts_seconds
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(credentials) => Ok(Served {
+                access_key_id: credentials.access_key_id.clone(),
+                secret_access_key: credentials.secret_access_key.clone(),
+                token: credentials.session_token.clone(),
+                expiration: credentials.expiration,
+                last_updated: credentials.issued,
+            }),
+            Err(error @ CredentialsError::Refused { .. }) => {
+                let CredentialsError::Refused { code, message, .. } = &error else {
+                    unreachable!()
+                };
+                if self
+                    .events
+                    .warn(&pod, "AssumeRoleFailed", error.to_string())
+                    == events::Posted::Sent
+                {
+                    tracing::warn!(pod = %pod.key(), %error, "STS refused the pod's role");
+                }
+                Err(CredentialsFailure::Refused {
+                    code: "AssumeRoleUnauthorizedAccess".into(),
+                    message: format!("{code}: {message}"),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.key(), %error, "no credentials to serve");
+                Err(CredentialsFailure::Unavailable)
+            }
+        }
+    }
+}
+
+/// Reads the node's instance profile from the upstream metadata service, for
+/// `--auto-discover-base-arn` / `--auto-discover-default-role` (as kube2iam does).
+async fn discover(upstream: &Upstream) -> Result<(BaseArn, String)> {
+    let info = upstream
+        .forward(&http::Method::GET, "/latest/meta-data/iam/info")
+        .await
+        .context("reading iam/info from the metadata service")?;
+    let body = http_body_util::BodyExt::collect(info.into_body())
+        .await?
+        .to_bytes();
+    let info: serde_json::Value = serde_json::from_slice(&body).context("iam/info is not JSON")?;
+    let profile = info["InstanceProfileArn"]
+        .as_str()
+        .context("iam/info has no InstanceProfileArn")?;
+    // arn:aws:iam::123456789012:instance-profile/name -> arn:aws:iam::123456789012:role/
+    let prefix = profile
+        .split_once(":instance-profile/")
+        .map(|(prefix, _)| prefix)
+        .context("InstanceProfileArn is not an instance profile ARN")?;
+    let base = BaseArn::parse(&format!("{prefix}:role/"))?;
+    let roles = upstream
+        .forward(
+            &http::Method::GET,
+            "/latest/meta-data/iam/security-credentials/",
+        )
+        .await?;
+    let body = http_body_util::BodyExt::collect(roles.into_body())
+        .await?
+        .to_bytes();
+    let role = String::from_utf8_lossy(&body)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!role.is_empty(), "the node has no instance profile role");
+    Ok((base, role))
+}
+
+struct Readiness {
+    attached: AtomicBool,
+    listening: AtomicBool,
+    pods: Arc<PodStore>,
+    namespaces: Arc<NamespaceStore>,
+}
+
+impl Readiness {
+    fn ready(&self) -> bool {
+        self.attached.load(Ordering::Relaxed)
+            && self.listening.load(Ordering::Relaxed)
+            && self.pods.is_synced()
+            && self.namespaces.is_synced()
+    }
+}
+
+struct Admin {
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    debug: bool,
+    resolver: Arc<Resolver>,
+    credentials: Arc<CredentialCache>,
+    pods: Arc<PodStore>,
+    namespaces: Arc<NamespaceStore>,
+    index: Arc<CgroupIndex>,
+    datapath: Arc<Datapath>,
+    pin_dir: std::path::PathBuf,
+}
+
+impl Admin {
+    fn refresh_gauges(&self) {
+        let tracked = &self.metrics.tracked;
+        tracked
+            .with_label_values(&["pods"])
+            .set(self.pods.len() as i64);
+        tracked
+            .with_label_values(&["namespaces"])
+            .set(self.namespaces.len() as i64);
+        tracked
+            .with_label_values(&["cgroups"])
+            .set(self.index.len() as i64);
+        tracked
+            .with_label_values(&["credentials"])
+            .set(self.credentials.len() as i64);
+        if let Ok((pending, conns)) = ebpf::maps::occupancy(&self.pin_dir) {
+            tracked
+                .with_label_values(&["kernel_pending"])
+                .set(pending as i64);
+            tracked
+                .with_label_values(&["kernel_conns"])
+                .set(conns as i64);
+        }
+        tracked
+            .with_label_values(&["kernel_exempt"])
+            .set(self.datapath.exempt().list().len() as i64);
+        let stats = self.credentials.stats();
+        let copied = &self.metrics.copied;
+        for (event, value) in [
+            ("hits", &stats.hits),
+            ("misses", &stats.misses),
+            ("prefetches", &stats.prefetches),
+            ("refreshes", &stats.refreshes),
+            ("sts_calls", &stats.sts_calls),
+            ("sts_errors", &stats.sts_errors),
+            ("stale_served", &stats.stale_served),
+        ] {
+            copied
+                .with_label_values(&["credentials", event])
+                .set(value.load(Ordering::Relaxed) as i64);
+        }
+        for (event, value) in self.datapath.counters() {
+            copied
+                .with_label_values(&["kernel", event])
+                .set(value as i64);
+        }
+        self.metrics.ready.set(i64::from(self.readiness.ready()));
+    }
+
+    fn debug_store(&self) -> serde_json::Value {
+        let pods: Vec<serde_json::Value> = self
+            .pods
+            .pods()
+            .iter()
+            .map(|pod| {
+                let cgroups = self.index.cgroups_of_pod(&pod.uid);
+                let caller = Caller {
+                    uid: pod.uid.clone(),
+                    cgroup: Arc::new(interceptor::identity::index::Resolved {
+                        cgroup_id: 0,
+                        path: String::new(),
+                        identity: Err("debug".into()),
+                    }),
+                    pid: 0,
+                };
+                let decision = match self.resolver.decide(&caller) {
+                    Verdict::Decided {
+                        decision: Decision::Role { arn, source, .. },
+                        ..
+                    } => {
+                        format!("role {arn} ({source:?})")
+                    }
+                    Verdict::Decided {
+                        decision: Decision::NoRole,
+                        ..
+                    } => "no role".into(),
+                    Verdict::Decided {
+                        decision: Decision::Denied(reason),
+                        ..
+                    } => format!("denied: {reason}"),
+                    Verdict::NodeIdentity { .. } => "node identity (exempt)".into(),
+                    Verdict::Gone => "gone".into(),
+                };
+                serde_json::json!({
+                    "pod": pod.key(), "uid": pod.uid, "host_network": pod.host_network,
+                    "cgroups": cgroups, "decision": decision,
+                })
+            })
+            .collect();
+        let credentials: Vec<serde_json::Value> = self
+            .credentials
+            .expiries()
+            .into_iter()
+            .map(|(key, expiry)| {
+                serde_json::json!({
+                    "role": key.request.role_arn,
+                    "session": key.request.session_name,
+                    "external_id": key.request.external_id.is_some(),
+                    "expires": expiry.map(imds::ec2::timestamp),
+                })
+            })
+            .collect();
+        serde_json::json!({ "pods": pods, "credentials": credentials, "ready": self.readiness.ready() })
+    }
+
+    fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, body, content_type) = match request.uri().path() {
+            "/healthz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
+            "/readyz" if self.readiness.ready() => {
+                (StatusCode::OK, "ready\n".to_owned(), "text/plain")
+            }
+            "/readyz" => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready\n".to_owned(),
+                "text/plain",
+            ),
+            "/metrics" => {
+                self.refresh_gauges();
+                (
+                    StatusCode::OK,
+                    self.metrics.encode(),
+                    "text/plain; version=0.0.4",
+                )
+            }
+            "/debug/store" if self.debug => (
+                StatusCode::OK,
+                self.debug_store().to_string(),
+                "application/json",
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "not found\n".to_owned(),
+                "text/plain",
+            ),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
+        response
+    }
+
+    async fn serve(self: Arc<Self>, listener: TcpListener) {
+        while let Ok((stream, _)) = listener.accept().await {
+            let admin = Arc::clone(&self);
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let admin = Arc::clone(&admin);
+                    async move { Ok::<_, std::convert::Infallible>(admin.respond(&request)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+}
+
+/// Prefetches credentials for pods that appear with a role, forgets the credentials and
+/// cgroups of pods that go.
+async fn follow_pods(
+    resolver: Arc<Resolver>,
+    pods: Arc<PodStore>,
+    credentials: Arc<CredentialCache>,
+) {
+    let mut changes = pods.subscribe();
+    loop {
+        match changes.recv().await {
+            Ok(PodChange::Applied(pod)) => {
+                let caller = Caller {
+                    uid: pod.uid.clone(),
+                    cgroup: Arc::new(interceptor::identity::index::Resolved {
+                        cgroup_id: 0,
+                        path: String::new(),
+                        identity: Err("prefetch".into()),
+                    }),
+                    pid: 0,
+                };
+                if let Verdict::Decided {
+                    decision:
+                        Decision::Role {
+                            arn, external_id, ..
+                        },
+                    ..
+                } = resolver.decide(&caller)
+                {
+                    credentials.prefetch(RoleRequest {
+                        role_arn: arn.to_string(),
+                        external_id,
+                        session_name: session_name(&pod.namespace, &pod.name),
+                    });
+                }
+            }
+            Ok(PodChange::Deleted(pod)) => {
+                resolver.index().forget_pod(&pod.uid);
+                let live: BTreeSet<String> = pods
+                    .pods()
+                    .iter()
+                    .map(|pod| session_name(&pod.namespace, &pod.name))
+                    .collect();
+                credentials.retain(|key| live.contains(&key.request.session_name));
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let proxy = config.redirect.proxy4.context("no IPv4 proxy address")?;
+    let listener = TcpListener::bind(proxy)
+        .await
+        .with_context(|| format!("binding the metadata proxy on {proxy}"))?;
+    let admin_listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], args.metrics_port)))
+        .await
+        .with_context(|| format!("binding the metrics port {}", args.metrics_port))?;
+
+    let cgroup_root = match &args.attach.cgroup_root {
+        Some(path) => path.clone(),
+        None => cgroupfs::default_cgroup_root()?,
+    };
+    let datapath = Arc::new(
+        Datapath::open(&ebpf::Options {
+            pin_dir: args.attach.pins.bpf_pin_dir.clone(),
+            cgroup_root: cgroup_root.clone(),
+            redirect: config.redirect.clone(),
+            reload: args.attach.reload,
+            kernel_log: tracing::enabled!(target: "interceptor::kernel", tracing::Level::DEBUG),
+        })
+        .with_context(|| format!("attaching to {}", cgroup_root.display()))?,
+    );
+    tracing::info!(outcome = ?datapath.outcome(), cgroup = %cgroup_root.display(), %proxy, "programs attached");
+
+    let upstream = Arc::new(Upstream::new(args.attach.metadata_addr));
+    let mut policy = config.policy.clone();
+    if args.auto_discover_base_arn || args.auto_discover_default_role {
+        let (base, role) = discover(&upstream)
+            .await
+            .context("auto-discovering the node's role")?;
+        tracing::info!(base = ?base, role, "discovered from the node's instance profile");
+        if args.auto_discover_base_arn {
+            policy.base_role_arn = Some(base);
+        }
+        if args.auto_discover_default_role {
+            policy.default_role = Some(role);
+        }
+    }
+
+    let client = k8s::client(args.kubeconfig.as_deref()).await?;
+    let (pods, namespaces) = (PodStore::new(), NamespaceStore::new());
+    tokio::spawn(k8s::pods::watch(
+        client.clone(),
+        config.node.clone(),
+        pods.clone(),
+    ));
+    tokio::spawn(k8s::namespaces::watch(client.clone(), namespaces.clone()));
+    let events = EventSink::new(
+        Some(client),
+        Some(config.node.clone()),
+        events::Limits::default(),
+    );
+
+    let index = Arc::new(CgroupIndex::new(
+        cgroupfs::cgroup2_mount()?,
+        cgroup_root,
+        Limits::default(),
+    ));
+    let resolver = Arc::new(Resolver::new(
+        index.clone(),
+        pods.clone(),
+        namespaces.clone(),
+        policy,
+        args.node_identity_namespaces.iter().cloned().collect(),
+        args.unknown_pod_wait,
+        events.clone(),
+    ));
+    tokio::spawn(
+        OptOuts::new(resolver.clone(), pods.clone(), datapath.exempt()).run(Duration::from_secs(2)),
+    );
+
+    let sts = sts_client(&StsConfig {
+        endpoint: args.sts_endpoint.clone(),
+        region: config.region.clone(),
+        regional: args.use_regional_sts_endpoint,
+        intermediate_role: args.assume_role_arn.clone(),
+        agent_credentials: None,
+    })
+    .await;
+    let credentials = CredentialCache::new(
+        sts,
+        Settings {
+            session_duration: args.iam_role_session_ttl,
+            refresh_lead: (args.iam_role_session_ttl / 2).max(Duration::from_secs(20 * 60)),
+            ..Settings::default()
+        },
+    );
+    tokio::spawn(follow_pods(
+        resolver.clone(),
+        pods.clone(),
+        credentials.clone(),
+    ));
+
+    let backend = Arc::new(AgentBackend {
+        resolver: resolver.clone(),
+        credentials: credentials.clone(),
+        events,
+        metrics: metrics.clone(),
+    });
+    let server = Arc::new(imds::Server::new(
+        backend,
+        datapath.attribution(),
+        upstream,
+        ServerConfig {
+            imdsv2_required: args.imdsv2_required,
+            allow_route: config.allow_route.clone(),
+            ..ServerConfig::default()
+        },
+        metrics.clone(),
+    ));
+    tokio::spawn(server.serve(listener));
+
+    let readiness = Arc::new(Readiness {
+        attached: AtomicBool::new(true),
+        listening: AtomicBool::new(true),
+        pods: pods.clone(),
+        namespaces: namespaces.clone(),
+    });
+    let admin = Arc::new(Admin {
+        readiness: readiness.clone(),
+        metrics,
+        debug: args.debug,
+        resolver,
+        credentials,
+        pods: pods.clone(),
+        namespaces,
+        index,
+        datapath: datapath.clone(),
+        pin_dir: args.attach.pins.bpf_pin_dir.clone(),
+    });
+    tokio::spawn(admin.serve(admin_listener));
+    {
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            readiness.pods.wait_synced().await;
+            readiness.namespaces.wait_synced().await;
+            tracing::info!("pod and namespace stores synced: ready");
+        });
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down; the programs stay attached (interceptor detach removes them)");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
