@@ -110,9 +110,14 @@ pub struct AttachArgs {
     /// The proxy's port on the node.
     #[arg(long, default_value_t = DEFAULT_APP_PORT)]
     pub app_port: u16,
-    /// The metadata address pods dial, and where allowed requests are forwarded.
+    /// The real metadata service: where allowed requests are forwarded and the node's
+    /// own role is discovered (kube2iam's flag). Tests point it at a local fake.
     #[arg(long, default_value = "169.254.169.254:80")]
     pub metadata_addr: SocketAddr,
+    /// The address pods' connections are intercepted at. EC2's is fixed; this exists for
+    /// unusual environments only.
+    #[arg(long, default_value = "169.254.169.254:80", hide = true)]
+    pub intercept_addr: SocketAddr,
     /// Replace pinned programs with this build's (no gap: the new programs are attached
     /// before the old ones are removed; connections in flight at that moment may be refused
     /// once and retried by the SDK).
@@ -229,7 +234,7 @@ pub enum ConfigError {
     UnusableHostIp(Ipv4Addr),
     #[error("--app-port 0 is not a port")]
     ZeroPort,
-    #[error("--metadata-addr {0} must be an IPv4 address and port (e.g. 169.254.169.254:80)")]
+    #[error("--intercept-addr {0} must be an IPv4 address and port (e.g. 169.254.169.254:80)")]
     MetadataNotIpv4(SocketAddr),
     #[error("no node name: pass --node or set NODE_NAME (downward API spec.nodeName)")]
     NoNode,
@@ -289,8 +294,8 @@ impl AttachArgs {
             Some(ip) => Some(ip),
             None => env_ip6(env, ENV_HOST_IPV6)?,
         };
-        let SocketAddr::V4(metadata4) = self.metadata_addr else {
-            return Err(ConfigError::MetadataNotIpv4(self.metadata_addr));
+        let SocketAddr::V4(metadata4) = self.intercept_addr else {
+            return Err(ConfigError::MetadataNotIpv4(self.intercept_addr));
         };
         Ok(Redirect {
             metadata4,
@@ -379,6 +384,16 @@ mod tests {
         ));
         assert!(Cli::try_parse_from(["interceptor", "attach", "--host-ip", "300.1.1.1"]).is_err());
         assert!(Cli::try_parse_from(["interceptor", "attach", "--metadata-addr", "x"]).is_err());
+        assert!(matches!(
+            attach(&["--host-ip", "10.0.0.1", "--intercept-addr", "[::1]:80"])
+                .redirect(&Env::new()),
+            Err(ConfigError::MetadataNotIpv4(_))
+        ));
+        // The upstream address does not move the interception point.
+        let redirect = attach(&["--host-ip", "10.0.0.1", "--metadata-addr", "127.0.0.1:9"])
+            .redirect(&Env::new())
+            .unwrap();
+        assert_eq!(redirect.metadata4, "169.254.169.254:80".parse().unwrap());
     }
 
     #[test]

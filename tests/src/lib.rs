@@ -11,8 +11,10 @@
 //! Every resource is owned by a guard whose `Drop` removes it, so a failing (panicking)
 //! test cleans up too.
 
+pub mod agent;
 pub mod apiserver;
 pub mod cmd;
+pub mod fake_imds;
 pub mod moto;
 pub mod node;
 pub mod privilege;

@@ -48,15 +48,20 @@ impl MotoServer {
 
     /// `env`: e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0` to make moto check IAM policies.
     pub fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST, env)
+    }
+
+    /// On `host`: loopback, or the test node's own address so that pods reach it.
+    pub fn start_on(host: std::net::Ipv4Addr, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let child = Command::new(venv().join("bin/moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", &host.to_string(), "-p", &port.to_string()])
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr = SocketAddr::from((host, port));
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(addr).is_err() {
             assert!(

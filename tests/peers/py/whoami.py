@@ -1,0 +1,26 @@
+"""Run inside a simulated pod: boto3's default credential chain (here: the instance
+metadata service at 169.254.169.254, which interceptor answers), then STS
+GetCallerIdentity against the test's STS. Prints the caller ARN, or ERROR: <reason>."""
+import sys
+
+import boto3
+import botocore.exceptions
+
+
+def main() -> int:
+    endpoint = sys.argv[1]
+    try:
+        session = boto3.session.Session(region_name="us-east-1")
+        identity = session.client("sts", endpoint_url=endpoint).get_caller_identity()
+    except botocore.exceptions.BotoCoreError as error:
+        print(f"ERROR: {type(error).__name__}: {error}")
+        return 1
+    except botocore.exceptions.ClientError as error:
+        print(f"ERROR: {error}")
+        return 1
+    print(identity["Arn"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+//! The real `interceptor` binary as a child process, killed by its PID and detached on
+//! drop.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The agent binary (`cargo xtask test` builds it and sets `INTERCEPTOR_BIN`).
+pub fn binary() -> PathBuf {
+    let path = std::env::var_os("INTERCEPTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/interceptor")
+        });
+    assert!(
+        path.is_file(),
+        "no interceptor binary at {} (cargo xtask test builds it; or set INTERCEPTOR_BIN)",
+        path.display()
+    );
+    path
+}
+
+pub struct Agent {
+    child: Child,
+    pub log: PathBuf,
+    pub pin_dir: PathBuf,
+    pub metrics: SocketAddr,
+}
+
+impl Agent {
+    /// `interceptor run ARGS` with `--bpf-pin-dir pin_dir` and `--metrics-port`, its
+    /// output in a log file; the agent's own AWS credentials come from `env`.
+    pub fn run(args: &[String], pin_dir: &Path, metrics_port: u16, env: &[(&str, &str)]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "interceptor-agent-{}-{}.log",
+            std::process::id(),
+            metrics_port
+        ));
+        let file = std::fs::File::create(&log).expect("agent log");
+        let child = Command::new(binary())
+            .arg("--log-level")
+            .arg("info,interceptor=debug")
+            .arg("run")
+            .args(args)
+            .arg("--bpf-pin-dir")
+            .arg(pin_dir)
+            .arg("--metrics-port")
+            .arg(metrics_port.to_string())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start the agent");
+        Self {
+            child,
+            log,
+            pin_dir: pin_dir.to_path_buf(),
+            metrics: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the admin port: (status, body).
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(1)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    /// Waits until `/readyz` answers 200; panics with the agent's log otherwise.
+    pub fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some((200, _)) = self.admin_get("/readyz") {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the agent exited ({status}):\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent is not ready after {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = interceptor::ebpf::detach(&self.pin_dir);
+    }
+}
+
+/// A free TCP port on loopback (for ports the agent binds on all addresses).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port")
+}

@@ -1,0 +1,205 @@
+//! End to end on the simulated node: the real agent binary, the test API server, moto as
+//! STS, a fake upstream metadata service holding node credentials, and real AWS clients
+//! in pods (boto3, the AWS CLI) that know nothing but a region and the STS endpoint.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::Command, time::Duration};
+
+use interceptor_tests::{
+    Node, Pod,
+    agent::{Agent, free_port},
+    apiserver::{FakeApiServer, new_namespace, new_pod},
+    fake_imds::{FakeImds, NODE_ACCESS_KEY},
+    moto::{MotoServer, venv},
+    require_root,
+};
+
+const NODE: &str = "node-a";
+
+fn api_pod(
+    pod: &Pod,
+    namespace: &str,
+    name: &str,
+    role: Option<&str>,
+) -> k8s_openapi::api::core::v1::Pod {
+    let mut api = new_pod(namespace, name, NODE);
+    api.metadata.uid = Some(pod.uid.clone());
+    api.metadata.annotations =
+        role.map(|role| BTreeMap::from([("iam.amazonaws.com/role".to_owned(), role.to_owned())]));
+    api
+}
+
+/// A client command run in `pod` with an environment that holds no credentials.
+fn in_pod(pod: &Pod, program: &str, args: &[&str]) -> String {
+    let home = std::env::temp_dir().join(format!("interceptor-nohome-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let mut command: Command = pod.command(program, args);
+    command
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("HOME", &home)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_REGION", "us-east-1");
+    let out = command.output().expect("run the client");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .trim()
+    .to_owned()
+}
+
+fn boto3(pod: &Pod, sts: &str) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/whoami.py");
+    in_pod(
+        pod,
+        &venv().join("bin/python").display().to_string(),
+        &[&script.display().to_string(), sts],
+    )
+}
+
+fn aws_cli(pod: &Pod, sts: &str) -> String {
+    in_pod(
+        pod,
+        &venv().join("bin/aws").display().to_string(),
+        &[
+            "sts",
+            "get-caller-identity",
+            "--endpoint-url",
+            sts,
+            "--output",
+            "text",
+            "--query",
+            "Arn",
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_sdks_in_pods_get_exactly_their_own_role() {
+    if !require_root("real_sdks_in_pods_get_exactly_their_own_role") {
+        return;
+    }
+    let node = Node::new();
+    let (pod_a, pod_b, plain, locked) = (node.pod(), node.pod(), node.pod(), node.pod());
+
+    let server = FakeApiServer::start().await;
+    let mut open = new_namespace("team-a");
+    open.metadata.annotations = Some(BTreeMap::from([(
+        "iam.amazonaws.com/allowed-roles".to_owned(),
+        r#"["role-a", "role-b"]"#.to_owned(),
+    )]));
+    server.add_namespace(open);
+    let mut locked_ns = new_namespace("locked");
+    locked_ns.metadata.annotations = Some(BTreeMap::from([(
+        "iam.amazonaws.com/allowed-roles".to_owned(),
+        r#"["role-a"]"#.to_owned(),
+    )]));
+    server.add_namespace(locked_ns);
+    server.add_pod(api_pod(&pod_a, "team-a", "app-a", Some("role-a")));
+    server.add_pod(api_pod(&pod_b, "team-a", "app-b", Some("role-b")));
+    server.add_pod(api_pod(&plain, "team-a", "plain", None));
+    server.add_pod(api_pod(&locked, "locked", "wants-b", Some("role-b")));
+    let kubeconfig =
+        std::env::temp_dir().join(format!("interceptor-e2e-{}.kubeconfig", std::process::id()));
+    server.write_kubeconfig(&kubeconfig).unwrap();
+
+    // STS on the node's address, so that pods reach it too.
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/interceptor-test-{}-e2e",
+        std::process::id()
+    ));
+    let app_port = free_port();
+    let args: Vec<String> = [
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &app_port.to_string(),
+        "--cgroup-root",
+        &node.kubepods.display().to_string(),
+        "--node",
+        NODE,
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--metadata-addr",
+        &upstream.addr().to_string(),
+        "--sts-endpoint",
+        &moto.endpoint(),
+        "--auto-discover-base-arn",
+        "--namespace-restrictions",
+        "--debug",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let mut agent = Agent::run(
+        &args,
+        &pin_dir,
+        free_port(),
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
+            ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    let sts = moto.endpoint();
+
+    let (a, b, p, l) = tokio::task::spawn_blocking({
+        let sts = sts.clone();
+        move || {
+            let a = (boto3(&pod_a, &sts), aws_cli(&pod_a, &sts));
+            let b = (boto3(&pod_b, &sts), aws_cli(&pod_b, &sts));
+            let p = boto3(&plain, &sts);
+            let l = boto3(&locked, &sts);
+            (a, b, p, l)
+        }
+    })
+    .await
+    .unwrap();
+    let log = agent.log_text();
+    assert_eq!(
+        a.0, "arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a",
+        "boto3 in pod a\n{log}"
+    );
+    assert_eq!(
+        a.1, "arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a",
+        "AWS CLI in pod a\n{log}"
+    );
+    assert_eq!(
+        b.0, "arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-b",
+        "boto3 in pod b\n{log}"
+    );
+    assert_eq!(
+        b.1, "arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-b",
+        "AWS CLI in pod b\n{log}"
+    );
+    assert!(
+        p.starts_with("ERROR") && p.contains("NoCredentials"),
+        "an unannotated pod gets nothing: {p}"
+    );
+    assert!(
+        l.starts_with("ERROR") && l.contains("NoCredentials"),
+        "a forbidden role is not served: {l}"
+    );
+
+    // Nothing of the node's identity went anywhere: only the agent's own discovery read
+    // the upstream service, never its credentials.
+    let upstream_requests = upstream.requests();
+    assert!(
+        upstream_requests
+            .iter()
+            .all(|r| !r.contains(NODE_ACCESS_KEY) && !r.contains("security-credentials/node")),
+        "{upstream_requests:?}"
+    );
+    let (status, metrics) = agent.admin_get("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("interceptor_requests_total"), "{metrics}");
+    let (_, store) = agent.admin_get("/debug/store").expect("debug store");
+    assert!(
+        store.contains("team-a/app-a") && !store.contains("SecretAccessKey"),
+        "{store}"
+    );
+}
