@@ -128,6 +128,7 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
         "--sts-endpoint",
         &moto.endpoint(),
         "--auto-discover-base-arn",
+        "--auto-discover-default-role",
         "--namespace-restrictions",
         "--debug",
     ]

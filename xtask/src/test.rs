@@ -75,7 +75,8 @@ pub fn run(options: &TestOptions) -> Result<()> {
     let venv = setup::peers_dir("venv", &setup::python_requirements())?;
     let js = setup::peers_dir("js", &setup::js_package())?;
     let mut test = run::cargo(None);
-    test.args(["test", "--workspace"])
+    // Every test binary runs even if one fails, so the totals and failures are complete.
+    test.args(["test", "--workspace", "--no-fail-fast"])
         .args(&options.cargo_args)
         .env("INTERCEPTOR_EBPF_OBJECT", &object)
         .env("INTERCEPTOR_BIN", &agent)

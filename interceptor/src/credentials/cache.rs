@@ -271,17 +271,18 @@ impl CredentialCache {
         tokio::spawn(async move { cache.refresh_loop(key, slot).await });
     }
 
-    /// Refreshes `key` whenever less than `refresh_lead` (minus jitter) is left, until the
+    /// Refreshes `key` whenever less than `refresh_lead` (plus jitter) is left, until the
     /// key is no longer wanted.
     async fn refresh_loop(self: Arc<Self>, key: Key, slot: Arc<Slot>) {
         let mut failures = 0u32;
         while let Some(current) = slot.current() {
-            let lead = self
-                .settings
-                .refresh_lead
-                .saturating_sub(jitter(self.settings.refresh_lead / 10));
             let wait = if failures == 0 {
-                current.remaining(SystemTime::now()).saturating_sub(lead)
+                // Until `refresh_lead` is left, minus up to 10 % of that wait so that
+                // keys fetched together do not refresh together.
+                let until = current
+                    .remaining(SystemTime::now())
+                    .saturating_sub(self.settings.refresh_lead);
+                until.saturating_sub(jitter(until / 10))
             } else {
                 let backoff = self.settings.retry_base * 2u32.saturating_pow(failures.min(6));
                 backoff.min(Duration::from_secs(60)) + jitter(self.settings.retry_base)

@@ -4,7 +4,8 @@
 //!
 //! Lifetimes (docs/credentials.md): sessions last `session_duration` (default 1 h); a
 //! credential is refreshed in the background once less than `refresh_lead` (default
-//! 30 min, minus up to 10 % jitter so refreshes of many keys spread out) is left, and one
+//! 30 min at 1 h sessions; the wait for it is shortened by up to 10 % jitter so refreshes
+//! of many keys spread out) is left, and one
 //! with less than `serve_floor` (15 min: SDKs refresh 15 minutes before expiry, and the
 //! Java SDK v1 storms below that) is never served while STS answers. While STS is down,
 //! cached credentials are served until `stale_floor` (2 min) before they expire.
