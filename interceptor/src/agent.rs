@@ -410,34 +410,38 @@ async fn follow_pods(
     pods: Arc<PodStore>,
     credentials: Arc<CredentialCache>,
 ) {
+    let prefetch = |pod: &k8s::PodInfo| {
+        let caller = Caller {
+            uid: pod.uid.clone(),
+            cgroup: Arc::new(interceptor::identity::index::Resolved {
+                cgroup_id: 0,
+                path: String::new(),
+                identity: Err("prefetch".into()),
+            }),
+            pid: 0,
+        };
+        if let Verdict::Decided {
+            decision: Decision::Role {
+                arn, external_id, ..
+            },
+            ..
+        } = resolver.decide(&caller)
+        {
+            credentials.prefetch(RoleRequest {
+                role_arn: arn.to_string(),
+                external_id,
+                session_name: session_name(&pod.namespace, &pod.name),
+            });
+        }
+    };
+    // Subscribe first, then cover what the store already holds: no pod is missed.
     let mut changes = pods.subscribe();
+    for pod in pods.pods() {
+        prefetch(&pod);
+    }
     loop {
         match changes.recv().await {
-            Ok(PodChange::Applied(pod)) => {
-                let caller = Caller {
-                    uid: pod.uid.clone(),
-                    cgroup: Arc::new(interceptor::identity::index::Resolved {
-                        cgroup_id: 0,
-                        path: String::new(),
-                        identity: Err("prefetch".into()),
-                    }),
-                    pid: 0,
-                };
-                if let Verdict::Decided {
-                    decision:
-                        Decision::Role {
-                            arn, external_id, ..
-                        },
-                    ..
-                } = resolver.decide(&caller)
-                {
-                    credentials.prefetch(RoleRequest {
-                        role_arn: arn.to_string(),
-                        external_id,
-                        session_name: session_name(&pod.namespace, &pod.name),
-                    });
-                }
-            }
+            Ok(PodChange::Applied(pod)) => prefetch(&pod),
             Ok(PodChange::Deleted(pod)) => {
                 resolver.index().forget_pod(&pod.uid);
                 let live: BTreeSet<String> = pods
@@ -447,7 +451,11 @@ async fn follow_pods(
                     .collect();
                 credentials.retain(|key| live.contains(&key.request.session_name));
             }
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                for pod in pods.pods() {
+                    prefetch(&pod);
+                }
+            }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }

@@ -198,9 +198,128 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     let (status, metrics) = agent.admin_get("/metrics").expect("metrics");
     assert_eq!(status, 200);
     assert!(metrics.contains("interceptor_requests_total"), "{metrics}");
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    // Pods with roles were prefetched when the watch delivered them, so their requests
+    // were answered from memory: one AssumeRole per pod, not per request.
+    assert!(value(r#"interceptor_counter{event="prefetches",source="credentials"}"#) >= 2);
+    assert!(value(r#"interceptor_counter{event="hits",source="credentials"}"#) >= 2);
+    assert_eq!(
+        value(r#"interceptor_counter{event="sts_calls",source="credentials"}"#),
+        2
+    );
     let (_, store) = agent.admin_get("/debug/store").expect("debug store");
     assert!(
         store.contains("team-a/app-a") && !store.contains("SecretAccessKey"),
         "{store}"
     );
+}
+
+/// moto checks the agent's own IAM policy: a pod whose role the agent may not assume is
+/// told so through the metadata API (and an Event), and never gets other credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
+    if !require_root("a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event") {
+        return;
+    }
+    let node = Node::new();
+    let (allowed, refused) = (node.pod(), node.pod());
+    let server = FakeApiServer::start().await;
+    server.add_namespace(new_namespace("team-a"));
+    server.add_pod(api_pod(&allowed, "team-a", "allowed", Some("role-a")));
+    server.add_pod(api_pod(&refused, "team-a", "refused", Some("role-secret")));
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "interceptor-e2e-deny-{}.kubeconfig",
+        std::process::id()
+    ));
+    server.write_kubeconfig(&kubeconfig).unwrap();
+
+    let moto = MotoServer::start_on(node.address, &[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]);
+    let setup = Command::new(venv().join("bin/python"))
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/moto_iam_user.py"))
+        .args([&moto.endpoint(), "123456789012", "role-a"])
+        .output()
+        .expect("IAM setup");
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let key: serde_json::Value = serde_json::from_slice(&setup.stdout).expect("access key JSON");
+
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/interceptor-test-{}-e2e-deny",
+        std::process::id()
+    ));
+    let args: Vec<String> = [
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &free_port().to_string(),
+        "--cgroup-root",
+        &node.kubepods.display().to_string(),
+        "--node",
+        NODE,
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--metadata-addr",
+        &upstream.addr().to_string(),
+        "--sts-endpoint",
+        &moto.endpoint(),
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let mut agent = Agent::run(
+        &args,
+        &pin_dir,
+        free_port(),
+        &[
+            ("AWS_ACCESS_KEY_ID", key["id"].as_str().unwrap()),
+            ("AWS_SECRET_ACCESS_KEY", key["secret"].as_str().unwrap()),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    let sts = moto.endpoint();
+    let (ok, denied) =
+        tokio::task::spawn_blocking(move || (boto3(&allowed, &sts), boto3(&refused, &sts)))
+            .await
+            .unwrap();
+    let log = agent.log_text();
+    assert_eq!(
+        ok, "arn:aws:sts::123456789012:assumed-role/role-a/team-a.allowed",
+        "{log}"
+    );
+    assert!(
+        denied.starts_with("ERROR"),
+        "the refused pod must get no credentials: {denied}\n{log}"
+    );
+    assert!(!denied.contains("assumed-role"), "{denied}");
+    let event = interceptor_tests::apiserver::wait_for(
+        "the AssumeRoleFailed event",
+        Duration::from_secs(10),
+        || {
+            let events = server.events();
+            events
+                .iter()
+                .find(|e| e["reason"] == "AssumeRoleFailed")
+                .cloned()
+                .ok_or_else(|| format!("{events:?}"))
+        },
+    )
+    .await;
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("AccessDenied") && note.contains("role-secret"),
+        "{note}"
+    );
+    assert_eq!(event["regarding"]["name"], "refused");
 }

@@ -99,9 +99,24 @@ pub async fn assume_role(
         call = call.external_id(external_id);
     }
     let output = call.send().await.map_err(|error| {
-        let code = error.code().unwrap_or_default().to_owned();
-        let message = error.message().unwrap_or_default().to_owned();
-        let status = error.raw_response().map(|raw| raw.status().as_u16());
+        let raw = error.raw_response();
+        let status = raw.map(|raw| raw.status().as_u16());
+        let body = raw
+            .and_then(|raw| raw.body().bytes())
+            .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+            .unwrap_or_default();
+        // Some STS implementations answer errors in shapes the SDK does not parse; the
+        // code and message are then read from the XML body directly.
+        let code = error
+            .code()
+            .map(str::to_owned)
+            .or_else(|| xml_field(&body, "Code"))
+            .unwrap_or_default();
+        let message = error
+            .message()
+            .map(str::to_owned)
+            .or_else(|| xml_field(&body, "Message"))
+            .unwrap_or_default();
         let transient = matches!(
             code.as_str(),
             "Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "IDPCommunicationError"
@@ -116,6 +131,11 @@ pub async fn assume_role(
                 format!("{code}: {message}")
             };
             StsError::Transient { reason }
+        } else if code.is_empty() {
+            StsError::Refused {
+                code: format!("HTTP {}", status.unwrap_or_default()),
+                message: body.chars().take(300).collect(),
+            }
         } else {
             StsError::Refused { code, message }
         }
@@ -136,4 +156,31 @@ pub async fn assume_role(
             .map(|user| user.arn)
             .unwrap_or_default(),
     })
+}
+
+/// The text of the first `<name>...</name>` element in `xml`, if any.
+fn xml_field(xml: &str, name: &str) -> Option<String> {
+    let start = xml.find(&format!("<{name}>"))? + name.len() + 2;
+    let end = start + xml[start..].find(&format!("</{name}>"))?;
+    Some(xml[start..end].trim().to_owned()).filter(|text| !text.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_fields_are_read_from_any_xml_shape() {
+        let body =
+            "<Error><Code>AccessDenied</Code><Message>User is not authorized</Message></Error>";
+        assert_eq!(
+            super::xml_field(body, "Code").as_deref(),
+            Some("AccessDenied")
+        );
+        assert_eq!(
+            super::xml_field(body, "Message").as_deref(),
+            Some("User is not authorized")
+        );
+        assert_eq!(super::xml_field(body, "RequestId"), None);
+        assert_eq!(super::xml_field("<Code></Code>", "Code"), None);
+        assert_eq!(super::xml_field("<Code>unterminated", "Code"), None);
+    }
 }

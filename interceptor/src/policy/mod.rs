@@ -1,20 +1,33 @@
 //! Which role a pod may have, and why, compatible with kube2iam (and kiam's namespace
 //! annotation). Pure: annotations and settings in, a [`Decision`] out.
 //!
-//! - The pod annotation `iam.amazonaws.com/role` (`--iam-role-key`) names a role: a full
-//!   IAM role ARN (any account, an allowed partition) is used as is; a name (optionally
-//!   with a path, `team/app`) is appended to `--base-role-arn`. `--default-role` applies
-//!   to pods without the annotation. `iam.amazonaws.com/external-id` passes an ExternalId.
+//! - The pod annotation `iam.amazonaws.com/role` (`--iam-role-key`), trimmed, names a
+//!   role: a full IAM role ARN (any account, an allowed partition) is used as is; a name
+//!   (optionally with a path, `team/app`) is appended to `--base-role-arn`, and without a
+//!   base ARN it is refused. `--default-role` applies to pods without the annotation; a
+//!   pod whose annotation is present but empty gets no role (an explicit opt-out of the
+//!   default; kube2iam would build an unusable nameless ARN there).
+//! - `iam.amazonaws.com/external-id` passes an ExternalId (STS's rules: 2 to 1224 of
+//!   `[\w+=,.@:/-]`); empty means none, as in kube2iam.
 //! - With `--namespace-restrictions`, the namespace annotation
 //!   `iam.amazonaws.com/allowed-roles` (`--namespace-key`) holds a JSON array of globs
-//!   (`*` only, kube2iam's default) or anchored regexps (`--namespace-restriction-format
-//!   regexp`). Entries that are not ARNs are resolved against the base ARN first, and
-//!   matching is against the resolved full ARN. If that annotation is absent, kiam's
-//!   `iam.amazonaws.com/permitted` (one anchored regexp) is honoured, matched against the
-//!   role as the pod wrote it or its full ARN, so kiam users can switch as they are. A
-//!   namespace with neither permits nothing.
-//! - Anything malformed (ARN, external id, JSON, regexp) denies, with a reason an operator
-//!   can act on. Nothing here panics or grants by default.
+//!   (`*` only, kube2iam's default) or regexps (`--namespace-restriction-format
+//!   regexp`). Entries that are not ARNs are resolved against the base ARN first, as
+//!   kube2iam does, and matching is against the resolved full ARN.
+//! - If that annotation is absent, kiam's `iam.amazonaws.com/permitted` (one regexp) is
+//!   honoured, so kiam users can switch as they are: it must match, as kiam does, the
+//!   role as the pod wrote it, or else its full ARN, or else (for roles under the base
+//!   ARN) its name relative to the base ARN. A namespace with neither permits nothing.
+//!
+//! Deliberate differences from kube2iam, all towards refusing:
+//! - regexps are anchored (kube2iam searches, so its `role-a` also allows `role-ab`);
+//!   kiam anchors too. The base ARN prefix of a name entry is matched literally.
+//! - the default role is subject to namespace restrictions (kube2iam exempts it).
+//! - a name entry in the allowed roles while no base ARN is set is a configuration error
+//!   (it could never match), reported instead of silently ignored.
+//!
+//! Anything malformed (ARN, external id, JSON, regexp) denies, with a reason an operator
+//! can act on. Nothing here panics or grants by default.
 
 use std::{collections::BTreeMap, fmt};
 
@@ -28,17 +41,32 @@ pub const KIAM_PERMITTED_KEY: &str = "iam.amazonaws.com/permitted";
 
 /// Restriction entries per namespace at most (each is compiled).
 pub const MAX_RESTRICTIONS: usize = 256;
-/// Compiled size limit of one restriction regexp.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Compiled size limit of one restriction regexp: generous for any real list of roles,
+/// small enough that a hostile annotation cannot make the agent allocate much.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// ARNs longer than this are refused before they are looked at (IAM's own limit).
+pub const MAX_ARN: usize = 2048;
+/// IAM's limits: role names 1 to 64 characters, paths up to 512.
+const MAX_ROLE_NAME: usize = 64;
+const MAX_ROLE_PATH: usize = 512;
+/// Errors keep at most this many characters of the offending input.
+const EVIDENCE_CHARS: usize = 200;
 
+fn evidence(text: &str) -> String {
+    text.chars().take(EVIDENCE_CHARS).collect()
+}
+
+/// `--namespace-restriction-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum RestrictionFormat {
+    /// `*` matches any run of characters (including `/`); everything else is literal.
     #[default]
     Glob,
+    /// Rust `regex` syntax, anchored at both ends.
     Regexp,
 }
 
-/// `arn:<partition>:iam::<account>:role/<path/><name>`.
+/// `arn:<partition>:iam::<account>:role/<path/><name>`, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RoleArn {
     partition: String,
@@ -51,6 +79,11 @@ impl RoleArn {
     /// The role's name: what IMDS lists under `security-credentials/`.
     pub fn name(&self) -> &str {
         self.resource.rsplit('/').next().unwrap_or(&self.resource)
+    }
+
+    /// The path and name after `role/`, e.g. `team/app`.
+    pub fn path_and_name(&self) -> &str {
+        &self.resource
     }
 
     pub fn account(&self) -> &str {
@@ -77,12 +110,13 @@ impl fmt::Display for RoleArn {
 pub struct BaseArn {
     partition: String,
     account: String,
+    /// Empty, or a path ending in `/` (`team/`).
     path: String,
 }
 
 impl BaseArn {
-    /// Accepts `arn:aws:iam::123456789012:role/`, without the trailing slash, and with a
-    /// path (`.../role/team/`).
+    /// Accepts `arn:aws:iam::123456789012:role/`, the same without the trailing slash, and
+    /// with a path (`.../role/team/`, `.../role/team`): kube2iam appends the missing `/`.
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
         let text = text.trim();
         let with_slash = if text.ends_with(":role") {
@@ -97,7 +131,8 @@ impl BaseArn {
             format!("{resource}/")
         };
         if !path.is_empty() {
-            validate_resource(&format!("{path}x"), &with_slash)?;
+            // Validate the path with a placeholder name.
+            validate_resource(&format!("{path}x"), text)?;
         }
         Ok(Self {
             partition: partition.to_owned(),
@@ -106,31 +141,52 @@ impl BaseArn {
         })
     }
 
+    /// `arn:<partition>:iam::<account>:role/<path/>`: what names are appended to.
+    pub fn prefix(&self) -> String {
+        format!(
+            "arn:{}:iam::{}:role/{}",
+            self.partition, self.account, self.path
+        )
+    }
+
     fn join(&self, name: &str) -> Result<RoleArn, PolicyError> {
-        let resource = format!("{}{}", self.path, name.trim_start_matches('/'));
         let arn = RoleArn {
             partition: self.partition.clone(),
             account: self.account.clone(),
-            resource,
+            resource: format!("{}{}", self.path, name.trim_start_matches('/')),
         };
         validate_resource(&arn.resource, name)?;
         Ok(arn)
+    }
+
+    /// The role as a name relative to this base, if it lies under it.
+    fn relative<'a>(&self, arn: &'a RoleArn) -> Option<&'a str> {
+        if arn.partition != self.partition || arn.account != self.account {
+            return None;
+        }
+        arn.resource.strip_prefix(self.path.as_str())
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
+    /// `--iam-role-key`.
     pub iam_role_key: String,
+    /// `--iam-external-id`.
     pub iam_external_id_key: String,
+    /// `--base-role-arn`.
     pub base_role_arn: Option<BaseArn>,
-    /// A role name or ARN for pods without the annotation.
+    /// `--default-role`: a role name or ARN for pods without the annotation.
     pub default_role: Option<String>,
+    /// `--namespace-restrictions`.
     pub namespace_restrictions: bool,
+    /// `--namespace-key`.
     pub namespace_key: String,
+    /// `--namespace-restriction-format`.
     pub restriction_format: RestrictionFormat,
     /// Partitions whose ARNs are accepted. Default: `aws`, `aws-cn`, `aws-us-gov` (the
-    /// partitions with IMDS-based compute and STS); a cluster in one partition should
-    /// narrow this to its own.
+    /// partitions kube2iam users run in); a cluster in one partition may narrow this to
+    /// its own. Others (`aws-iso*`, typos) are refused.
     pub allowed_partitions: Vec<String>,
 }
 
@@ -149,20 +205,30 @@ impl Default for PolicyConfig {
     }
 }
 
-/// Why a pod gets no role.
+/// Why a pod gets no role (the payload of [`Decision::Denied`]).
+pub type DenyReason = PolicyError;
+
+/// Why a pod gets no role, or why a setting is invalid. Each variant keeps the offending
+/// input (cut to 200 characters); the message says what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{value:?} is not an IAM role ARN: {why}")]
+    #[error("invalid role {value:?}: {why}")]
     InvalidArn { value: String, why: &'static str },
     #[error(
         "role {role:?} is a name, but no --base-role-arn is set: use a full ARN or set --base-role-arn"
     )]
     NoBaseArn { role: String },
-    #[error("role ARN partition {partition:?} is not allowed on this cluster")]
-    PartitionNotAllowed { partition: String },
-    #[error("external id annotation is invalid: {why}")]
-    InvalidExternalId { why: &'static str },
-    #[error("namespace {namespace} has invalid role restrictions ({key}): {why}")]
+    #[error(
+        "role {arn} is in partition {partition:?}, which is not allowed here (allowed: {allowed})"
+    )]
+    PartitionNotAllowed {
+        arn: String,
+        partition: String,
+        allowed: String,
+    },
+    #[error("external id {value:?} is invalid: {why}")]
+    InvalidExternalId { value: String, why: &'static str },
+    #[error("namespace {namespace} has invalid role restrictions in {key}: {why}")]
     InvalidRestrictions {
         namespace: String,
         key: String,
@@ -172,7 +238,9 @@ pub enum PolicyError {
         "namespace {namespace} allows no roles: annotate it with {key} (a JSON array of allowed roles)"
     )]
     NoAllowedRoles { namespace: String, key: String },
-    #[error("role {role} is not allowed in namespace {namespace} (see its {key} annotation)")]
+    #[error(
+        "role {role} is not allowed in namespace {namespace}: add it to the namespace's {key} annotation"
+    )]
     NotAllowed {
         role: String,
         namespace: String,
@@ -205,7 +273,9 @@ impl PolicyError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoleSource {
+    /// The pod's role annotation.
     Annotation,
+    /// `--default-role`.
     Default,
 }
 
@@ -216,35 +286,34 @@ pub enum Decision {
         external_id: Option<String>,
         source: RoleSource,
     },
-    /// No annotation and no default role.
+    /// No annotation (or an empty one) and no default role.
     NoRole,
-    Denied(PolicyError),
+    Denied(DenyReason),
 }
 
+const ARN_SHAPE: &str = "expected arn:<partition>:iam::<12-digit account>:role/<path/><name>";
+
+/// Splits a role ARN into partition, account and what follows `role/`.
 fn split_arn(text: &str) -> Result<(&str, &str, &str), PolicyError> {
     let invalid = |why| PolicyError::InvalidArn {
-        value: text.chars().take(200).collect(),
+        value: evidence(text),
         why,
     };
-    if text.len() > 2048 {
+    if text.len() > MAX_ARN {
         return Err(invalid("longer than 2048 characters"));
     }
     let parts: Vec<&str> = text.splitn(6, ':').collect();
     let [arn, partition, service, region, account, resource] = parts.as_slice() else {
-        return Err(invalid(
-            "expected arn:<partition>:iam::<account>:role/<name>",
-        ));
+        return Err(invalid(ARN_SHAPE));
     };
     if *arn != "arn" || *service != "iam" || !region.is_empty() {
-        return Err(invalid(
-            "expected arn:<partition>:iam::<account>:role/<name>",
-        ));
+        return Err(invalid(ARN_SHAPE));
     }
-    if partition.is_empty()
-        || !partition
+    let partition_ok = !partition.is_empty()
+        && partition
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b == b'-')
-    {
+            .all(|b| b.is_ascii_lowercase() || b == b'-');
+    if !partition_ok {
         return Err(invalid("malformed partition"));
     }
     if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
@@ -252,19 +321,23 @@ fn split_arn(text: &str) -> Result<(&str, &str, &str), PolicyError> {
     }
     let resource = resource
         .strip_prefix("role/")
-        .ok_or_else(|| invalid("not a role ARN (resource must start with role/)"))?;
+        .ok_or_else(|| invalid("not a role ARN (the resource must start with role/)"))?;
     Ok((partition, account, resource))
 }
 
-/// IAM's rules for role paths and names: `[\w+=,.@-]`, name 1..=64 characters.
+/// IAM's rules for role paths and names: components of `[\w+=,.@-]` (ASCII), the name 1
+/// to 64 characters, the path at most 512.
 fn validate_resource(resource: &str, original: &str) -> Result<(), PolicyError> {
     let invalid = |why| PolicyError::InvalidArn {
-        value: original.chars().take(200).collect(),
+        value: evidence(original),
         why,
     };
-    let name = resource.rsplit('/').next().unwrap_or(resource);
-    if name.is_empty() || name.len() > 64 {
+    let (path, name) = resource.rsplit_once('/').unwrap_or(("", resource));
+    if name.is_empty() || name.len() > MAX_ROLE_NAME {
         return Err(invalid("the role name must be 1 to 64 characters"));
+    }
+    if path.len() + 2 > MAX_ROLE_PATH {
+        return Err(invalid("the role path must be at most 512 characters"));
     }
     let valid = |segment: &str| {
         !segment.is_empty()
@@ -272,15 +345,15 @@ fn validate_resource(resource: &str, original: &str) -> Result<(), PolicyError> 
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
     };
-    if !resource.split('/').all(valid) || resource.len() > 512 + 64 {
+    if !resource.split('/').all(valid) {
         return Err(invalid(
-            "role paths and names may only contain letters, digits and _+=,.@-",
+            "role paths and names may only contain letters, digits and _+=,.@- (no empty path components)",
         ));
     }
     Ok(())
 }
 
-/// Parses a full IAM role ARN.
+/// Parses a full IAM role ARN (any partition: [`resolve_role`] checks the allowed ones).
 pub fn parse_role_arn(text: &str) -> Result<RoleArn, PolicyError> {
     let (partition, account, resource) = split_arn(text)?;
     validate_resource(resource, text)?;
@@ -291,7 +364,8 @@ pub fn parse_role_arn(text: &str) -> Result<RoleArn, PolicyError> {
     })
 }
 
-/// A role as written in an annotation or flag: a full ARN, or a name under the base ARN.
+/// A role as written in an annotation or flag: a full ARN (starts with `arn:`), or a name
+/// (optionally with a path) under the base ARN. Trimmed; partition checked.
 pub fn resolve_role(value: &str, config: &PolicyConfig) -> Result<RoleArn, PolicyError> {
     let value = value.trim();
     let arn = if value.starts_with("arn:") {
@@ -301,34 +375,38 @@ pub fn resolve_role(value: &str, config: &PolicyConfig) -> Result<RoleArn, Polic
             .base_role_arn
             .as_ref()
             .ok_or_else(|| PolicyError::NoBaseArn {
-                role: value.chars().take(200).collect(),
+                role: evidence(value),
             })?;
         base.join(value)?
     };
     if !config.allowed_partitions.contains(&arn.partition) {
         return Err(PolicyError::PartitionNotAllowed {
+            arn: arn.to_string(),
             partition: arn.partition.clone(),
+            allowed: config.allowed_partitions.join(", "),
         });
     }
     Ok(arn)
 }
 
-fn external_id(value: &str) -> Result<String, PolicyError> {
+/// STS's rules for ExternalId. Empty (after trimming) means none, as in kube2iam.
+fn external_id(value: &str) -> Result<Option<String>, PolicyError> {
     let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let invalid = |why| PolicyError::InvalidExternalId {
+        value: evidence(value),
+        why,
+    };
     if !(2..=1224).contains(&value.len()) {
-        return Err(PolicyError::InvalidExternalId {
-            why: "must be 2 to 1224 characters",
-        });
+        return Err(invalid("must be 2 to 1224 characters"));
     }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b))
-    {
-        return Err(PolicyError::InvalidExternalId {
-            why: "may only contain letters, digits and _+=,.@:/-",
-        });
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b);
+    if !value.bytes().all(allowed) {
+        return Err(invalid("may only contain letters, digits and _+=,.@:/-"));
     }
-    Ok(value.to_owned())
+    Ok(Some(value.to_owned()))
 }
 
 #[derive(Debug, Clone)]
@@ -346,26 +424,32 @@ impl Matcher {
     }
 }
 
-/// `*` matches any run of characters; everything else is literal (kube2iam's glob).
+/// `*` matches any run of characters; everything else is literal (kube2iam's go-glob).
+/// The first and last pieces are anchored; taking each middle piece leftmost is exact for
+/// `*`-only globs (no backtracking needed).
 fn glob_match(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
+    let pieces: Vec<&str> = pattern.split('*').collect();
+    let [first, middle @ .., last] = pieces.as_slice() else {
+        // No `*` at all: a literal.
         return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+    };
+    let Some(inner) = text
+        .strip_prefix(first)
+        .and_then(|rest| rest.strip_suffix(last))
+    else {
         return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for middle in &parts[1..parts.len() - 1] {
-        match rest.find(middle) {
-            Some(at) => rest = &rest[at + middle.len()..],
+    };
+    let mut rest = inner;
+    for piece in middle {
+        match rest.find(piece) {
+            Some(at) => rest = &rest[at + piece.len()..],
             None => return false,
         }
     }
     true
 }
 
+/// Compiles `pattern` to match whole strings only, with a size limit.
 fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
     RegexBuilder::new(&format!("^(?:{pattern})$"))
         .size_limit(REGEX_SIZE_LIMIT)
@@ -378,13 +462,15 @@ enum Restriction {
     Off,
     /// kube2iam's annotation: the resolved ARN must match one entry.
     Allowed(Vec<Matcher>),
-    /// kiam's annotation: the role as written, or its ARN, must match.
+    /// kiam's annotation: the role as written, its ARN or its base-relative name must match.
     Permitted(Regex),
+    /// Every role is refused with this reason (no annotation, or a malformed one).
     Refused(PolicyError),
 }
 
 /// A namespace's restrictions, parsed once per namespace version (annotations change
-/// rarely; requests are frequent).
+/// rarely; requests are frequent). A malformed annotation is kept as the reason every
+/// role in the namespace is refused.
 #[derive(Debug, Clone)]
 pub struct NamespacePolicy {
     namespace: String,
@@ -397,25 +483,24 @@ impl NamespacePolicy {
         annotations: &BTreeMap<String, String>,
         config: &PolicyConfig,
     ) -> Self {
+        let invalid = |key: &str, why: String| {
+            Restriction::Refused(PolicyError::InvalidRestrictions {
+                namespace: namespace.to_owned(),
+                key: key.to_owned(),
+                why,
+            })
+        };
         let restriction = if !config.namespace_restrictions {
             Restriction::Off
         } else if let Some(value) = annotations.get(&config.namespace_key) {
             match allowed_roles(value, config) {
                 Ok(matchers) => Restriction::Allowed(matchers),
-                Err(why) => Restriction::Refused(PolicyError::InvalidRestrictions {
-                    namespace: namespace.to_owned(),
-                    key: config.namespace_key.clone(),
-                    why,
-                }),
+                Err(why) => invalid(&config.namespace_key, why),
             }
         } else if let Some(value) = annotations.get(KIAM_PERMITTED_KEY) {
             match anchored(value.trim()) {
                 Ok(regex) => Restriction::Permitted(regex),
-                Err(error) => Restriction::Refused(PolicyError::InvalidRestrictions {
-                    namespace: namespace.to_owned(),
-                    key: KIAM_PERMITTED_KEY.into(),
-                    why: error.to_string(),
-                }),
+                Err(error) => invalid(KIAM_PERMITTED_KEY, error.to_string()),
             }
         } else {
             Restriction::Refused(PolicyError::NoAllowedRoles {
@@ -441,12 +526,18 @@ impl NamespacePolicy {
             Restriction::Refused(error) => return Err(error.clone()),
             Restriction::Allowed(matchers) => (
                 matchers.iter().any(|matcher| matcher.matches(&full)),
-                config.namespace_key.clone(),
+                config.namespace_key.as_str(),
             ),
-            Restriction::Permitted(regex) => (
-                regex.is_match(written.trim()) || regex.is_match(&full),
-                KIAM_PERMITTED_KEY.to_owned(),
-            ),
+            Restriction::Permitted(regex) => {
+                let relative = config
+                    .base_role_arn
+                    .as_ref()
+                    .and_then(|base| base.relative(arn));
+                let allowed = regex.is_match(written)
+                    || regex.is_match(&full)
+                    || relative.is_some_and(|name| regex.is_match(name));
+                (allowed, KIAM_PERMITTED_KEY)
+            }
         };
         if allowed {
             Ok(())
@@ -454,46 +545,58 @@ impl NamespacePolicy {
             Err(PolicyError::NotAllowed {
                 role: full,
                 namespace: self.namespace.clone(),
-                key,
+                key: key.to_owned(),
             })
         }
     }
 }
 
+/// kube2iam's allowed-roles annotation: a JSON array of at most [`MAX_RESTRICTIONS`]
+/// strings, each compiled per the restriction format.
 fn allowed_roles(value: &str, config: &PolicyConfig) -> Result<Vec<Matcher>, String> {
-    let entries: Vec<serde_json::Value> =
-        serde_json::from_str(value).map_err(|error| format!("not a JSON array: {error}"))?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(value)
+        .map_err(|error| format!("not a JSON array of strings: {error}"))?;
     if entries.len() > MAX_RESTRICTIONS {
-        return Err(format!("more than {MAX_RESTRICTIONS} entries"));
+        return Err(format!(
+            "{} entries, more than the {MAX_RESTRICTIONS} allowed",
+            entries.len()
+        ));
     }
     entries
         .iter()
         .map(|entry| {
             let entry = entry
                 .as_str()
-                .ok_or_else(|| format!("entry {entry} is not a string"))?
-                .trim();
-            // Names are resolved against the base ARN like pod annotations, so the
-            // same string allows the same role in both places.
-            let full = if entry.starts_with("arn:") {
-                entry.to_owned()
-            } else {
-                match &config.base_role_arn {
-                    Some(base) => format!(
-                        "arn:{}:iam::{}:role/{}{}",
-                        base.partition, base.account, base.path, entry
-                    ),
-                    None => entry.to_owned(),
-                }
-            };
-            match config.restriction_format {
-                RestrictionFormat::Glob => Ok(Matcher::Glob(full)),
-                RestrictionFormat::Regexp => anchored(&full)
-                    .map(Matcher::Regex)
-                    .map_err(|error| format!("entry {entry:?}: {error}")),
-            }
+                .ok_or_else(|| format!("entry {} is not a string", evidence(&entry.to_string())))?;
+            matcher(entry.trim(), config)
         })
         .collect()
+}
+
+/// One allowed-roles entry. Entries that are not ARNs are resolved against the base ARN
+/// like pod annotations, so the same string allows the same role in both places; the
+/// base ARN is literal text even in a regexp.
+fn matcher(entry: &str, config: &PolicyConfig) -> Result<Matcher, String> {
+    let base = if entry.starts_with("arn:") {
+        String::new()
+    } else {
+        config
+            .base_role_arn
+            .as_ref()
+            .map(BaseArn::prefix)
+            .ok_or_else(|| {
+                format!(
+                    "entry {:?} is a role name but no --base-role-arn is set: write a full ARN",
+                    evidence(entry)
+                )
+            })?
+    };
+    match config.restriction_format {
+        RestrictionFormat::Glob => Ok(Matcher::Glob(format!("{base}{entry}"))),
+        RestrictionFormat::Regexp => anchored(&format!("{}{entry}", regex::escape(&base)))
+            .map(Matcher::Regex)
+            .map_err(|error| format!("entry {:?}: {error}", evidence(entry))),
+    }
 }
 
 /// The decision for a pod, given its annotations and its namespace's policy.
@@ -502,14 +605,14 @@ pub fn decide(
     namespace: &NamespacePolicy,
     config: &PolicyConfig,
 ) -> Decision {
-    let annotated = pod_annotations
-        .get(&config.iam_role_key)
-        .map(|value| value.trim())
-        .filter(|value| !value.is_empty());
-    let (written, source) = match (annotated, config.default_role.as_deref()) {
-        (Some(role), _) => (role, RoleSource::Annotation),
-        (None, Some(default)) => (default, RoleSource::Default),
-        (None, None) => return Decision::NoRole,
+    let (written, source) = match pod_annotations.get(&config.iam_role_key) {
+        // Present but empty: the pod asks for no role, not for the default.
+        Some(value) if value.trim().is_empty() => return Decision::NoRole,
+        Some(value) => (value.trim(), RoleSource::Annotation),
+        None => match config.default_role.as_deref().map(str::trim) {
+            Some(default) if !default.is_empty() => (default, RoleSource::Default),
+            _ => return Decision::NoRole,
+        },
     };
     let arn = match resolve_role(written, config) {
         Ok(arn) => arn,
@@ -518,17 +621,16 @@ pub fn decide(
     if let Err(error) = namespace.check(written, &arn, config) {
         return Decision::Denied(error);
     }
-    let external_id = match pod_annotations.get(&config.iam_external_id_key) {
-        Some(value) => match external_id(value) {
-            Ok(id) => Some(id),
-            Err(error) => return Decision::Denied(error),
+    let external_id = pod_annotations
+        .get(&config.iam_external_id_key)
+        .map_or(Ok(None), |value| external_id(value));
+    match external_id {
+        Ok(external_id) => Decision::Role {
+            arn,
+            external_id,
+            source,
         },
-        None => None,
-    };
-    Decision::Role {
-        arn,
-        external_id,
-        source,
+        Err(error) => Decision::Denied(error),
     }
 }
 

@@ -1,6 +1,7 @@
 use super::*;
 
 const BASE: &str = "arn:aws:iam::123456789012:role/";
+const OTHER: &str = "arn:aws:iam::999999999999:role/";
 
 fn config() -> PolicyConfig {
     PolicyConfig {
@@ -28,370 +29,419 @@ fn role(value: &str) -> BTreeMap<String, String> {
     annotations(&[(DEFAULT_ROLE_KEY, value)])
 }
 
-fn open_namespace(config: &PolicyConfig) -> NamespacePolicy {
-    NamespacePolicy::from_annotations("team-a", &BTreeMap::new(), config)
+fn namespace(pairs: &[(&str, &str)], config: &PolicyConfig) -> NamespacePolicy {
+    NamespacePolicy::from_annotations("team-a", &annotations(pairs), config)
 }
 
-fn arn_of(decision: Decision) -> String {
+/// What a decision comes to, for table comparisons: the ARN, "no role" or the denial's
+/// metric label.
+fn outcome(decision: Decision) -> String {
     match decision {
         Decision::Role { arn, .. } => arn.to_string(),
-        other => panic!("expected a role, got {other:?}"),
+        Decision::NoRole => "no role".into(),
+        Decision::Denied(reason) => format!("denied: {}", reason.metric_label()),
     }
 }
 
-fn denial(decision: Decision) -> &'static str {
-    match decision {
-        Decision::Denied(error) => error.metric_label(),
-        other => panic!("expected a denial, got {other:?}"),
-    }
+fn decide_role(value: &str, ns: &NamespacePolicy, config: &PolicyConfig) -> String {
+    outcome(decide(&role(value), ns, config))
 }
 
 #[test]
 fn names_and_arns_resolve_like_kube2iam() {
     let config = config();
-    let ns = open_namespace(&config);
+    let ns = namespace(&[], &config);
+    let name64 = "n".repeat(64);
     let cases = [
-        ("app", "arn:aws:iam::123456789012:role/app"),
-        ("  app  ", "arn:aws:iam::123456789012:role/app"),
-        ("team/app", "arn:aws:iam::123456789012:role/team/app"),
-        (
-            "arn:aws:iam::999999999999:role/other",
-            "arn:aws:iam::999999999999:role/other",
-        ),
-        (
-            "arn:aws-cn:iam::123456789012:role/cn",
-            "arn:aws-cn:iam::123456789012:role/cn",
-        ),
-        (
-            "arn:aws-us-gov:iam::123456789012:role/p/gov",
-            "arn:aws-us-gov:iam::123456789012:role/p/gov",
-        ),
-        ("a+=,.@-_1", "arn:aws:iam::123456789012:role/a+=,.@-_1"),
+        ("app", format!("{BASE}app")),
+        ("  app\t", format!("{BASE}app")),
+        ("team/app", format!("{BASE}team/app")),
+        ("/team/app", format!("{BASE}team/app")),
+        ("a+=,.@-_1", format!("{BASE}a+=,.@-_1")),
+        (&name64, format!("{BASE}{name64}")),
+        ("arn:aws:iam::999999999999:role/other", format!("{OTHER}other")),
+        (" arn:aws:iam::999999999999:role/p/q/other ", format!("{OTHER}p/q/other")),
+        ("arn:aws-cn:iam::123456789012:role/cn", "arn:aws-cn:iam::123456789012:role/cn".into()),
+        ("arn:aws-us-gov:iam::123456789012:role/p/gov", "arn:aws-us-gov:iam::123456789012:role/p/gov".into()),
     ];
     for (value, expected) in cases {
-        assert_eq!(
-            arn_of(decide(&role(value), &ns, &config)),
-            expected,
-            "{value}"
-        );
+        assert_eq!(decide_role(value, &ns, &config), expected, "{value:?}");
     }
-    let Decision::Role { arn, source, .. } = decide(&role("team/app"), &ns, &config) else {
-        unreachable!()
+    let Decision::Role { arn, source, external_id } = decide(&role("team/app"), &ns, &config)
+    else {
+        panic!("team/app must resolve")
     };
-    assert_eq!((arn.name(), source), ("app", RoleSource::Annotation));
+    assert_eq!(
+        (arn.name(), arn.path_and_name(), arn.account(), arn.partition()),
+        ("app", "team/app", "123456789012", "aws")
+    );
+    assert_eq!((source, external_id), (RoleSource::Annotation, None));
 }
 
 #[test]
 fn bad_roles_are_denied_with_the_reason() {
     let config = config();
-    let ns = open_namespace(&config);
-    let cases = [
+    let ns = namespace(&[], &config);
+    let long_name = format!("{BASE}{}", "a".repeat(65));
+    let long_path = format!("{BASE}{}/x", "p".repeat(511));
+    let huge = "x".repeat(5000);
+    let cases: [(&str, &str); 20] = [
         ("arn:aws:iam::12345678901:role/x", "invalid_arn"),
         ("arn:aws:iam::1234567890123:role/x", "invalid_arn"),
+        ("arn:aws:iam::12345678901a:role/x", "invalid_arn"),
         ("arn:aws:iam::123456789012:user/x", "invalid_arn"),
+        ("arn:aws:iam::123456789012:x", "invalid_arn"),
         ("arn:aws:iam::123456789012:role/", "invalid_arn"),
+        ("arn:aws:iam::123456789012:role/a/", "invalid_arn"),
         ("arn:aws:s3:::bucket", "invalid_arn"),
         ("arn:aws:iam:us-east-1:123456789012:role/x", "invalid_arn"),
-        (
-            "arn:aws-iso:iam::123456789012:role/x",
-            "partition_not_allowed",
-        ),
+        ("arn:AWS:iam::123456789012:role/x", "invalid_arn"),
+        ("arn:aws-iso:iam::123456789012:role/x", "partition_not_allowed"),
+        ("arn:aws-iso-b:iam::123456789012:role/x", "partition_not_allowed"),
         ("arn:", "invalid_arn"),
         ("rôle", "invalid_arn"),
         ("app name", "invalid_arn"),
         ("a//b", "invalid_arn"),
+        ("app\u{200b}", "invalid_arn"),
+        (&long_name, "invalid_arn"),
+        (&long_path, "invalid_arn"),
+        (&huge, "invalid_arn"),
     ];
     for (value, label) in cases {
-        assert_eq!(denial(decide(&role(value), &ns, &config)), label, "{value}");
+        let got = decide_role(value, &ns, &config);
+        assert_eq!(got, format!("denied: {label}"), "{value:?}");
     }
-    let long = format!("{BASE}{}", "a".repeat(65));
-    assert_eq!(denial(decide(&role(&long), &ns, &config)), "invalid_arn");
-    assert_eq!(
-        denial(decide(&role(&"x".repeat(5000)), &ns, &config)),
-        "invalid_arn"
-    );
     let no_base = PolicyConfig::default();
-    assert_eq!(
-        denial(decide(&role("app"), &open_namespace(&no_base), &no_base)),
-        "no_base_arn"
-    );
-    let message = match decide(&role("app"), &open_namespace(&no_base), &no_base) {
-        Decision::Denied(error) => error.to_string(),
-        _ => unreachable!(),
+    let Decision::Denied(reason) = decide(&role("app"), &namespace(&[], &no_base), &no_base)
+    else {
+        panic!("a name without a base ARN must be refused")
     };
-    assert!(message.contains("--base-role-arn"), "{message}");
+    assert_eq!(reason.metric_label(), "no_base_arn");
+    assert!(reason.to_string().contains("--base-role-arn"), "{reason}");
+    assert_eq!(reason.event_reason(), "InvalidRoleAnnotation");
+    // The evidence is kept, but bounded.
+    let Err(error) = resolve_role(&huge, &config) else {
+        panic!("too long")
+    };
+    assert!(error.to_string().contains("xxxx") && error.to_string().len() < 400);
+    let Err(error) = resolve_role("arn:aws-iso:iam::123456789012:role/x", &config) else {
+        panic!("partition")
+    };
+    assert!(error.to_string().contains("aws, aws-cn, aws-us-gov"), "{error}");
+}
+
+#[test]
+fn partitions_can_be_narrowed() {
+    let config = PolicyConfig {
+        allowed_partitions: vec!["aws-cn".into()],
+        ..config()
+    };
+    let ns = namespace(&[], &config);
+    let cases = [
+        ("arn:aws-cn:iam::123456789012:role/x", "arn:aws-cn:iam::123456789012:role/x"),
+        ("arn:aws:iam::123456789012:role/x", "denied: partition_not_allowed"),
+        ("x", "denied: partition_not_allowed"),
+    ];
+    for (value, expected) in cases {
+        assert_eq!(decide_role(value, &ns, &config), expected, "{value}");
+    }
 }
 
 #[test]
 fn base_arn_forms() {
-    for (base, expected) in [
-        (
-            "arn:aws:iam::123456789012:role/",
-            "arn:aws:iam::123456789012:role/app",
-        ),
-        (
-            "arn:aws:iam::123456789012:role",
-            "arn:aws:iam::123456789012:role/app",
-        ),
-        (
-            "arn:aws:iam::123456789012:role/team/",
-            "arn:aws:iam::123456789012:role/team/app",
-        ),
-        (
-            "arn:aws:iam::123456789012:role/team",
-            "arn:aws:iam::123456789012:role/team/app",
-        ),
-    ] {
+    let cases = [
+        ("arn:aws:iam::123456789012:role/", format!("{BASE}app")),
+        ("arn:aws:iam::123456789012:role", format!("{BASE}app")),
+        (" arn:aws:iam::123456789012:role/team/ ", format!("{BASE}team/app")),
+        ("arn:aws:iam::123456789012:role/team", format!("{BASE}team/app")),
+        ("arn:aws:iam::123456789012:role/org/team/", format!("{BASE}org/team/app")),
+    ];
+    for (base, expected) in cases {
         let config = PolicyConfig {
             base_role_arn: Some(BaseArn::parse(base).unwrap()),
             ..PolicyConfig::default()
         };
-        assert_eq!(
-            arn_of(decide(&role("app"), &open_namespace(&config), &config)),
-            expected,
-            "{base}"
-        );
+        assert_eq!(decide_role("app", &namespace(&[], &config), &config), expected, "{base}");
     }
-    for bad in [
+    let bad = [
         "",
+        "x",
         "arn:aws:iam::1:role/",
         "arn:aws:iam::123456789012:user/",
-        "x",
-    ] {
-        assert!(BaseArn::parse(bad).is_err(), "{bad}");
+        "arn:aws:iam::123456789012:role/te am/",
+        "arn:aws:iam::123456789012:role//",
+    ];
+    for base in bad {
+        let error = BaseArn::parse(base).map(|_| ()).unwrap_err();
+        assert_eq!(error.metric_label(), "invalid_arn", "{base:?}");
     }
 }
 
 #[test]
 fn default_role_and_no_role() {
-    let config = config();
-    let ns = open_namespace(&config);
-    assert_eq!(decide(&BTreeMap::new(), &ns, &config), Decision::NoRole);
-    assert_eq!(decide(&role("   "), &ns, &config), Decision::NoRole);
+    let plain = config();
     let with_default = PolicyConfig {
         default_role: Some("fallback".into()),
-        ..config
+        ..config()
     };
-    let Decision::Role { arn, source, .. } = decide(&BTreeMap::new(), &ns, &with_default) else {
-        panic!("default role expected")
+    let ns = namespace(&[], &plain);
+    let cases = [
+        (&plain, BTreeMap::new(), "no role".to_owned(), None),
+        (&plain, role("   "), "no role".to_owned(), None),
+        (&with_default, BTreeMap::new(), format!("{BASE}fallback"), Some(RoleSource::Default)),
+        // Present but empty: an explicit opt-out, the default does not apply.
+        (&with_default, role(""), "no role".to_owned(), None),
+        (&with_default, role("app"), format!("{BASE}app"), Some(RoleSource::Annotation)),
+        // Another key's annotation does not count.
+        (&with_default, annotations(&[("other/role", "app")]), format!("{BASE}fallback"), Some(RoleSource::Default)),
+    ];
+    for (config, pod, expected, source) in cases {
+        let decision = decide(&pod, &ns, config);
+        let got_source = match &decision {
+            Decision::Role { source, .. } => Some(*source),
+            _ => None,
+        };
+        assert_eq!((outcome(decision), got_source), (expected, source), "{pod:?}");
+    }
+}
+
+#[test]
+fn custom_annotation_keys() {
+    let config = PolicyConfig {
+        iam_role_key: "example.com/role".into(),
+        iam_external_id_key: "example.com/xid".into(),
+        ..config()
     };
-    assert_eq!(
-        (arn.to_string().as_str(), source),
-        (
-            "arn:aws:iam::123456789012:role/fallback",
-            RoleSource::Default
-        )
-    );
+    let pod = annotations(&[
+        ("example.com/role", "app"),
+        ("example.com/xid", "tenant-1"),
+        (DEFAULT_ROLE_KEY, "ignored"),
+    ]);
+    let Decision::Role { arn, external_id, .. } = decide(&pod, &namespace(&[], &config), &config)
+    else {
+        panic!("custom keys")
+    };
+    assert_eq!((arn.name(), external_id.as_deref()), ("app", Some("tenant-1")));
 }
 
 #[test]
 fn external_ids() {
     let config = config();
-    let ns = open_namespace(&config);
+    let ns = namespace(&[], &config);
     let with = |id: &str| annotations(&[(DEFAULT_ROLE_KEY, "app"), (DEFAULT_EXTERNAL_ID_KEY, id)]);
-    match decide(&with("tenant-42:x/y"), &ns, &config) {
-        Decision::Role { external_id, .. } => {
-            assert_eq!(external_id.as_deref(), Some("tenant-42:x/y"))
+    let max = "a".repeat(1224);
+    let good = [
+        ("tenant-42:x/y", Some("tenant-42:x/y")),
+        (" ab ", Some("ab")),
+        ("a_+=,.@:/-9", Some("a_+=,.@:/-9")),
+        (&max, Some(max.as_str())),
+        ("", None),
+        ("  ", None),
+    ];
+    for (id, expected) in good {
+        match decide(&with(id), &ns, &config) {
+            Decision::Role { external_id, .. } => {
+                assert_eq!(external_id.as_deref(), expected, "{id:?}")
+            }
+            other => panic!("{id:?}: {other:?}"),
         }
-        other => panic!("{other:?}"),
     }
-    for bad in ["x", "has space", &"a".repeat(1225), "ünïcode"] {
-        assert_eq!(
-            denial(decide(&with(bad), &ns, &config)),
-            "invalid_external_id",
-            "{bad}"
-        );
+    for bad in ["x", "has space", &"a".repeat(1225), "ünïcode", "a;b", "a\nb"] {
+        let Decision::Denied(reason) = decide(&with(bad), &ns, &config) else {
+            panic!("{bad:?} must be refused")
+        };
+        assert_eq!(reason.metric_label(), "invalid_external_id", "{bad:?}");
+        let shown: String = bad.chars().take(20).collect();
+        assert!(reason.to_string().contains(&shown), "{reason}");
     }
 }
 
 #[test]
 fn glob_restrictions() {
     let config = restricted(RestrictionFormat::Glob);
-    let ns = |allowed: &str| {
-        NamespacePolicy::from_annotations(
-            "team-a",
-            &annotations(&[(DEFAULT_NAMESPACE_KEY, allowed)]),
-            &config,
-        )
-    };
-    let allowed = ns(r#"["team-*", "arn:aws:iam::999999999999:role/exact"]"#);
-    assert_eq!(
-        arn_of(decide(&role("team-app"), &allowed, &config)),
-        "arn:aws:iam::123456789012:role/team-app"
+    let allowed = namespace(
+        &[(DEFAULT_NAMESPACE_KEY, r#"["team-*", "arn:aws:iam::999999999999:role/exact", "svc/*/reader"]"#)],
+        &config,
     );
-    assert!(matches!(
-        decide(
-            &role("arn:aws:iam::999999999999:role/exact"),
-            &allowed,
-            &config
-        ),
-        Decision::Role { .. }
-    ));
-    assert_eq!(
-        denial(decide(&role("admin"), &allowed, &config)),
-        "not_allowed"
-    );
-    assert_eq!(
-        denial(decide(
-            &role("arn:aws:iam::999999999999:role/exactly"),
-            &allowed,
-            &config
-        )),
-        "not_allowed"
-    );
-    // A glob written as a full ARN with wildcards.
-    let any_account = ns(r#"["arn:aws:iam::*:role/reader"]"#);
-    assert!(matches!(
-        decide(
-            &role("arn:aws:iam::111111111111:role/reader"),
-            &any_account,
-            &config
-        ),
-        Decision::Role { .. }
-    ));
+    let any_account = namespace(&[(DEFAULT_NAMESPACE_KEY, r#"["arn:aws:iam::*:role/reader"]"#)], &config);
+    let star = namespace(&[(DEFAULT_NAMESPACE_KEY, r#"["*"]"#)], &config);
+    let cases = [
+        (&allowed, "team-app", format!("{BASE}team-app")),
+        (&allowed, "team-", format!("{BASE}team-")),
+        (&allowed, &format!("{BASE}team-b"), format!("{BASE}team-b")),
+        (&allowed, "arn:aws:iam::999999999999:role/exact", format!("{OTHER}exact")),
+        (&allowed, "svc/a/b/reader", format!("{BASE}svc/a/b/reader")),
+        (&allowed, "admin", "denied: not_allowed".into()),
+        (&allowed, "xteam-app", "denied: not_allowed".into()),
+        (&allowed, "arn:aws:iam::999999999999:role/team-app", "denied: not_allowed".into()),
+        (&allowed, "arn:aws:iam::999999999999:role/exactly", "denied: not_allowed".into()),
+        (&any_account, "arn:aws:iam::111111111111:role/reader", "arn:aws:iam::111111111111:role/reader".into()),
+        (&any_account, "arn:aws:iam::111111111111:role/writer", "denied: not_allowed".into()),
+        // "*" is resolved against the base ARN: any role of the base account only.
+        (&star, "anything/at/all", format!("{BASE}anything/at/all")),
+        (&star, "arn:aws:iam::999999999999:role/x", "denied: not_allowed".into()),
+    ];
+    for (ns, value, expected) in cases {
+        assert_eq!(decide_role(value, ns, &config), expected, "{value}");
+    }
     // The default role is restricted too.
     let with_default = PolicyConfig {
         default_role: Some("admin".into()),
         ..config.clone()
     };
-    assert_eq!(
-        denial(decide(&BTreeMap::new(), &allowed, &with_default)),
-        "not_allowed"
-    );
+    let decision = decide(&BTreeMap::new(), &allowed, &with_default);
+    assert_eq!(outcome(decision.clone()), "denied: not_allowed");
+    let Decision::Denied(reason) = decision else {
+        unreachable!()
+    };
+    assert_eq!(reason.event_reason(), "RoleNotAllowed");
+    assert!(reason.to_string().contains(DEFAULT_NAMESPACE_KEY), "{reason}");
 }
 
 #[test]
 fn regexp_restrictions_are_anchored() {
     let config = restricted(RestrictionFormat::Regexp);
-    let ns = NamespacePolicy::from_annotations(
-        "team-a",
-        &annotations(&[(DEFAULT_NAMESPACE_KEY, r#"["role-a", "team-[0-9]+"]"#)]),
+    let ns = namespace(
+        &[(DEFAULT_NAMESPACE_KEY, r#"["role-a", "team-[0-9]+", "arn:aws:iam::\\d{12}:role/ro-.*"]"#)],
         &config,
     );
-    assert!(matches!(
-        decide(&role("role-a"), &ns, &config),
-        Decision::Role { .. }
-    ));
-    assert!(matches!(
-        decide(&role("team-42"), &ns, &config),
-        Decision::Role { .. }
-    ));
+    let cases = [
+        ("role-a", format!("{BASE}role-a")),
+        ("team-42", format!("{BASE}team-42")),
+        ("arn:aws:iam::999999999999:role/ro-x", format!("{OTHER}ro-x")),
+        ("role-ab", "denied: not_allowed".into()),
+        ("xrole-a", "denied: not_allowed".into()),
+        ("team-4x", "denied: not_allowed".into()),
+        ("arn:aws:iam::999999999999:role/role-a", "denied: not_allowed".into()),
+    ];
+    for (value, expected) in cases {
+        assert_eq!(decide_role(value, &ns, &config), expected, "{value}");
+    }
+    // The base ARN is literal: a `.` in its path is not a wildcard.
+    let dotted = PolicyConfig {
+        base_role_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/team.a/").unwrap()),
+        ..config
+    };
+    let ns = namespace(&[(DEFAULT_NAMESPACE_KEY, r#"["x"]"#)], &dotted);
+    assert_eq!(decide_role("x", &ns, &dotted), format!("{BASE}team.a/x"));
     assert_eq!(
-        denial(decide(&role("role-ab"), &ns, &config)),
-        "not_allowed"
-    );
-    assert_eq!(
-        denial(decide(&role("xrole-a"), &ns, &config)),
-        "not_allowed"
+        decide_role(&format!("{BASE}teamXa/x"), &ns, &dotted),
+        "denied: not_allowed"
     );
 }
 
 #[test]
 fn kiam_permitted_annotation() {
     let config = restricted(RestrictionFormat::Glob);
-    let ns = NamespacePolicy::from_annotations(
-        "legacy",
-        &annotations(&[(KIAM_PERMITTED_KEY, "app-.*")]),
-        &config,
-    );
-    assert!(matches!(
-        decide(&role("app-web"), &ns, &config),
-        Decision::Role { .. }
-    ));
-    assert_eq!(
-        denial(decide(&role("admin-app-web"), &ns, &config)),
-        "not_allowed"
-    );
-    // kube2iam's annotation governs when both are present.
-    let both = NamespacePolicy::from_annotations(
-        "both",
-        &annotations(&[
-            (KIAM_PERMITTED_KEY, ".*"),
-            (DEFAULT_NAMESPACE_KEY, r#"["only"]"#),
-        ]),
-        &config,
-    );
-    assert_eq!(
-        denial(decide(&role("app-web"), &both, &config)),
-        "not_allowed"
-    );
+    let kiam = |expression: &str| namespace(&[(KIAM_PERMITTED_KEY, expression)], &config);
+    let both = namespace(&[(KIAM_PERMITTED_KEY, ".*"), (DEFAULT_NAMESPACE_KEY, r#"["only"]"#)], &config);
+    let cases = [
+        // matched against the role as written
+        (kiam("app-.*"), "app-web".to_owned(), format!("{BASE}app-web")),
+        (kiam("app-.*"), "admin-app-web".into(), "denied: not_allowed".into()),
+        (kiam("app"), "app2".into(), "denied: not_allowed".into()),
+        // ... or its full ARN
+        (kiam(&format!("{OTHER}x")), format!("{OTHER}x"), format!("{OTHER}x")),
+        (kiam(&format!("{BASE}app")), "app".into(), format!("{BASE}app")),
+        // ... or its name under the base ARN, never another account's same name
+        (kiam("app"), format!("{BASE}app"), format!("{BASE}app")),
+        (kiam("app"), format!("{OTHER}app"), "denied: not_allowed".into()),
+        // real-world values: everything, nothing
+        (kiam(" .* "), format!("{OTHER}x"), format!("{OTHER}x")),
+        (kiam(""), "app".into(), "denied: not_allowed".into()),
+        (kiam("^$"), "app".into(), "denied: not_allowed".into()),
+        // kube2iam's annotation governs when both are present
+        (both, "app-web".into(), "denied: not_allowed".into()),
+    ];
+    for (ns, value, expected) in cases {
+        assert_eq!(decide_role(&value, &ns, &config), expected, "{value}");
+    }
+    let Decision::Denied(reason) = decide(&role("nope"), &kiam("app"), &config) else {
+        panic!("refused")
+    };
+    assert!(reason.to_string().contains(KIAM_PERMITTED_KEY), "{reason}");
 }
 
 #[test]
 fn malformed_restrictions_deny_and_never_grant() {
     let config = restricted(RestrictionFormat::Regexp);
     let too_many = serde_json::to_string(&vec!["x"; MAX_RESTRICTIONS + 1]).unwrap();
-    for value in [
+    let cases = [
         "not json",
+        "",
         "{\"a\": 1}",
+        "\"app\"",
         "[1, 2]",
+        "[\"app\", null]",
         "[\"(unclosed\"]",
         too_many.as_str(),
         "[\"a{1000}{1000}{1000}\"]",
-    ] {
-        let ns = NamespacePolicy::from_annotations(
-            "team-a",
-            &annotations(&[(DEFAULT_NAMESPACE_KEY, value)]),
-            &config,
-        );
-        assert_eq!(
-            denial(decide(&role("app"), &ns, &config)),
-            "invalid_restrictions",
-            "{value}"
-        );
+    ];
+    for value in cases {
+        let ns = namespace(&[(DEFAULT_NAMESPACE_KEY, value)], &config);
+        let Decision::Denied(reason) = decide(&role("app"), &ns, &config) else {
+            panic!("{value:?} must refuse")
+        };
+        assert_eq!(reason.metric_label(), "invalid_restrictions", "{value:?}");
+        assert_eq!(reason.event_reason(), "InvalidNamespaceRestrictions");
+        assert!(reason.to_string().contains("team-a"), "{reason}");
     }
-    let bad_kiam =
-        NamespacePolicy::from_annotations("k", &annotations(&[(KIAM_PERMITTED_KEY, "(")]), &config);
+    let limit = serde_json::to_string(&vec!["app"; MAX_RESTRICTIONS]).unwrap();
+    let ns = namespace(&[(DEFAULT_NAMESPACE_KEY, &limit)], &config);
+    assert_eq!(decide_role("app", &ns, &config), format!("{BASE}app"));
+    let cases = [
+        (namespace(&[(KIAM_PERMITTED_KEY, "(")], &config), "invalid_restrictions"),
+        (namespace(&[], &config), "no_allowed_roles"),
+        (namespace(&[(DEFAULT_NAMESPACE_KEY, "[]")], &config), "not_allowed"),
+    ];
+    for (ns, label) in cases {
+        assert_eq!(decide_role("app", &ns, &config), format!("denied: {label}"));
+    }
+    // A name entry without a base ARN could never match: reported, not ignored.
+    let no_base = PolicyConfig {
+        base_role_arn: None,
+        ..config.clone()
+    };
+    let ns = namespace(&[(DEFAULT_NAMESPACE_KEY, r#"["app"]"#)], &no_base);
     assert_eq!(
-        denial(decide(&role("app"), &bad_kiam, &config)),
-        "invalid_restrictions"
+        decide_role(&format!("{BASE}app"), &ns, &no_base),
+        "denied: invalid_restrictions"
     );
-    let bare = NamespacePolicy::from_annotations("empty", &BTreeMap::new(), &config);
-    assert_eq!(
-        denial(decide(&role("app"), &bare, &config)),
-        "no_allowed_roles"
-    );
-    // With restrictions off, the same namespace allows anything well formed.
-    let open = self::config();
-    let ns = NamespacePolicy::from_annotations(
-        "team-a",
-        &annotations(&[(DEFAULT_NAMESPACE_KEY, "not json")]),
-        &open,
-    );
-    assert!(matches!(
-        decide(&role("app"), &ns, &open),
-        Decision::Role { .. }
-    ));
+}
+
+#[test]
+fn restrictions_off_allow_any_well_formed_role() {
+    let open = config();
+    for pairs in [
+        vec![],
+        vec![(DEFAULT_NAMESPACE_KEY, "not json")],
+        vec![(DEFAULT_NAMESPACE_KEY, "[]"), (KIAM_PERMITTED_KEY, "(")],
+    ] {
+        let ns = namespace(&pairs, &open);
+        assert_eq!(decide_role("app", &ns, &open), format!("{BASE}app"), "{pairs:?}");
+        assert_eq!(decide_role("a b", &ns, &open), "denied: invalid_arn", "{pairs:?}");
+    }
 }
 
 #[test]
 fn glob_matching() {
-    assert!(glob_match("a*c", "abc"));
-    assert!(glob_match("a*c", "ac"));
-    assert!(glob_match("*", ""));
-    assert!(glob_match("a*b*c", "a-b-b-c"));
-    assert!(!glob_match("a*c", "abcd"));
-    assert!(!glob_match("abc", "abcd"));
-    assert!(!glob_match("a*bc*c", "abc"));
-}
-
-#[test]
-fn glob_entries_with_arns_of_other_accounts() {
-    let config = restricted(RestrictionFormat::Glob);
-    let ns = NamespacePolicy::from_annotations(
-        "team-a",
-        &annotations(&[(
-            DEFAULT_NAMESPACE_KEY,
-            r#"["*", "arn:aws:iam::999999999999:role/*"]"#,
-        )]),
-        &config,
-    );
-    assert!(matches!(
-        decide(&role("arn:aws:iam::999999999999:role/role-b"), &ns, &config),
-        Decision::Role { .. }
-    ));
-    assert!(matches!(
-        decide(&role("role-a"), &ns, &config),
-        Decision::Role { .. }
-    ));
+    let cases = [
+        ("a*c", "abc", true),
+        ("a*c", "ac", true),
+        ("*", "", true),
+        ("**", "x", true),
+        ("a*b*c", "a-b-b-c", true),
+        ("*ab*b", "abb", true),
+        ("a*b*b", "abb", true),
+        ("", "", true),
+        ("a*c", "abcd", false),
+        ("abc", "abcd", false),
+        ("a*bc*c", "abc", false),
+        ("a*a", "a", false),
+        ("", "a", false),
+        ("é*ü", "éxü", true),
+    ];
+    for (pattern, text, expected) in cases {
+        assert_eq!(glob_match(pattern, text), expected, "{pattern:?} {text:?}");
+    }
 }
