@@ -58,21 +58,42 @@ fn names_and_arns_resolve_like_kube2iam() {
         ("team/app", format!("{BASE}team/app")),
         ("/team/app", format!("{BASE}team/app")),
         ("a+=,.@-_1", format!("{BASE}a+=,.@-_1")),
-        (&name64, format!("{BASE}{name64}")),
-        ("arn:aws:iam::999999999999:role/other", format!("{OTHER}other")),
-        (" arn:aws:iam::999999999999:role/p/q/other ", format!("{OTHER}p/q/other")),
-        ("arn:aws-cn:iam::123456789012:role/cn", "arn:aws-cn:iam::123456789012:role/cn".into()),
-        ("arn:aws-us-gov:iam::123456789012:role/p/gov", "arn:aws-us-gov:iam::123456789012:role/p/gov".into()),
+        (name64.as_str(), format!("{BASE}{name64}")),
+        (
+            "arn:aws:iam::999999999999:role/other",
+            format!("{OTHER}other"),
+        ),
+        (
+            " arn:aws:iam::999999999999:role/p/q/other ",
+            format!("{OTHER}p/q/other"),
+        ),
+        (
+            "arn:aws-cn:iam::123456789012:role/cn",
+            "arn:aws-cn:iam::123456789012:role/cn".into(),
+        ),
+        (
+            "arn:aws-us-gov:iam::123456789012:role/p/gov",
+            "arn:aws-us-gov:iam::123456789012:role/p/gov".into(),
+        ),
     ];
     for (value, expected) in cases {
         assert_eq!(decide_role(value, &ns, &config), expected, "{value:?}");
     }
-    let Decision::Role { arn, source, external_id } = decide(&role("team/app"), &ns, &config)
+    let Decision::Role {
+        arn,
+        source,
+        external_id,
+    } = decide(&role("team/app"), &ns, &config)
     else {
         panic!("team/app must resolve")
     };
     assert_eq!(
-        (arn.name(), arn.path_and_name(), arn.account(), arn.partition()),
+        (
+            arn.name(),
+            arn.path_and_name(),
+            arn.account(),
+            arn.partition()
+        ),
         ("app", "team/app", "123456789012", "aws")
     );
     assert_eq!((source, external_id), (RoleSource::Annotation, None));
@@ -96,8 +117,14 @@ fn bad_roles_are_denied_with_the_reason() {
         ("arn:aws:s3:::bucket", "invalid_arn"),
         ("arn:aws:iam:us-east-1:123456789012:role/x", "invalid_arn"),
         ("arn:AWS:iam::123456789012:role/x", "invalid_arn"),
-        ("arn:aws-iso:iam::123456789012:role/x", "partition_not_allowed"),
-        ("arn:aws-iso-b:iam::123456789012:role/x", "partition_not_allowed"),
+        (
+            "arn:aws-iso:iam::123456789012:role/x",
+            "partition_not_allowed",
+        ),
+        (
+            "arn:aws-iso-b:iam::123456789012:role/x",
+            "partition_not_allowed",
+        ),
         ("arn:", "invalid_arn"),
         ("rôle", "invalid_arn"),
         ("app name", "invalid_arn"),
@@ -112,8 +139,7 @@ fn bad_roles_are_denied_with_the_reason() {
         assert_eq!(got, format!("denied: {label}"), "{value:?}");
     }
     let no_base = PolicyConfig::default();
-    let Decision::Denied(reason) = decide(&role("app"), &namespace(&[], &no_base), &no_base)
-    else {
+    let Decision::Denied(reason) = decide(&role("app"), &namespace(&[], &no_base), &no_base) else {
         panic!("a name without a base ARN must be refused")
     };
     assert_eq!(reason.metric_label(), "no_base_arn");
@@ -127,7 +153,10 @@ fn bad_roles_are_denied_with_the_reason() {
     let Err(error) = resolve_role("arn:aws-iso:iam::123456789012:role/x", &config) else {
         panic!("partition")
     };
-    assert!(error.to_string().contains("aws, aws-cn, aws-us-gov"), "{error}");
+    assert!(
+        error.to_string().contains("aws, aws-cn, aws-us-gov"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -138,8 +167,14 @@ fn partitions_can_be_narrowed() {
     };
     let ns = namespace(&[], &config);
     let cases = [
-        ("arn:aws-cn:iam::123456789012:role/x", "arn:aws-cn:iam::123456789012:role/x"),
-        ("arn:aws:iam::123456789012:role/x", "denied: partition_not_allowed"),
+        (
+            "arn:aws-cn:iam::123456789012:role/x",
+            "arn:aws-cn:iam::123456789012:role/x",
+        ),
+        (
+            "arn:aws:iam::123456789012:role/x",
+            "denied: partition_not_allowed",
+        ),
         ("x", "denied: partition_not_allowed"),
     ];
     for (value, expected) in cases {
@@ -152,16 +187,29 @@ fn base_arn_forms() {
     let cases = [
         ("arn:aws:iam::123456789012:role/", format!("{BASE}app")),
         ("arn:aws:iam::123456789012:role", format!("{BASE}app")),
-        (" arn:aws:iam::123456789012:role/team/ ", format!("{BASE}team/app")),
-        ("arn:aws:iam::123456789012:role/team", format!("{BASE}team/app")),
-        ("arn:aws:iam::123456789012:role/org/team/", format!("{BASE}org/team/app")),
+        (
+            " arn:aws:iam::123456789012:role/team/ ",
+            format!("{BASE}team/app"),
+        ),
+        (
+            "arn:aws:iam::123456789012:role/team",
+            format!("{BASE}team/app"),
+        ),
+        (
+            "arn:aws:iam::123456789012:role/org/team/",
+            format!("{BASE}org/team/app"),
+        ),
     ];
     for (base, expected) in cases {
         let config = PolicyConfig {
             base_role_arn: Some(BaseArn::parse(base).unwrap()),
             ..PolicyConfig::default()
         };
-        assert_eq!(decide_role("app", &namespace(&[], &config), &config), expected, "{base}");
+        assert_eq!(
+            decide_role("app", &namespace(&[], &config), &config),
+            expected,
+            "{base}"
+        );
     }
     let bad = [
         "",
@@ -188,12 +236,27 @@ fn default_role_and_no_role() {
     let cases = [
         (&plain, BTreeMap::new(), "no role".to_owned(), None),
         (&plain, role("   "), "no role".to_owned(), None),
-        (&with_default, BTreeMap::new(), format!("{BASE}fallback"), Some(RoleSource::Default)),
+        (
+            &with_default,
+            BTreeMap::new(),
+            format!("{BASE}fallback"),
+            Some(RoleSource::Default),
+        ),
         // Present but empty: an explicit opt-out, the default does not apply.
         (&with_default, role(""), "no role".to_owned(), None),
-        (&with_default, role("app"), format!("{BASE}app"), Some(RoleSource::Annotation)),
+        (
+            &with_default,
+            role("app"),
+            format!("{BASE}app"),
+            Some(RoleSource::Annotation),
+        ),
         // Another key's annotation does not count.
-        (&with_default, annotations(&[("other/role", "app")]), format!("{BASE}fallback"), Some(RoleSource::Default)),
+        (
+            &with_default,
+            annotations(&[("other/role", "app")]),
+            format!("{BASE}fallback"),
+            Some(RoleSource::Default),
+        ),
     ];
     for (config, pod, expected, source) in cases {
         let decision = decide(&pod, &ns, config);
@@ -201,7 +264,11 @@ fn default_role_and_no_role() {
             Decision::Role { source, .. } => Some(*source),
             _ => None,
         };
-        assert_eq!((outcome(decision), got_source), (expected, source), "{pod:?}");
+        assert_eq!(
+            (outcome(decision), got_source),
+            (expected, source),
+            "{pod:?}"
+        );
     }
 }
 
@@ -217,11 +284,16 @@ fn custom_annotation_keys() {
         ("example.com/xid", "tenant-1"),
         (DEFAULT_ROLE_KEY, "ignored"),
     ]);
-    let Decision::Role { arn, external_id, .. } = decide(&pod, &namespace(&[], &config), &config)
+    let Decision::Role {
+        arn, external_id, ..
+    } = decide(&pod, &namespace(&[], &config), &config)
     else {
         panic!("custom keys")
     };
-    assert_eq!((arn.name(), external_id.as_deref()), ("app", Some("tenant-1")));
+    assert_eq!(
+        (arn.name(), external_id.as_deref()),
+        ("app", Some("tenant-1"))
+    );
 }
 
 #[test]
@@ -234,7 +306,7 @@ fn external_ids() {
         ("tenant-42:x/y", Some("tenant-42:x/y")),
         (" ab ", Some("ab")),
         ("a_+=,.@:/-9", Some("a_+=,.@:/-9")),
-        (&max, Some(max.as_str())),
+        (max.as_str(), Some(max.as_str())),
         ("", None),
         ("  ", None),
     ];
@@ -246,13 +318,22 @@ fn external_ids() {
             other => panic!("{id:?}: {other:?}"),
         }
     }
-    for bad in ["x", "has space", &"a".repeat(1225), "ünïcode", "a;b", "a\nb"] {
+    for bad in [
+        "x",
+        "has space",
+        &"a".repeat(1225),
+        "ünïcode",
+        "a;b",
+        "a\nb",
+    ] {
         let Decision::Denied(reason) = decide(&with(bad), &ns, &config) else {
             panic!("{bad:?} must be refused")
         };
-        assert_eq!(reason.metric_label(), "invalid_external_id", "{bad:?}");
-        let shown: String = bad.chars().take(20).collect();
-        assert!(reason.to_string().contains(&shown), "{reason}");
+        let PolicyError::InvalidExternalId { value, .. } = reason else {
+            panic!("{bad:?}: {reason}")
+        };
+        let kept: String = bad.chars().take(200).collect();
+        assert_eq!(value, kept);
     }
 }
 
@@ -260,26 +341,57 @@ fn external_ids() {
 fn glob_restrictions() {
     let config = restricted(RestrictionFormat::Glob);
     let allowed = namespace(
-        &[(DEFAULT_NAMESPACE_KEY, r#"["team-*", "arn:aws:iam::999999999999:role/exact", "svc/*/reader"]"#)],
+        &[(
+            DEFAULT_NAMESPACE_KEY,
+            r#"["team-*", "arn:aws:iam::999999999999:role/exact", "svc/*/reader"]"#,
+        )],
         &config,
     );
-    let any_account = namespace(&[(DEFAULT_NAMESPACE_KEY, r#"["arn:aws:iam::*:role/reader"]"#)], &config);
+    let any_account = namespace(
+        &[(DEFAULT_NAMESPACE_KEY, r#"["arn:aws:iam::*:role/reader"]"#)],
+        &config,
+    );
     let star = namespace(&[(DEFAULT_NAMESPACE_KEY, r#"["*"]"#)], &config);
+    let team_b = format!("{BASE}team-b");
     let cases = [
         (&allowed, "team-app", format!("{BASE}team-app")),
         (&allowed, "team-", format!("{BASE}team-")),
-        (&allowed, &format!("{BASE}team-b"), format!("{BASE}team-b")),
-        (&allowed, "arn:aws:iam::999999999999:role/exact", format!("{OTHER}exact")),
+        (&allowed, team_b.as_str(), team_b.clone()),
+        (
+            &allowed,
+            "arn:aws:iam::999999999999:role/exact",
+            format!("{OTHER}exact"),
+        ),
         (&allowed, "svc/a/b/reader", format!("{BASE}svc/a/b/reader")),
         (&allowed, "admin", "denied: not_allowed".into()),
         (&allowed, "xteam-app", "denied: not_allowed".into()),
-        (&allowed, "arn:aws:iam::999999999999:role/team-app", "denied: not_allowed".into()),
-        (&allowed, "arn:aws:iam::999999999999:role/exactly", "denied: not_allowed".into()),
-        (&any_account, "arn:aws:iam::111111111111:role/reader", "arn:aws:iam::111111111111:role/reader".into()),
-        (&any_account, "arn:aws:iam::111111111111:role/writer", "denied: not_allowed".into()),
+        (
+            &allowed,
+            "arn:aws:iam::999999999999:role/team-app",
+            "denied: not_allowed".into(),
+        ),
+        (
+            &allowed,
+            "arn:aws:iam::999999999999:role/exactly",
+            "denied: not_allowed".into(),
+        ),
+        (
+            &any_account,
+            "arn:aws:iam::111111111111:role/reader",
+            "arn:aws:iam::111111111111:role/reader".into(),
+        ),
+        (
+            &any_account,
+            "arn:aws:iam::111111111111:role/writer",
+            "denied: not_allowed".into(),
+        ),
         // "*" is resolved against the base ARN: any role of the base account only.
         (&star, "anything/at/all", format!("{BASE}anything/at/all")),
-        (&star, "arn:aws:iam::999999999999:role/x", "denied: not_allowed".into()),
+        (
+            &star,
+            "arn:aws:iam::999999999999:role/x",
+            "denied: not_allowed".into(),
+        ),
     ];
     for (ns, value, expected) in cases {
         assert_eq!(decide_role(value, ns, &config), expected, "{value}");
@@ -295,24 +407,36 @@ fn glob_restrictions() {
         unreachable!()
     };
     assert_eq!(reason.event_reason(), "RoleNotAllowed");
-    assert!(reason.to_string().contains(DEFAULT_NAMESPACE_KEY), "{reason}");
+    assert!(
+        reason.to_string().contains(DEFAULT_NAMESPACE_KEY),
+        "{reason}"
+    );
 }
 
 #[test]
 fn regexp_restrictions_are_anchored() {
     let config = restricted(RestrictionFormat::Regexp);
     let ns = namespace(
-        &[(DEFAULT_NAMESPACE_KEY, r#"["role-a", "team-[0-9]+", "arn:aws:iam::\\d{12}:role/ro-.*"]"#)],
+        &[(
+            DEFAULT_NAMESPACE_KEY,
+            r#"["role-a", "team-[0-9]+", "arn:aws:iam::\\d{12}:role/ro-.*"]"#,
+        )],
         &config,
     );
     let cases = [
         ("role-a", format!("{BASE}role-a")),
         ("team-42", format!("{BASE}team-42")),
-        ("arn:aws:iam::999999999999:role/ro-x", format!("{OTHER}ro-x")),
+        (
+            "arn:aws:iam::999999999999:role/ro-x",
+            format!("{OTHER}ro-x"),
+        ),
         ("role-ab", "denied: not_allowed".into()),
         ("xrole-a", "denied: not_allowed".into()),
         ("team-4x", "denied: not_allowed".into()),
-        ("arn:aws:iam::999999999999:role/role-a", "denied: not_allowed".into()),
+        (
+            "arn:aws:iam::999999999999:role/role-a",
+            "denied: not_allowed".into(),
+        ),
     ];
     for (value, expected) in cases {
         assert_eq!(decide_role(value, &ns, &config), expected, "{value}");
@@ -334,18 +458,44 @@ fn regexp_restrictions_are_anchored() {
 fn kiam_permitted_annotation() {
     let config = restricted(RestrictionFormat::Glob);
     let kiam = |expression: &str| namespace(&[(KIAM_PERMITTED_KEY, expression)], &config);
-    let both = namespace(&[(KIAM_PERMITTED_KEY, ".*"), (DEFAULT_NAMESPACE_KEY, r#"["only"]"#)], &config);
+    let both = namespace(
+        &[
+            (KIAM_PERMITTED_KEY, ".*"),
+            (DEFAULT_NAMESPACE_KEY, r#"["only"]"#),
+        ],
+        &config,
+    );
     let cases = [
         // matched against the role as written
-        (kiam("app-.*"), "app-web".to_owned(), format!("{BASE}app-web")),
-        (kiam("app-.*"), "admin-app-web".into(), "denied: not_allowed".into()),
+        (
+            kiam("app-.*"),
+            "app-web".to_owned(),
+            format!("{BASE}app-web"),
+        ),
+        (
+            kiam("app-.*"),
+            "admin-app-web".into(),
+            "denied: not_allowed".into(),
+        ),
         (kiam("app"), "app2".into(), "denied: not_allowed".into()),
         // ... or its full ARN
-        (kiam(&format!("{OTHER}x")), format!("{OTHER}x"), format!("{OTHER}x")),
-        (kiam(&format!("{BASE}app")), "app".into(), format!("{BASE}app")),
+        (
+            kiam(&format!("{OTHER}x")),
+            format!("{OTHER}x"),
+            format!("{OTHER}x"),
+        ),
+        (
+            kiam(&format!("{BASE}app")),
+            "app".into(),
+            format!("{BASE}app"),
+        ),
         // ... or its name under the base ARN, never another account's same name
         (kiam("app"), format!("{BASE}app"), format!("{BASE}app")),
-        (kiam("app"), format!("{OTHER}app"), "denied: not_allowed".into()),
+        (
+            kiam("app"),
+            format!("{OTHER}app"),
+            "denied: not_allowed".into(),
+        ),
         // real-world values: everything, nothing
         (kiam(" .* "), format!("{OTHER}x"), format!("{OTHER}x")),
         (kiam(""), "app".into(), "denied: not_allowed".into()),
@@ -390,9 +540,15 @@ fn malformed_restrictions_deny_and_never_grant() {
     let ns = namespace(&[(DEFAULT_NAMESPACE_KEY, &limit)], &config);
     assert_eq!(decide_role("app", &ns, &config), format!("{BASE}app"));
     let cases = [
-        (namespace(&[(KIAM_PERMITTED_KEY, "(")], &config), "invalid_restrictions"),
+        (
+            namespace(&[(KIAM_PERMITTED_KEY, "(")], &config),
+            "invalid_restrictions",
+        ),
         (namespace(&[], &config), "no_allowed_roles"),
-        (namespace(&[(DEFAULT_NAMESPACE_KEY, "[]")], &config), "not_allowed"),
+        (
+            namespace(&[(DEFAULT_NAMESPACE_KEY, "[]")], &config),
+            "not_allowed",
+        ),
     ];
     for (ns, label) in cases {
         assert_eq!(decide_role("app", &ns, &config), format!("denied: {label}"));
@@ -418,8 +574,16 @@ fn restrictions_off_allow_any_well_formed_role() {
         vec![(DEFAULT_NAMESPACE_KEY, "[]"), (KIAM_PERMITTED_KEY, "(")],
     ] {
         let ns = namespace(&pairs, &open);
-        assert_eq!(decide_role("app", &ns, &open), format!("{BASE}app"), "{pairs:?}");
-        assert_eq!(decide_role("a b", &ns, &open), "denied: invalid_arn", "{pairs:?}");
+        assert_eq!(
+            decide_role("app", &ns, &open),
+            format!("{BASE}app"),
+            "{pairs:?}"
+        );
+        assert_eq!(
+            decide_role("a b", &ns, &open),
+            "denied: invalid_arn",
+            "{pairs:?}"
+        );
     }
 }
 
