@@ -254,6 +254,8 @@ pub enum ConfigError {
     BadUnknownPodWait(std::time::Duration),
     #[error("--metrics-port {0} must differ from --app-port")]
     MetricsOnAppPort(u16),
+    #[error("--use-regional-sts-endpoint needs a region: pass --region or set AWS_REGION")]
+    RegionalWithoutRegion,
 }
 
 impl ConfigError {
@@ -271,6 +273,7 @@ impl ConfigError {
             Self::BadSessionTtl(_) => "bad_session_ttl",
             Self::BadUnknownPodWait(_) => "bad_unknown_pod_wait",
             Self::MetricsOnAppPort(_) => "metrics_on_app_port",
+            Self::RegionalWithoutRegion => "regional_without_region",
         }
     }
 }
@@ -396,6 +399,85 @@ mod tests {
         assert_eq!(redirect.metadata4, "169.254.169.254:80".parse().unwrap());
     }
 
+    fn run(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from([&["interceptor", "run"], args].concat()).unwrap();
+        match cli.command {
+            Command::Run(args) => *args,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_flags_are_validated_with_the_reason() {
+        let env = Env::from([
+            (ENV_HOST_IP.into(), "10.0.0.7".into()),
+            (ENV_NODE_NAME.into(), "node-a".into()),
+        ]);
+        let config = run(&[
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--default-role",
+            "app",
+        ])
+        .validate(&env)
+        .unwrap();
+        assert_eq!(config.node, "node-a");
+        assert_eq!(config.policy.default_role.as_deref(), Some("app"));
+        let label = |args: &[&str], env: &Env| run(args).validate(env).unwrap_err().metric_label();
+        assert_eq!(
+            label(&[], &Env::from([(ENV_HOST_IP.into(), "10.0.0.7".into())])),
+            "no_node"
+        );
+        assert_eq!(
+            label(&["--allow-route-regexp", "(unclosed"], &env),
+            "bad_regex"
+        );
+        assert_eq!(
+            label(&["--base-role-arn", "arn:aws:iam::1:role/"], &env),
+            "bad_base_arn"
+        );
+        assert_eq!(label(&["--default-role", "app"], &env), "bad_default_role");
+        assert_eq!(
+            label(&["--iam-role-session-ttl", "5m"], &env),
+            "bad_session_ttl"
+        );
+        assert_eq!(
+            label(&["--iam-role-session-ttl", "13h"], &env),
+            "bad_session_ttl"
+        );
+        assert_eq!(
+            label(&["--unknown-pod-wait", "2s"], &env),
+            "bad_unknown_pod_wait"
+        );
+        assert_eq!(
+            label(&["--metrics-port", "8181"], &env),
+            "metrics_on_app_port"
+        );
+        assert_eq!(
+            label(&["--use-regional-sts-endpoint"], &env),
+            "regional_without_region"
+        );
+        assert!(
+            Cli::try_parse_from(["interceptor", "run", "--iam-role-session-ttl", "soon"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["interceptor", "run", "--namespace-restriction-format", "x"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn durations_as_kube2iam_writes_them() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("900"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["", "m", "1d", "-5s", "99999999999999999999h", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn ipv6_proxy_only_when_configured() {
         let env = Env::from([
@@ -471,15 +553,19 @@ impl RunArgs {
         if self.metrics_port == self.attach.app_port {
             return Err(ConfigError::MetricsOnAppPort(self.metrics_port));
         }
+        let region = self
+            .region
+            .clone()
+            .or_else(|| env.get(ENV_AWS_REGION).cloned());
+        if self.use_regional_sts_endpoint && region.is_none() {
+            return Err(ConfigError::RegionalWithoutRegion);
+        }
         Ok(RunConfig {
             redirect,
             node,
             policy,
             allow_route,
-            region: self
-                .region
-                .clone()
-                .or_else(|| env.get(ENV_AWS_REGION).cloned()),
+            region,
         })
     }
 }

@@ -28,6 +28,8 @@ pub enum Fault {
 #[derive(Default)]
 struct State {
     counts: HashMap<String, u64>,
+    /// `RoleArn` of every AssumeRole call, in order.
+    assumed: Vec<String>,
     fault: Option<Fault>,
     delay: Duration,
 }
@@ -91,6 +93,11 @@ impl StsProxy {
             .unwrap_or(0)
     }
 
+    /// The `RoleArn` of every AssumeRole call so far, in order.
+    pub fn assumed_roles(&self) -> Vec<String> {
+        self.state.lock().unwrap().assumed.clone()
+    }
+
     pub fn set_fault(&self, fault: Fault) {
         self.state.lock().unwrap().fault = Some(fault);
     }
@@ -111,9 +118,13 @@ async fn forward(
         .find(|(key, _)| key == "Action")
         .map(|(_, value)| value.into_owned())
         .unwrap_or_default();
+    let role_arn = form_urlencoded::parse(&body)
+        .find(|(key, _)| key == "RoleArn")
+        .map(|(_, value)| value.into_owned());
     let (fault, delay) = {
         let mut state = state.lock().unwrap();
         *state.counts.entry(action.clone()).or_default() += 1;
+        state.assumed.extend(role_arn);
         (state.fault.clone().unwrap_or(Fault::None), state.delay)
     };
     if !delay.is_zero() {

@@ -240,3 +240,44 @@ async fn outages_serve_cached_credentials_and_refusals_say_why() {
         .await
         .expect("recovered");
 }
+
+#[tokio::test]
+async fn an_intermediate_role_is_assumed_first_and_once() {
+    let moto = MotoServer::start();
+    let proxy = StsProxy::start(moto.addr()).await;
+    let client = sts_client(&StsConfig {
+        endpoint: Some(proxy.endpoint()),
+        region: Some("us-east-1".into()),
+        agent_credentials: Some(agent_credentials()),
+        intermediate_role: Some("arn:aws:iam::123456789012:role/interceptor-node".into()),
+        ..StsConfig::default()
+    })
+    .await;
+    let cache = CredentialCache::new(client, Settings::default());
+    for pod in ["a", "b", "c"] {
+        let credentials = cache
+            .get(&request(&format!("role-{pod}"), pod))
+            .await
+            .expect("credentials");
+        assert_eq!(
+            caller_arn(&moto.endpoint(), &credentials).await,
+            format!("arn:aws:sts::123456789012:assumed-role/role-{pod}/team-a.{pod}")
+        );
+    }
+    // kiam's model: the node's credentials assume one intermediate role, whose credentials
+    // (cached by the SDK) assume the pods' roles.
+    let assumed = proxy.assumed_roles();
+    assert_eq!(
+        assumed.first().map(String::as_str),
+        Some("arn:aws:iam::123456789012:role/interceptor-node")
+    );
+    assert_eq!(
+        assumed
+            .iter()
+            .filter(|arn| arn.ends_with("/interceptor-node"))
+            .count(),
+        1,
+        "{assumed:?}"
+    );
+    assert_eq!(assumed.len(), 4, "{assumed:?}");
+}

@@ -21,7 +21,7 @@ use std::{
 
 pub use cache::{CacheStats, CredentialCache, Key, Settings};
 pub use session::session_name;
-pub use sts::{StsConfig, StsError, sts_client};
+pub use sts::{StsConfig, StsError, endpoint_url, sts_client};
 
 /// What a pod's role is assumed with.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

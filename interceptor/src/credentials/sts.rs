@@ -54,13 +54,7 @@ pub async fn sts_client(config: &StsConfig) -> Client {
         .http_client(https)
         .region(region.clone())
         .timeout_config(timeouts);
-    let endpoint = match (&config.endpoint, config.regional) {
-        (Some(endpoint), _) => Some(endpoint.clone()),
-        (None, true) => None,
-        // The global endpoint, explicitly: SDK defaults have moved to regional ones.
-        (None, false) => Some("https://sts.amazonaws.com".to_owned()),
-    };
-    if let Some(endpoint) = &endpoint {
+    if let Some(endpoint) = &endpoint_url(config) {
         loader = loader.endpoint_url(endpoint);
     }
     if let Some(credentials) = &config.agent_credentials {
@@ -82,6 +76,21 @@ pub async fn sts_client(config: &StsConfig) -> Client {
         )
         .build();
     Client::new(&with_intermediate)
+}
+
+/// The endpoint the flags ask for: `--sts-endpoint` as is; with
+/// `--use-regional-sts-endpoint`, the region's own (`sts.<region>.amazonaws.com`, or the
+/// partition's form for China); otherwise the global endpoint, explicitly, since SDK
+/// defaults have moved to regional ones.
+pub fn endpoint_url(config: &StsConfig) -> Option<String> {
+    match (&config.endpoint, config.regional, config.region.as_deref()) {
+        (Some(endpoint), _, _) => Some(endpoint.clone()),
+        (None, true, Some(region)) if region.starts_with("cn-") => {
+            Some(format!("https://sts.{region}.amazonaws.com.cn"))
+        }
+        (None, true, Some(region)) => Some(format!("https://sts.{region}.amazonaws.com")),
+        (None, _, _) => Some("https://sts.amazonaws.com".to_owned()),
+    }
 }
 
 /// One AssumeRole call.
@@ -167,6 +176,41 @@ fn xml_field(xml: &str, name: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::{StsConfig, endpoint_url};
+
+    #[test]
+    fn endpoints_as_the_flags_ask() {
+        let config = |endpoint: Option<&str>, regional, region: Option<&str>| StsConfig {
+            endpoint: endpoint.map(str::to_owned),
+            regional,
+            region: region.map(str::to_owned),
+            ..StsConfig::default()
+        };
+        let url = |c: StsConfig| endpoint_url(&c).unwrap();
+        assert_eq!(
+            url(config(None, false, Some("eu-west-1"))),
+            "https://sts.amazonaws.com"
+        );
+        assert_eq!(
+            url(config(None, true, Some("eu-west-1"))),
+            "https://sts.eu-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            url(config(None, true, Some("cn-north-1"))),
+            "https://sts.cn-north-1.amazonaws.com.cn"
+        );
+        assert_eq!(
+            url(config(
+                Some("http://127.0.0.1:5000"),
+                true,
+                Some("eu-west-1")
+            )),
+            "http://127.0.0.1:5000"
+        );
+        // Regional without a region: the global endpoint (config validation warns).
+        assert_eq!(url(config(None, true, None)), "https://sts.amazonaws.com");
+    }
+
     #[test]
     fn error_fields_are_read_from_any_xml_shape() {
         let body =
