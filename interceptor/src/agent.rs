@@ -468,6 +468,14 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
     let listener = TcpListener::bind(proxy)
         .await
         .with_context(|| format!("binding the metadata proxy on {proxy}"))?;
+    let listener6 = match config.redirect.proxy6 {
+        Some(proxy6) => Some(
+            TcpListener::bind(proxy6)
+                .await
+                .with_context(|| format!("binding the IPv6 metadata proxy on {proxy6}"))?,
+        ),
+        None => None,
+    };
     let admin_listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], args.metrics_port)))
         .await
         .with_context(|| format!("binding the metrics port {}", args.metrics_port))?;
@@ -574,6 +582,9 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         },
         metrics.clone(),
     ));
+    if let Some(listener6) = listener6 {
+        tokio::spawn(Arc::clone(&server).serve(listener6));
+    }
     tokio::spawn(server.serve(listener));
 
     let readiness = Arc::new(Readiness {

@@ -17,6 +17,7 @@ pub mod cmd;
 pub mod fake_imds;
 pub mod moto;
 pub mod node;
+pub mod peers;
 pub mod privilege;
 pub mod probe;
 pub mod sts_proxy;

@@ -2,31 +2,11 @@
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-/// The Python virtualenv `cargo xtask setup` made (see xtask/src/setup.rs for the naming).
-pub fn venv() -> PathBuf {
-    if let Some(path) = std::env::var_os("INTERCEPTOR_PY_VENV") {
-        return PathBuf::from(path);
-    }
-    let requirements =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/requirements.txt");
-    let bytes = std::fs::read(&requirements).expect("tests/peers/requirements.txt");
-    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-    let path = home.join(format!(".local/share/interceptor/venv-{hash:016x}"));
-    assert!(
-        path.join("bin/moto_server").is_file(),
-        "no test peers at {}: run `cargo xtask setup`",
-        path.display()
-    );
-    path
-}
+pub use crate::peers::venv;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

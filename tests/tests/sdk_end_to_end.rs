@@ -9,7 +9,8 @@ use interceptor_tests::{
     agent::{Agent, free_port},
     apiserver::{FakeApiServer, new_namespace, new_pod},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
-    moto::{MotoServer, venv},
+    moto::MotoServer,
+    peers::{js_peers, venv},
     require_root,
 };
 
@@ -40,6 +41,10 @@ fn in_pod(pod: &Pod, program: &str, args: &[&str]) -> String {
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .env("AWS_REGION", "us-east-1");
     let out = command.output().expect("run the client");
+    if out.status.success() {
+        // Clients may warn on stderr (node's version notice); the answer is on stdout.
+        return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    }
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -55,6 +60,34 @@ fn boto3(pod: &Pod, sts: &str) -> String {
         pod,
         &venv().join("bin/python").display().to_string(),
         &[&script.display().to_string(), sts],
+    )
+}
+
+fn sdk_rust(pod: &Pod, sts: &str) -> String {
+    // The probe binaries live beside the test executables' deps/ directory.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("sdk-rust-whoami"))
+        .find(|path| path.is_file())
+        .expect("sdk-rust-whoami built by cargo");
+    in_pod(pod, &bin.display().to_string(), &[sts])
+}
+
+fn sdk_js(pod: &Pod, sts: &str) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/js/whoami.cjs");
+    let modules = js_peers().join("node_modules");
+    in_pod(
+        pod,
+        "/usr/bin/env",
+        &[
+            &format!("NODE_PATH={}", modules.display()),
+            "node",
+            &script.display().to_string(),
+            sts,
+        ],
     )
 }
 
@@ -151,8 +184,18 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     let (a, b, p, l) = tokio::task::spawn_blocking({
         let sts = sts.clone();
         move || {
-            let a = (boto3(&pod_a, &sts), aws_cli(&pod_a, &sts));
-            let b = (boto3(&pod_b, &sts), aws_cli(&pod_b, &sts));
+            let a = (
+                boto3(&pod_a, &sts),
+                aws_cli(&pod_a, &sts),
+                sdk_rust(&pod_a, &sts),
+                sdk_js(&pod_a, &sts),
+            );
+            let b = (
+                boto3(&pod_b, &sts),
+                aws_cli(&pod_b, &sts),
+                sdk_rust(&pod_b, &sts),
+                sdk_js(&pod_b, &sts),
+            );
             let p = boto3(&plain, &sts);
             let l = boto3(&locked, &sts);
             (a, b, p, l)
@@ -161,22 +204,17 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     .await
     .unwrap();
     let log = agent.log_text();
-    assert_eq!(
-        a.0, "arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a",
-        "boto3 in pod a\n{log}"
-    );
-    assert_eq!(
-        a.1, "arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a",
-        "AWS CLI in pod a\n{log}"
-    );
-    assert_eq!(
-        b.0, "arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-b",
-        "boto3 in pod b\n{log}"
-    );
-    assert_eq!(
-        b.1, "arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-b",
-        "AWS CLI in pod b\n{log}"
-    );
+    let role_a = "arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a";
+    let role_b = "arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-b";
+    for (client, got_a, got_b) in [
+        ("boto3", &a.0, &b.0),
+        ("AWS CLI", &a.1, &b.1),
+        ("aws-sdk-rust", &a.2, &b.2),
+        ("AWS SDK for JavaScript", &a.3, &b.3),
+    ] {
+        assert_eq!(got_a, role_a, "{client} in pod a\n{log}");
+        assert_eq!(got_b, role_b, "{client} in pod b\n{log}");
+    }
     assert!(
         p.starts_with("ERROR") && p.contains("NoCredentials"),
         "an unannotated pod gets nothing: {p}"
