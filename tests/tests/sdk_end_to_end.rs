@@ -361,3 +361,161 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     );
     assert_eq!(event["regarding"]["name"], "refused");
 }
+
+/// One raw request from inside `pod`: (status, body).
+fn raw(pod: &Pod, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/imds_http.py");
+    let script = script.display().to_string();
+    let mut args = vec![script.as_str(), method, path];
+    args.extend_from_slice(headers);
+    let out = in_pod(pod, &venv().join("bin/python").display().to_string(), &args);
+    let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The metadata API's edges, as EC2 answers them, and what a pod must not get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
+    if !require_root("the_metadata_api_answers_as_ec2_and_holds_against_misuse") {
+        return;
+    }
+    let node = Node::new();
+    let (pod_a, pod_b) = (node.pod(), node.pod());
+    let server = FakeApiServer::start().await;
+    server.add_namespace(new_namespace("team-a"));
+    server.add_pod(api_pod(&pod_a, "team-a", "app-a", Some("role-a")));
+    server.add_pod(api_pod(&pod_b, "team-a", "app-b", Some("role-b")));
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "interceptor-e2e-api-{}.kubeconfig",
+        std::process::id()
+    ));
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/interceptor-test-{}-e2e-api",
+        std::process::id()
+    ));
+    let app_port = free_port();
+    let args: Vec<String> = [
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &app_port.to_string(),
+        "--cgroup-root",
+        &node.kubepods.display().to_string(),
+        "--node",
+        NODE,
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--metadata-addr",
+        &upstream.addr().to_string(),
+        "--sts-endpoint",
+        &moto.endpoint(),
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--allow-route-regexp",
+        "^/latest/meta-data/placement/.*",
+        "--imdsv2-required",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let mut agent = Agent::run(
+        &args,
+        &pin_dir,
+        free_port(),
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
+            ("AWS_SECRET_ACCESS_KEY", "x"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    let sts = moto.endpoint();
+    let node_address = node.address;
+
+    let checks = tokio::task::spawn_blocking(move || {
+        let ttl = "X-aws-ec2-metadata-token-ttl-seconds=60";
+        let (status, token_a) = raw(&pod_a, "PUT", "/latest/api/token", &[ttl]);
+        assert_eq!(status, 200, "token: {token_a}");
+        let token_a = token_a.trim().to_owned();
+        let with_a = format!("X-aws-ec2-metadata-token={token_a}");
+        let creds = "/latest/meta-data/iam/security-credentials/";
+        let mut results = Vec::new();
+        let mut check = |what: &str, got: (u16, String), status: u16, needle: &str| {
+            results.push((what.to_owned(), got.0 == status && got.1.contains(needle), format!("{got:?}")));
+        };
+        check("list with token", raw(&pod_a, "GET", creds, &[&with_a]), 200, "role-a");
+        check("dated version", raw(&pod_a, "GET", "/2016-09-02/meta-data/iam/security-credentials/", &[&with_a]), 200, "role-a");
+        check(
+            "own credentials",
+            raw(&pod_a, "GET", &format!("{creds}role-a"), &[&with_a]),
+            200,
+            "\"Code\" : \"Success\"",
+        );
+        check("another role's name", raw(&pod_a, "GET", &format!("{creds}role-b"), &[&with_a]), 404, "404 - Not Found");
+        check("iam/info", raw(&pod_a, "GET", "/latest/meta-data/iam/info", &[&with_a]), 200, "instance-profile/role-a");
+        check("HEAD", raw(&pod_a, "HEAD", creds, &[&with_a]), 200, "");
+        check("tokenless with --imdsv2-required", raw(&pod_a, "GET", creds, &[]), 401, "");
+        check("pod a's token in pod b", raw(&pod_b, "GET", creds, &[&with_a]), 401, "");
+        check("forged token", raw(&pod_a, "GET", creds, &["X-aws-ec2-metadata-token=AAAA"]), 401, "");
+        check("token PUT with X-Forwarded-For", raw(&pod_a, "PUT", "/latest/api/token", &[ttl, "X-Forwarded-For=1.2.3.4"]), 403, "");
+        check("TTL out of range", raw(&pod_a, "PUT", "/latest/api/token", &["X-aws-ec2-metadata-token-ttl-seconds=21601"]), 400, "");
+        check("TTL missing", raw(&pod_a, "PUT", "/latest/api/token", &[]), 400, "");
+        check("allowed passthrough", raw(&pod_a, "GET", "/latest/meta-data/placement/availability-zone", &[&with_a]), 200, "us-east-1a");
+        check("not allowed: identity document", raw(&pod_a, "GET", "/latest/dynamic/instance-identity/document", &[&with_a]), 404, "");
+        check("path trick", raw(&pod_a, "GET", "/latest/meta-data/placement/../iam/security-credentials/", &[&with_a]), 404, "");
+        check("encoded trick", raw(&pod_a, "GET", "/latest/meta-data/placement/%2e%2e/iam/info", &[&with_a]), 404, "");
+        // A client that dials the proxy directly, not through the redirect: no kernel
+        // record, so no answer but 403 (here from the node's own network namespace).
+        let direct = std::process::Command::new(venv().join("bin/python"))
+            .args([
+                "-c",
+                &format!(
+                    "import http.client as h; c=h.HTTPConnection('{node_address}', {app_port}, timeout=3); \
+                     c.request('GET', '/latest/meta-data/iam/security-credentials/'); print(c.getresponse().status)"
+                ),
+            ])
+            .output()
+            .unwrap();
+        results.push((
+            "direct connection".into(),
+            String::from_utf8_lossy(&direct.stdout).trim() == "403",
+            format!("{direct:?}"),
+        ));
+        let v2_only = boto3(&pod_b, &sts);
+        results.push((
+            "boto3 with IMDSv2 required".into(),
+            v2_only == "arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-b",
+            v2_only,
+        ));
+        results
+    })
+    .await
+    .unwrap();
+    let failed: Vec<_> = checks.iter().filter(|(_, ok, _)| !ok).collect();
+    assert!(
+        failed.is_empty(),
+        "failed checks: {failed:#?}\n{}",
+        agent.log_text()
+    );
+
+    // Only the allowed path reached the upstream service (plus the agent's own token).
+    let upstream_requests = upstream.requests();
+    assert!(
+        upstream_requests
+            .iter()
+            .all(|r| r == "PUT /latest/api/token"
+                || r == "GET /latest/meta-data/placement/availability-zone"),
+        "{upstream_requests:?}"
+    );
+    assert!(
+        upstream_requests.contains(&"GET /latest/meta-data/placement/availability-zone".to_owned())
+    );
+    let (_, metrics) = agent.admin_get("/metrics").unwrap();
+    assert!(
+        metrics.contains("interceptor_attribution_misses_total 1"),
+        "{metrics}"
+    );
+}
