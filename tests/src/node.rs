@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -105,6 +105,8 @@ impl Drop for Link {
 pub struct Node {
     /// The node address pods reach the proxy on (the bridge's address).
     pub address: Ipv4Addr,
+    /// The node's IPv6 address (a unique-local address on the bridge).
+    pub address6: Ipv6Addr,
     subnet: u8,
     next_host: AtomicU32,
     // Drop order: the bridge, then the whole cgroup tree.
@@ -126,6 +128,19 @@ impl Node {
             "ip",
             &["addr", "add", &format!("{address}/24"), "dev", &bridge.0],
         );
+        let address6 = Ipv6Addr::new(0xfd00, 0x213, u16::from(subnet), 0, 0, 0, 0, 1);
+        cmd::run(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{address6}/64"),
+                "dev",
+                &bridge.0,
+                "nodad",
+            ],
+        );
         cmd::run("ip", &["link", "set", &bridge.0, "up"]);
         let mount = interceptor::cgroupfs::cgroup2_mount().expect("cgroup2 mount");
         let top = Cgroup::create(mount.join(format!("interceptor-test-{name}")));
@@ -133,6 +148,7 @@ impl Node {
         fs::create_dir_all(kubepods.join("kubepods-besteffort.slice")).expect("kubepods tree");
         Self {
             address,
+            address6,
             subnet,
             next_host: AtomicU32::new(10),
             bridge,
@@ -189,10 +205,31 @@ impl Node {
             &["link", "set", &veth.0, "master", &self.bridge.0, "up"],
         );
         netns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        let ip6 = Ipv6Addr::new(
+            0xfd00,
+            0x213,
+            u16::from(self.subnet),
+            0,
+            0,
+            0,
+            0,
+            host as u16,
+        );
+        netns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         netns.exec(&["ip", "link", "set", "eth0", "up"]);
         netns.exec(&["ip", "link", "set", "lo", "up"]);
         Pod {
             ip,
+            ip6,
             uid,
             container_id,
             container,
@@ -232,6 +269,7 @@ fn uuid_like(seed: &str) -> String {
 #[derive(Debug)]
 pub struct Pod {
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub uid: String,
     pub container_id: String,
     // Drop order: processes and cgroups, then the veth, then the netns.

@@ -449,3 +449,52 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
     let out = agent_cmd(&["status", "--bpf-pin-dir", &pin_dir]);
     assert!(!out.status.success(), "status must fail once detached");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_metadata_is_redirected_and_attributed_when_configured() {
+    if !require_root("ipv6_metadata_is_redirected_and_attributed_when_configured") {
+        return;
+    }
+    let node = Node::new();
+    let pod = Arc::new(node.pod());
+    let pins = Pins::new("ipv6");
+    let listener4 = TcpListener::bind((node.address, 0)).await.unwrap();
+    let listener6 = TcpListener::bind((node.address6, 0))
+        .await
+        .expect("bind the IPv6 proxy");
+    let (SocketAddr::V4(proxy4), SocketAddr::V6(proxy6)) = (
+        listener4.local_addr().unwrap(),
+        listener6.local_addr().unwrap(),
+    ) else {
+        unreachable!()
+    };
+    let datapath = ebpf::Datapath::open(&ebpf::Options {
+        redirect: Redirect {
+            proxy6: Some(proxy6),
+            ..redirect_to(proxy4)
+        },
+        ..options(&pins, &node, proxy4)
+    })
+    .expect("attach");
+    let seen: Seen = Arc::default();
+    spawn_accept_loop(listener6, datapath.attribution(), seen.clone());
+    spawn_accept_loop(listener4, datapath.attribution(), seen.clone());
+
+    let p = pod.clone();
+    let report = blocking(move || {
+        probe::run(p.command(probe::binary(), &["[fd00:ec2::254]:80", "20", "v6", "4"]))
+    })
+    .await;
+    assert_eq!((report.connected, report.replies), (20, 20), "{report:?}");
+    let seen = seen.lock().unwrap();
+    let records = &seen["v6"];
+    assert_eq!(records.len(), 20);
+    for record in records {
+        let record = record.expect("attributed");
+        assert_eq!(record.cgroup_id, pod.container.id());
+        assert_eq!(
+            record.original_destination,
+            "[fd00:ec2::254]:80".parse::<SocketAddr>().unwrap()
+        );
+    }
+}
