@@ -299,15 +299,7 @@ impl Admin {
             .iter()
             .map(|pod| {
                 let cgroups = self.index.cgroups_of_pod(&pod.uid);
-                let caller = Caller {
-                    uid: pod.uid.clone(),
-                    cgroup: Arc::new(interceptor::identity::index::Resolved {
-                        cgroup_id: 0,
-                        path: String::new(),
-                        identity: Err("debug".into()),
-                    }),
-                    pid: 0,
-                };
+                let caller = Caller::for_pod(&pod.uid);
                 let decision = match self.resolver.decide(&caller) {
                     Verdict::Decided {
                         decision: Decision::Role { arn, source, .. },
@@ -411,15 +403,7 @@ async fn follow_pods(
     credentials: Arc<CredentialCache>,
 ) {
     let prefetch = |pod: &k8s::PodInfo| {
-        let caller = Caller {
-            uid: pod.uid.clone(),
-            cgroup: Arc::new(interceptor::identity::index::Resolved {
-                cgroup_id: 0,
-                path: String::new(),
-                identity: Err("prefetch".into()),
-            }),
-            pid: 0,
-        };
+        let caller = Caller::for_pod(&pod.uid);
         if let Verdict::Decided {
             decision: Decision::Role {
                 arn, external_id, ..

@@ -59,6 +59,21 @@ pub struct Caller {
     pub pid: u32,
 }
 
+impl Caller {
+    /// A caller known only by its pod (prefetch, `/debug/store`): no connection behind it.
+    pub fn for_pod(uid: &str) -> Self {
+        Self {
+            uid: uid.to_owned(),
+            cgroup: Arc::new(Resolved {
+                cgroup_id: 0,
+                path: String::new(),
+                identity: Err("no connection".into()),
+            }),
+            pid: 0,
+        }
+    }
+}
+
 /// What a caller may have right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {

@@ -18,6 +18,7 @@ pub mod fake_imds;
 pub mod moto;
 pub mod node;
 pub mod peers;
+pub mod pins;
 pub mod privilege;
 pub mod probe;
 pub mod sts_proxy;

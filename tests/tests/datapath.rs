@@ -4,35 +4,16 @@
 use std::{
     collections::HashMap,
     net::{SocketAddr, SocketAddrV4},
-    path::{Path, PathBuf},
     process::Command,
     sync::{Arc, Mutex},
 };
 
 use interceptor::ebpf::{self, Attributed, Attribution, METADATA_IPV4, METADATA_IPV6, Redirect};
-use interceptor_tests::{Node, Pod, cmd, node::in_cgroup, probe, require_root};
+use interceptor_tests::{Node, Pod, cmd, node::in_cgroup, pins::Pins, probe, require_root};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::TcpListener,
 };
-
-/// A bpffs pin directory unique to the test, detached and removed on drop.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new(test: &str) -> Self {
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/interceptor-test-{}-{test}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = ebpf::detach(&self.0);
-    }
-}
 
 /// What the test proxy saw: per tag, the attribution of each connection.
 type Seen = Arc<Mutex<HashMap<String, Vec<Option<Attributed>>>>>;
@@ -283,22 +264,8 @@ async fn test_proxy_on(proxy: SocketAddrV4, attribution: Arc<Attribution>) -> (S
     (proxy, seen)
 }
 
-fn agent() -> PathBuf {
-    let path = std::env::var_os("INTERCEPTOR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/interceptor")
-        });
-    assert!(
-        path.is_file(),
-        "no interceptor binary at {} (cargo xtask test builds it; or set INTERCEPTOR_BIN)",
-        path.display()
-    );
-    path
-}
-
 fn agent_cmd(args: &[&str]) -> std::process::Output {
-    Command::new(agent())
+    Command::new(interceptor_tests::agent::binary())
         .args(args)
         .output()
         .expect("run interceptor")

@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -23,6 +22,7 @@ use interceptor_tests::{
     Node, Pod,
     apiserver::{FakeApiServer, new_namespace, new_pod, wait_for},
     node::in_cgroup,
+    pins::Pins,
     probe, require_root,
 };
 use tokio::{
@@ -32,14 +32,6 @@ use tokio::{
 
 const NODE: &str = "node-a";
 const ROLE_KEY: &str = "iam.amazonaws.com/role";
-
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = ebpf::detach(&self.0);
-    }
-}
 
 fn api_pod(
     pod: &Pod,
@@ -200,10 +192,7 @@ async fn every_pod_gets_exactly_its_decision() {
     .await
     .expect("stores sync");
 
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/interceptor-test-{}-decisions",
-        std::process::id()
-    )));
+    let pins = Pins::new("decisions");
     let listener = TcpListener::bind((node.address, 0)).await.unwrap();
     let SocketAddr::V4(proxy) = listener.local_addr().unwrap() else {
         unreachable!()

@@ -3,13 +3,12 @@
 
 use std::{
     net::SocketAddrV4,
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
-use interceptor_tests::{Node, probe, require_root};
+use interceptor_tests::{Node, pins::Pins, probe, require_root};
 use tracing::{Event, Subscriber, field::Visit};
 use tracing_subscriber::{Layer, layer::Context, prelude::*};
 
@@ -33,14 +32,6 @@ impl<S: Subscriber> Layer<S> for Captured {
         let mut message = Message(String::new());
         event.record(&mut message);
         self.0.lock().unwrap().push(message.0);
-    }
-}
-
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = ebpf::detach(&self.0);
     }
 }
 
@@ -70,10 +61,7 @@ fn kernel_log_reaches_tracing_only_when_enabled() {
     let node = Node::new();
     let pod = node.pod();
     for enabled in [false, true] {
-        let pins = Pins(PathBuf::from(format!(
-            "/sys/fs/bpf/interceptor-test-{}-log-{enabled}",
-            std::process::id()
-        )));
+        let pins = Pins::new(&format!("log-{enabled}"));
         let mut datapath = ebpf::Datapath::open(&ebpf::Options {
             pin_dir: pins.0.clone(),
             cgroup_root: node.kubepods.clone(),

@@ -108,6 +108,57 @@ fn aws_cli(pod: &Pod, sts: &str) -> String {
     )
 }
 
+/// Agent credentials for the tests where moto checks nothing.
+const AGENT_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
+    ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+/// The real agent on `node`: pods from `server`, roles assumed at `sts`, the node's own
+/// metadata service faked by `upstream`, its own AWS credentials from `env`, plus `extra`
+/// flags. Returns once `/readyz` says ready, with the proxy port.
+async fn start_agent(
+    name: &str,
+    node: &Node,
+    server: &FakeApiServer,
+    upstream: &FakeImds,
+    sts: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Agent, u16) {
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "interceptor-{name}-{}.kubeconfig",
+        std::process::id()
+    ));
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let app_port = free_port();
+    let mut args: Vec<String> = vec![
+        "--host-ip".into(),
+        node.address.to_string(),
+        "--app-port".into(),
+        app_port.to_string(),
+        "--cgroup-root".into(),
+        node.kubepods.display().to_string(),
+        "--node".into(),
+        NODE.into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--metadata-addr".into(),
+        upstream.addr().to_string(),
+        "--sts-endpoint".into(),
+        sts.into(),
+    ];
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/interceptor-test-{}-{name}",
+        std::process::id()
+    ));
+    let mut agent = Agent::run(&args, &pin_dir, free_port(), env);
+    agent.wait_ready(Duration::from_secs(30));
+    (agent, app_port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_sdks_in_pods_get_exactly_their_own_role() {
     if !require_root("real_sdks_in_pods_get_exactly_their_own_role") {
@@ -133,52 +184,25 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     server.add_pod(api_pod(&pod_b, "team-a", "app-b", Some("role-b")));
     server.add_pod(api_pod(&plain, "team-a", "plain", None));
     server.add_pod(api_pod(&locked, "locked", "wants-b", Some("role-b")));
-    let kubeconfig =
-        std::env::temp_dir().join(format!("interceptor-e2e-{}.kubeconfig", std::process::id()));
-    server.write_kubeconfig(&kubeconfig).unwrap();
-
     // STS on the node's address, so that pods reach it too.
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/interceptor-test-{}-e2e",
-        std::process::id()
-    ));
-    let app_port = free_port();
-    let args: Vec<String> = [
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &app_port.to_string(),
-        "--cgroup-root",
-        &node.kubepods.display().to_string(),
-        "--node",
-        NODE,
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
-        &moto.endpoint(),
+    let extra = [
         "--auto-discover-base-arn",
         "--auto-discover-default-role",
         "--namespace-restrictions",
         "--debug",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let mut agent = Agent::run(
-        &args,
-        &pin_dir,
-        free_port(),
-        &[
-            ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-            ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
-    agent.wait_ready(Duration::from_secs(30));
+    ];
+    let (agent, _) = start_agent(
+        "e2e",
+        &node,
+        &server,
+        &upstream,
+        &moto.endpoint(),
+        &extra,
+        &AGENT_ENV,
+    )
+    .await;
     let sts = moto.endpoint();
 
     let (a, b, p, l) = tokio::task::spawn_blocking({
@@ -270,12 +294,6 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     server.add_namespace(new_namespace("team-a"));
     server.add_pod(api_pod(&allowed, "team-a", "allowed", Some("role-a")));
     server.add_pod(api_pod(&refused, "team-a", "refused", Some("role-secret")));
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "interceptor-e2e-deny-{}.kubeconfig",
-        std::process::id()
-    ));
-    server.write_kubeconfig(&kubeconfig).unwrap();
-
     let moto = MotoServer::start_on(node.address, &[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]);
     let setup = Command::new(venv().join("bin/python"))
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/moto_iam_user.py"))
@@ -290,42 +308,22 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     let key: serde_json::Value = serde_json::from_slice(&setup.stdout).expect("access key JSON");
 
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/interceptor-test-{}-e2e-deny",
-        std::process::id()
-    ));
-    let args: Vec<String> = [
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &free_port().to_string(),
-        "--cgroup-root",
-        &node.kubepods.display().to_string(),
-        "--node",
-        NODE,
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
+    let env = [
+        ("AWS_ACCESS_KEY_ID", key["id"].as_str().unwrap()),
+        ("AWS_SECRET_ACCESS_KEY", key["secret"].as_str().unwrap()),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let extra = ["--base-role-arn", "arn:aws:iam::123456789012:role/"];
+    let (agent, _) = start_agent(
+        "e2e-deny",
+        &node,
+        &server,
+        &upstream,
         &moto.endpoint(),
-        "--base-role-arn",
-        "arn:aws:iam::123456789012:role/",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let mut agent = Agent::run(
-        &args,
-        &pin_dir,
-        free_port(),
-        &[
-            ("AWS_ACCESS_KEY_ID", key["id"].as_str().unwrap()),
-            ("AWS_SECRET_ACCESS_KEY", key["secret"].as_str().unwrap()),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
-    agent.wait_ready(Duration::from_secs(30));
+        &extra,
+        &env,
+    )
+    .await;
     let sts = moto.endpoint();
     let (ok, denied) =
         tokio::task::spawn_blocking(move || (boto3(&allowed, &sts), boto3(&refused, &sts)))
@@ -385,53 +383,25 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     server.add_namespace(new_namespace("team-a"));
     server.add_pod(api_pod(&pod_a, "team-a", "app-a", Some("role-a")));
     server.add_pod(api_pod(&pod_b, "team-a", "app-b", Some("role-b")));
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "interceptor-e2e-api-{}.kubeconfig",
-        std::process::id()
-    ));
-    server.write_kubeconfig(&kubeconfig).unwrap();
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/interceptor-test-{}-e2e-api",
-        std::process::id()
-    ));
-    let app_port = free_port();
-    let args: Vec<String> = [
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &app_port.to_string(),
-        "--cgroup-root",
-        &node.kubepods.display().to_string(),
-        "--node",
-        NODE,
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
-        &moto.endpoint(),
+    let extra = [
         "--base-role-arn",
         "arn:aws:iam::123456789012:role/",
         "--allow-route-regexp",
         "^/latest/meta-data/placement/.*",
         "--imdsv2-required",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let mut agent = Agent::run(
-        &args,
-        &pin_dir,
-        free_port(),
-        &[
-            ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-            ("AWS_SECRET_ACCESS_KEY", "x"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
-    agent.wait_ready(Duration::from_secs(30));
+    ];
+    let (agent, app_port) = start_agent(
+        "e2e-api",
+        &node,
+        &server,
+        &upstream,
+        &moto.endpoint(),
+        &extra,
+        &AGENT_ENV,
+    )
+    .await;
     let sts = moto.endpoint();
     let node_address = node.address;
 

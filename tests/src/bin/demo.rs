@@ -9,24 +9,15 @@
 use std::{
     collections::HashMap,
     net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
 use interceptor::ebpf::{self, Attribution, METADATA_IPV4, METADATA_IPV6, Redirect};
-use interceptor_tests::{Node, cmd, node::in_cgroup, probe, require_root};
+use interceptor_tests::{Node, cmd, node::in_cgroup, pins::Pins, probe, require_root};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::TcpListener,
 };
-
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = ebpf::detach(&self.0);
-    }
-}
 
 type Seen = Arc<Mutex<HashMap<String, Vec<Option<u64>>>>>;
 
@@ -42,10 +33,7 @@ async fn main() {
         ("frontend", node.pod()),
         ("cni-agent", node.pod()),
     ];
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/interceptor-demo-{}",
-        std::process::id()
-    )));
+    let pins = Pins::new("demo");
 
     let listener = TcpListener::bind((node.address, 0)).await.expect("bind");
     let SocketAddr::V4(proxy) = listener.local_addr().unwrap() else {
