@@ -480,6 +480,23 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
     );
     tracing::info!(outcome = ?datapath.outcome(), cgroup = %cgroup_root.display(), %proxy, "programs attached");
 
+    let index = Arc::new(CgroupIndex::new(
+        cgroupfs::cgroup2_mount()?,
+        cgroup_root,
+        Limits::default(),
+    ));
+    // In a pod, the agent's own cgroups are below the attach point: exempt them before it
+    // makes any metadata request of its own (discovery, its own AWS credentials). Its
+    // cgroup namespace hides its path, so they are found by its pod UID (downward API).
+    if let Some(uid) = &config.pod_uid {
+        index.walk(true);
+        let own = index.cgroups_of_pod(uid);
+        for id in &own {
+            datapath.exempt().insert(*id)?;
+        }
+        tracing::info!(pod_uid = %uid, cgroups = own.len(), "the agent's own pod is exempt");
+    }
+
     let upstream = Arc::new(Upstream::new(args.attach.metadata_addr));
     let mut policy = config.policy.clone();
     if args.auto_discover_base_arn || args.auto_discover_default_role {
@@ -509,11 +526,6 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         events::Limits::default(),
     );
 
-    let index = Arc::new(CgroupIndex::new(
-        cgroupfs::cgroup2_mount()?,
-        cgroup_root,
-        Limits::default(),
-    ));
     let resolver = Arc::new(Resolver::new(
         index.clone(),
         pods.clone(),

@@ -25,6 +25,8 @@ pub const ENV_HOST_IP: &str = "HOST_IP";
 pub const ENV_HOST_IPV6: &str = "HOST_IPV6";
 /// The node's name (downward API `spec.nodeName`).
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// The agent's own pod UID (downward API `metadata.uid`).
+pub const ENV_POD_UID: &str = "POD_UID";
 /// The AWS region for STS.
 pub const ENV_AWS_REGION: &str = "AWS_REGION";
 
@@ -196,6 +198,10 @@ pub struct RunArgs {
     /// An intermediate role assumed first; pods' roles are assumed with its credentials.
     #[arg(long)]
     pub assume_role_arn: Option<String>,
+    /// The agent's own pod UID [env: POD_UID] (downward API `metadata.uid`): its cgroups
+    /// are exempted at start, so its own metadata requests are never redirected to itself.
+    #[arg(long)]
+    pub pod_uid: Option<String>,
 }
 
 /// Durations as kube2iam writes them: `900`, `900s`, `15m`, `1h`, `500ms`.
@@ -498,6 +504,7 @@ pub struct RunConfig {
     pub policy: crate::policy::PolicyConfig,
     pub allow_route: Option<regex::Regex>,
     pub region: Option<String>,
+    pub pod_uid: Option<String>,
 }
 
 impl RunArgs {
@@ -566,6 +573,11 @@ impl RunArgs {
             policy,
             allow_route,
             region,
+            pod_uid: self
+                .pod_uid
+                .clone()
+                .or_else(|| env.get(ENV_POD_UID).cloned())
+                .filter(|uid| !uid.trim().is_empty()),
         })
     }
 }

@@ -35,13 +35,37 @@ impl Agent {
     /// `interceptor run ARGS` with `--bpf-pin-dir pin_dir` and `--metrics-port`, its
     /// output in a log file; the agent's own AWS credentials come from `env`.
     pub fn run(args: &[String], pin_dir: &Path, metrics_port: u16, env: &[(&str, &str)]) -> Self {
+        Self::run_in(None, args, pin_dir, metrics_port, env)
+    }
+
+    /// Like [`run`](Self::run), started inside `cgroup` (as the agent's own pod would be).
+    pub fn run_in(
+        cgroup: Option<&crate::node::Cgroup>,
+        args: &[String],
+        pin_dir: &Path,
+        metrics_port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!(
             "interceptor-agent-{}-{}.log",
             std::process::id(),
             metrics_port
         ));
         let file = std::fs::File::create(&log).expect("agent log");
-        let child = Command::new(binary())
+        let mut command = match cgroup {
+            // The shell moves itself into the cgroup, then becomes the agent (same PID).
+            Some(cgroup) => {
+                let mut command = Command::new("/bin/sh");
+                command
+                    .arg("-c")
+                    .arg("echo $$ > \"$0\" && exec \"$@\"")
+                    .arg(cgroup.procs_file())
+                    .arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .arg("--log-level")
             .arg("info,interceptor=debug")
             .arg("run")

@@ -126,6 +126,7 @@ async fn start_agent(
     sts: &str,
     extra: &[&str],
     env: &[(&str, &str)],
+    own_pod: Option<&Pod>,
 ) -> (Agent, u16) {
     let kubeconfig = std::env::temp_dir().join(format!(
         "interceptor-{name}-{}.kubeconfig",
@@ -154,7 +155,16 @@ async fn start_agent(
         "/sys/fs/bpf/interceptor-test-{}-{name}",
         std::process::id()
     ));
-    let mut agent = Agent::run(&args, &pin_dir, free_port(), env);
+    if let Some(pod) = own_pod {
+        args.extend(["--pod-uid".to_owned(), pod.uid.clone()]);
+    }
+    let mut agent = Agent::run_in(
+        own_pod.map(|pod| &pod.container),
+        &args,
+        &pin_dir,
+        free_port(),
+        env,
+    );
     agent.wait_ready(Duration::from_secs(30));
     (agent, app_port)
 }
@@ -201,6 +211,7 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
         &moto.endpoint(),
         &extra,
         &AGENT_ENV,
+        None,
     )
     .await;
     let sts = moto.endpoint();
@@ -322,6 +333,7 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
         &moto.endpoint(),
         &extra,
         &env,
+        None,
     )
     .await;
     let sts = moto.endpoint();
@@ -392,6 +404,9 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
         "^/latest/meta-data/placement/.*",
         "--imdsv2-required",
     ];
+    // The agent runs in a pod of its own below the attach point (hostNetwork, as the
+    // DaemonSet), so its cgroups must be exempted by its pod UID.
+    let agent_pod = node.pod();
     let (agent, app_port) = start_agent(
         "e2e-api",
         &node,
@@ -400,8 +415,33 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
         &moto.endpoint(),
         &extra,
         &AGENT_ENV,
+        Some(&agent_pod),
     )
     .await;
+    let status = std::process::Command::new(interceptor_tests::agent::binary())
+        .args([
+            "status",
+            "--json",
+            "--bpf-pin-dir",
+            &agent.pin_dir.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json");
+    let exempt: Vec<u64> = status["exempt_cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    assert!(
+        exempt.contains(&agent_pod.container.id()),
+        "the agent's own container is not exempt: {exempt:?}"
+    );
+    assert!(
+        exempt.contains(&agent_pod.pod_slice.id()),
+        "the agent's own pod slice is not exempt: {exempt:?}"
+    );
     let sts = moto.endpoint();
     let node_address = node.address;
 
