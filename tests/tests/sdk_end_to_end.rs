@@ -115,19 +115,30 @@ const AGENT_ENV: [(&str, &str); 3] = [
     ("AWS_REGION", "us-east-1"),
 ];
 
+/// What the agent under test talks to: the API server, the node's metadata service
+/// (faked) and STS.
+struct Peers<'a> {
+    api: &'a FakeApiServer,
+    upstream: &'a FakeImds,
+    sts: &'a str,
+}
+
 /// The real agent on `node`: pods from `server`, roles assumed at `sts`, the node's own
 /// metadata service faked by `upstream`, its own AWS credentials from `env`, plus `extra`
 /// flags. Returns once `/readyz` says ready, with the proxy port.
 async fn start_agent(
     name: &str,
     node: &Node,
-    server: &FakeApiServer,
-    upstream: &FakeImds,
-    sts: &str,
+    peers: Peers<'_>,
     extra: &[&str],
     env: &[(&str, &str)],
     own_pod: Option<&Pod>,
 ) -> (Agent, u16) {
+    let Peers {
+        api: server,
+        upstream,
+        sts,
+    } = peers;
     let kubeconfig = std::env::temp_dir().join(format!(
         "interceptor-{name}-{}.kubeconfig",
         std::process::id()
@@ -206,9 +217,11 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     let (agent, _) = start_agent(
         "e2e",
         &node,
-        &server,
-        &upstream,
-        &moto.endpoint(),
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
         &extra,
         &AGENT_ENV,
         None,
@@ -328,9 +341,11 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     let (agent, _) = start_agent(
         "e2e-deny",
         &node,
-        &server,
-        &upstream,
-        &moto.endpoint(),
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
         &extra,
         &env,
         None,
@@ -410,9 +425,11 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     let (agent, app_port) = start_agent(
         "e2e-api",
         &node,
-        &server,
-        &upstream,
-        &moto.endpoint(),
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
         &extra,
         &AGENT_ENV,
         Some(&agent_pod),
