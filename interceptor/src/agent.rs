@@ -521,7 +521,7 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
     ));
     tokio::spawn(k8s::namespaces::watch(client.clone(), namespaces.clone()));
     let events = EventSink::new(
-        Some(client),
+        Some(client.clone()),
         Some(config.node.clone()),
         events::Limits::default(),
     );
@@ -604,10 +604,17 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
     tokio::spawn(admin.serve(admin_listener));
     {
         let readiness = readiness.clone();
+        let (client, node, taint) = (
+            client.clone(),
+            config.node.clone(),
+            args.startup_taint.clone(),
+        );
         tokio::spawn(async move {
             readiness.pods.wait_synced().await;
             readiness.namespaces.wait_synced().await;
             tracing::info!("pod and namespace stores synced: ready");
+            // Programs attached, stores synced, listener bound: pods may come.
+            k8s::node::remove_taint_until_done(client, node, taint).await;
         });
     }
 

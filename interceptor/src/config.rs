@@ -202,6 +202,10 @@ pub struct RunArgs {
     /// are exempted at start, so its own metadata requests are never redirected to itself.
     #[arg(long)]
     pub pod_uid: Option<String>,
+    /// Taint removed from this node once the agent is ready (register nodes with it so no
+    /// pod starts before interception is active; see docs/install.md).
+    #[arg(long, default_value = crate::k8s::node::STARTUP_TAINT)]
+    pub startup_taint: String,
 }
 
 /// Durations as kube2iam writes them: `900`, `900s`, `15m`, `1h`, `500ms`.

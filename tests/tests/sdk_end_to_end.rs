@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::Command, t
 use interceptor_tests::{
     Node, Pod,
     agent::{Agent, free_port},
-    apiserver::{FakeApiServer, new_namespace, new_pod},
+    apiserver::{FakeApiServer, new_namespace, new_node, new_pod},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     peers::{js_peers, venv},
@@ -205,6 +205,22 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     server.add_pod(api_pod(&pod_b, "team-a", "app-b", Some("role-b")));
     server.add_pod(api_pod(&plain, "team-a", "plain", None));
     server.add_pod(api_pod(&locked, "locked", "wants-b", Some("role-b")));
+    // The node registered with the startup taint; the agent removes it once ready.
+    let mut api_node = new_node(NODE);
+    api_node.spec.get_or_insert_default().taints = Some(vec![
+        k8s_openapi::api::core::v1::Taint {
+            key: "interceptor.dev/agent-not-ready".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        },
+        k8s_openapi::api::core::v1::Taint {
+            key: "other.example/keep".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        },
+    ]);
+    server.add_node(api_node);
+
     // STS on the node's address, so that pods reach it too.
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -227,6 +243,34 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
         None,
     )
     .await;
+    let taints = interceptor_tests::apiserver::wait_for(
+        "the startup taint's removal",
+        Duration::from_secs(10),
+        || {
+            let taints: Vec<String> = server
+                .node(NODE)
+                .and_then(|node| node.spec)
+                .and_then(|spec| spec.taints)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|taint| taint.key)
+                .collect();
+            if taints
+                .iter()
+                .any(|key| key == "interceptor.dev/agent-not-ready")
+            {
+                Err(format!("{taints:?}"))
+            } else {
+                Ok(taints)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        taints,
+        ["other.example/keep"],
+        "only the agent's taint is removed"
+    );
     let sts = moto.endpoint();
 
     let (a, b, p, l) = tokio::task::spawn_blocking({

@@ -21,7 +21,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what this machine lacks: Debian packages, rust-src, bpf-linker, test peers.
-    Setup,
+    Setup {
+        /// Only what building needs (rust-src, bpf-linker): for container image builds.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the eBPF object (`interceptor-ebpf`) for bpfel-unknown-none.
     BuildEbpf(ebpf::BuildOptions),
     /// Demonstrate interceptor on a simulated node on this machine (as root).
@@ -32,7 +36,7 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(),
+        Task::Setup { build_only } => setup::run(build_only),
         Task::BuildEbpf(options) => ebpf::build(&options).map(|_| ()),
         Task::Demo => test::demo(),
         Task::Test(options) => test::run(&options),

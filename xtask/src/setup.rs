@@ -25,10 +25,13 @@ const DEBIAN_PACKAGES: [(&str, &str); 4] = [
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn run() -> Result<()> {
-    debian_packages()?;
+pub fn run(build_only: bool) -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
+    if build_only {
+        return Ok(());
+    }
+    debian_packages()?;
     python_peers()?;
     js_peers()?;
     eprintln!("setup: all present");

@@ -28,7 +28,7 @@ pub fn run(options: &TestOptions) -> Result<()> {
         bail!("cargo xtask test must run as root (the tests load eBPF programs)");
     }
     if !options.no_setup {
-        setup::run()?;
+        setup::run(false)?;
     }
     let object = ebpf::build(&ebpf::BuildOptions::default())?;
     // The kernel crate builds for another target: checked on its own.
@@ -140,7 +140,7 @@ pub fn demo() -> Result<()> {
     if !run::is_root() {
         bail!("cargo xtask demo must run as root (it loads eBPF programs)");
     }
-    setup::run()?;
+    setup::run(false)?;
     let object = ebpf::build(&ebpf::BuildOptions::default())?;
     run::status(
         run::cargo(None)

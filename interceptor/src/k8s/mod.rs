@@ -10,6 +10,7 @@
 
 pub mod events;
 pub mod namespaces;
+pub mod node;
 pub mod pods;
 
 use std::path::Path;
