@@ -24,6 +24,7 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use interceptor::{
+    bindings::{self, Bindings},
     cgroupfs,
     config::{RunArgs, RunConfig},
     credentials::{
@@ -217,27 +218,34 @@ async fn discover(upstream: &Upstream) -> Result<(BaseArn, String)> {
 struct Readiness {
     attached: AtomicBool,
     listening: AtomicBool,
-    pods: Arc<PodStore>,
-    namespaces: Arc<NamespaceStore>,
+    /// The Kubernetes stores (none in standalone mode).
+    stores: Option<(Arc<PodStore>, Arc<NamespaceStore>)>,
 }
 
 impl Readiness {
     fn ready(&self) -> bool {
         self.attached.load(Ordering::Relaxed)
             && self.listening.load(Ordering::Relaxed)
-            && self.pods.is_synced()
-            && self.namespaces.is_synced()
+            && self
+                .stores
+                .as_ref()
+                .is_none_or(|(pods, namespaces)| pods.is_synced() && namespaces.is_synced())
     }
+}
+
+/// What the admin endpoints show of the Kubernetes side.
+struct KubeView {
+    resolver: Arc<Resolver>,
+    pods: Arc<PodStore>,
+    namespaces: Arc<NamespaceStore>,
 }
 
 struct Admin {
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
     debug: bool,
-    resolver: Arc<Resolver>,
+    kube: Option<KubeView>,
     credentials: Arc<CredentialCache>,
-    pods: Arc<PodStore>,
-    namespaces: Arc<NamespaceStore>,
     index: Arc<CgroupIndex>,
     datapath: Arc<Datapath>,
     pin_dir: std::path::PathBuf,
@@ -246,12 +254,14 @@ struct Admin {
 impl Admin {
     fn refresh_gauges(&self) {
         let tracked = &self.metrics.tracked;
-        tracked
-            .with_label_values(&["pods"])
-            .set(self.pods.len() as i64);
-        tracked
-            .with_label_values(&["namespaces"])
-            .set(self.namespaces.len() as i64);
+        if let Some(kube) = &self.kube {
+            tracked
+                .with_label_values(&["pods"])
+                .set(kube.pods.len() as i64);
+            tracked
+                .with_label_values(&["namespaces"])
+                .set(kube.namespaces.len() as i64);
+        }
         tracked
             .with_label_values(&["cgroups"])
             .set(self.index.len() as i64);
@@ -294,13 +304,13 @@ impl Admin {
 
     fn debug_store(&self) -> serde_json::Value {
         let pods: Vec<serde_json::Value> = self
-            .pods
-            .pods()
+            .kube
             .iter()
-            .map(|pod| {
+            .flat_map(|kube| kube.pods.pods().into_iter().map(move |pod| (kube, pod)))
+            .map(|(kube, pod)| {
                 let cgroups = self.index.cgroups_of_pod(&pod.uid);
                 let caller = Caller::for_pod(&pod.uid);
-                let decision = match self.resolver.decide(&caller) {
+                let decision = match kube.resolver.decide(&caller) {
                     Verdict::Decided {
                         decision: Decision::Role { arn, source, .. },
                         ..
@@ -464,9 +474,11 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         .await
         .with_context(|| format!("binding the metrics port {}", args.metrics_port))?;
 
-    let cgroup_root = match &args.attach.cgroup_root {
-        Some(path) => path.clone(),
-        None => cgroupfs::default_cgroup_root()?,
+    let cgroup_root = match (&args.attach.cgroup_root, &config.bindings) {
+        (Some(path), _) => path.clone(),
+        // Standalone: every cgroup of the host, so any service can be bound.
+        (None, Some(_)) => cgroupfs::cgroup2_mount()?,
+        (None, None) => cgroupfs::default_cgroup_root()?,
     };
     let datapath = Arc::new(
         Datapath::open(&ebpf::Options {
@@ -512,6 +524,75 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         }
     }
 
+    let sts = sts_client(&StsConfig {
+        endpoint: args.sts_endpoint.clone(),
+        region: config.region.clone(),
+        regional: args.use_regional_sts_endpoint,
+        intermediate_role: args.assume_role_arn.clone(),
+        agent_credentials: None,
+    })
+    .await;
+    let credentials = CredentialCache::new(
+        sts,
+        Settings {
+            session_duration: args.iam_role_session_ttl,
+            refresh_lead: (args.iam_role_session_ttl / 2).max(Duration::from_secs(20 * 60)),
+            ..Settings::default()
+        },
+    );
+    let server_config = ServerConfig {
+        imdsv2_required: args.imdsv2_required,
+        allow_route: config.allow_route.clone(),
+        ..ServerConfig::default()
+    };
+    let listeners = Listeners {
+        ipv4: listener,
+        ipv6: listener6,
+        admin: admin_listener,
+    };
+
+    if let Some(path) = &config.bindings {
+        let bindings = Bindings::load(path, &policy)?;
+        tracing::info!(bindings = bindings.len(), file = %path.display(), "standalone mode");
+        let shared: bindings::Shared = Arc::new(std::sync::RwLock::new(Arc::new(bindings)));
+        tokio::spawn(reload_bindings(path.clone(), policy, shared.clone()));
+        let backend = Arc::new(StandaloneBackend {
+            index: index.clone(),
+            bindings: shared,
+            credentials: credentials.clone(),
+            metrics: metrics.clone(),
+        });
+        serve(
+            backend,
+            &datapath,
+            upstream,
+            server_config,
+            metrics.clone(),
+            listeners.ipv4,
+            listeners.ipv6,
+        );
+        let admin = Arc::new(Admin {
+            readiness: Arc::new(Readiness {
+                attached: AtomicBool::new(true),
+                listening: AtomicBool::new(true),
+                stores: None,
+            }),
+            metrics,
+            debug: args.debug,
+            kube: None,
+            credentials,
+            index,
+            datapath: datapath.clone(),
+            pin_dir: args.attach.pins.bpf_pin_dir.clone(),
+        });
+        tokio::spawn(admin.serve(listeners.admin));
+        shutdown_signal().await;
+        tracing::info!(
+            "shutting down; the programs stay attached (interceptor detach removes them)"
+        );
+        return Ok(());
+    }
+
     let client = k8s::client(args.kubeconfig.as_deref()).await?;
     let (pods, namespaces) = (PodStore::new(), NamespaceStore::new());
     tokio::spawn(k8s::pods::watch(
@@ -539,22 +620,6 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         OptOuts::new(resolver.clone(), pods.clone(), datapath.exempt()).run(Duration::from_secs(2)),
     );
 
-    let sts = sts_client(&StsConfig {
-        endpoint: args.sts_endpoint.clone(),
-        region: config.region.clone(),
-        regional: args.use_regional_sts_endpoint,
-        intermediate_role: args.assume_role_arn.clone(),
-        agent_credentials: None,
-    })
-    .await;
-    let credentials = CredentialCache::new(
-        sts,
-        Settings {
-            session_duration: args.iam_role_session_ttl,
-            refresh_lead: (args.iam_role_session_ttl / 2).max(Duration::from_secs(20 * 60)),
-            ..Settings::default()
-        },
-    );
     tokio::spawn(follow_pods(
         resolver.clone(),
         pods.clone(),
@@ -567,51 +632,46 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         events,
         metrics: metrics.clone(),
     });
-    let server = Arc::new(imds::Server::new(
+    serve(
         backend,
-        datapath.attribution(),
+        &datapath,
         upstream,
-        ServerConfig {
-            imdsv2_required: args.imdsv2_required,
-            allow_route: config.allow_route.clone(),
-            ..ServerConfig::default()
-        },
+        server_config,
         metrics.clone(),
-    ));
-    if let Some(listener6) = listener6 {
-        tokio::spawn(Arc::clone(&server).serve(listener6));
-    }
-    tokio::spawn(server.serve(listener));
+        listeners.ipv4,
+        listeners.ipv6,
+    );
 
     let readiness = Arc::new(Readiness {
         attached: AtomicBool::new(true),
         listening: AtomicBool::new(true),
-        pods: pods.clone(),
-        namespaces: namespaces.clone(),
+        stores: Some((pods.clone(), namespaces.clone())),
     });
     let admin = Arc::new(Admin {
         readiness: readiness.clone(),
         metrics,
         debug: args.debug,
-        resolver,
+        kube: Some(KubeView {
+            resolver,
+            pods: pods.clone(),
+            namespaces: namespaces.clone(),
+        }),
         credentials,
-        pods: pods.clone(),
-        namespaces,
         index,
         datapath: datapath.clone(),
         pin_dir: args.attach.pins.bpf_pin_dir.clone(),
     });
-    tokio::spawn(admin.serve(admin_listener));
+    tokio::spawn(admin.serve(listeners.admin));
     {
-        let readiness = readiness.clone();
+        let (pods, namespaces) = (pods.clone(), namespaces.clone());
         let (client, node, taint) = (
             client.clone(),
             config.node.clone(),
             args.startup_taint.clone(),
         );
         tokio::spawn(async move {
-            readiness.pods.wait_synced().await;
-            readiness.namespaces.wait_synced().await;
+            pods.wait_synced().await;
+            namespaces.wait_synced().await;
             tracing::info!("pod and namespace stores synced: ready");
             // Programs attached, stores synced, listener bound: pods may come.
             k8s::node::remove_taint_until_done(client, node, taint).await;
@@ -621,6 +681,177 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down; the programs stay attached (interceptor detach removes them)");
     Ok(())
+}
+
+struct Listeners {
+    ipv4: TcpListener,
+    ipv6: Option<TcpListener>,
+    admin: TcpListener,
+}
+
+/// Starts the metadata server on the proxy listeners.
+fn serve<B: imds::Backend>(
+    backend: Arc<B>,
+    datapath: &Datapath,
+    upstream: Arc<Upstream>,
+    config: ServerConfig,
+    metrics: Arc<Metrics>,
+    ipv4: TcpListener,
+    ipv6: Option<TcpListener>,
+) {
+    let server = Arc::new(imds::Server::new(
+        backend,
+        datapath.attribution(),
+        upstream,
+        config,
+        metrics,
+    ));
+    if let Some(ipv6) = ipv6 {
+        tokio::spawn(Arc::clone(&server).serve(ipv6));
+    }
+    tokio::spawn(server.serve(ipv4));
+}
+
+/// Standalone mode's view of callers: a cgroup and the binding its path matches.
+struct StandaloneBackend {
+    index: Arc<CgroupIndex>,
+    bindings: bindings::Shared,
+    credentials: Arc<CredentialCache>,
+    metrics: Arc<Metrics>,
+}
+
+struct ServiceCaller {
+    cgroup_id: u64,
+    path: String,
+}
+
+impl StandaloneBackend {
+    fn binding(&self, caller: &ServiceCaller) -> Option<bindings::Binding> {
+        let bindings = self
+            .bindings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        bindings.matching(&caller.path).cloned()
+    }
+}
+
+impl imds::Backend for StandaloneBackend {
+    type Caller = ServiceCaller;
+
+    async fn caller(&self, record: Attributed) -> Option<ServiceCaller> {
+        match self.index.resolve(record.cgroup_id, record.pid) {
+            Some(resolved) => Some(ServiceCaller {
+                cgroup_id: resolved.cgroup_id,
+                path: resolved.path.clone(),
+            }),
+            None => {
+                self.metrics
+                    .caller_refusals
+                    .with_label_values(&["unknown_cgroup"])
+                    .inc();
+                None
+            }
+        }
+    }
+
+    fn binding(&self, caller: &ServiceCaller) -> String {
+        format!("cgroup-{}", caller.cgroup_id)
+    }
+
+    async fn role(&self, caller: &ServiceCaller) -> RoleAnswer {
+        match self.binding(caller) {
+            Some(binding) => {
+                self.metrics.decisions.with_label_values(&["role"]).inc();
+                RoleAnswer::Role {
+                    name: binding.role.name().to_owned(),
+                    arn: binding.role.to_string(),
+                }
+            }
+            None => {
+                self.metrics.decisions.with_label_values(&["no_role"]).inc();
+                RoleAnswer::NoRole
+            }
+        }
+    }
+
+    async fn credentials(
+        &self,
+        caller: &ServiceCaller,
+        arn: &str,
+    ) -> Result<Served, CredentialsFailure> {
+        let Some(binding) = self
+            .binding(caller)
+            .filter(|binding| binding.role.to_string() == arn)
+        else {
+            return Err(CredentialsFailure::Unavailable);
+        };
+        let request = RoleRequest {
+            role_arn: arn.to_owned(),
+            external_id: binding.external_id.clone(),
+            session_name: binding.name.clone(),
+        };
+        match self.credentials.get(&request).await {
+            Ok(credentials) => Ok(Served {
+                access_key_id: credentials.access_key_id.clone(),
+                secret_access_key: credentials.secret_access_key.clone(),
+                token: credentials.session_token.clone(),
+                expiration: credentials.expiration,
+                last_updated: credentials.issued,
+            }),
+            Err(CredentialsError::Refused { code, message, .. }) => {
+                tracing::warn!(
+                    binding = binding.name,
+                    code,
+                    message,
+                    "STS refused the binding's role"
+                );
+                Err(CredentialsFailure::Refused {
+                    code: "AssumeRoleUnauthorizedAccess".into(),
+                    message: format!("{code}: {message}"),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(binding = binding.name, %error, "no credentials to serve");
+                Err(CredentialsFailure::Unavailable)
+            }
+        }
+    }
+}
+
+/// Re-reads the bindings file when it changes; a broken file is reported and the
+/// previous bindings stay in force.
+async fn reload_bindings(
+    path: std::path::PathBuf,
+    policy: interceptor::policy::PolicyConfig,
+    shared: bindings::Shared,
+) {
+    let modified = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .and_then(|meta| meta.modified())
+            .ok()
+    };
+    let mut seen = modified(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = modified(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match Bindings::load(&path, &policy) {
+            Ok(bindings) => {
+                tracing::info!(bindings = bindings.len(), "bindings reloaded");
+                *shared
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(bindings);
+            }
+            Err(error) => {
+                tracing::error!(%error, "bindings file not reloaded; the previous bindings stay")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -206,6 +206,10 @@ pub struct RunArgs {
     /// pod starts before interception is active; see docs/install.md).
     #[arg(long, default_value = crate::k8s::node::STARTUP_TAINT)]
     pub startup_taint: String,
+    /// Standalone mode, without Kubernetes: a YAML file binding cgroup path patterns to
+    /// roles (docs/standalone.md), reloaded when it changes.
+    #[arg(long)]
+    pub bindings: Option<PathBuf>,
 }
 
 /// Durations as kube2iam writes them: `900`, `900s`, `15m`, `1h`, `500ms`.
@@ -509,6 +513,8 @@ pub struct RunConfig {
     pub allow_route: Option<regex::Regex>,
     pub region: Option<String>,
     pub pod_uid: Option<String>,
+    /// Standalone mode's bindings file.
+    pub bindings: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -518,8 +524,13 @@ impl RunArgs {
             .node
             .clone()
             .or_else(|| env.get(ENV_NODE_NAME).cloned())
-            .filter(|node| !node.trim().is_empty())
-            .ok_or(ConfigError::NoNode)?;
+            .filter(|node| !node.trim().is_empty());
+        // Standalone mode watches no node.
+        let node = match (node, &self.bindings) {
+            (Some(node), _) => node,
+            (None, Some(_)) => String::new(),
+            (None, None) => return Err(ConfigError::NoNode),
+        };
         let allow_route = self
             .allow_route_regexp
             .as_ref()
@@ -582,6 +593,7 @@ impl RunArgs {
                 .clone()
                 .or_else(|| env.get(ENV_POD_UID).cloned())
                 .filter(|uid| !uid.trim().is_empty()),
+            bindings: self.bindings.clone(),
         })
     }
 }

@@ -4,6 +4,7 @@
 //! credentials -> response. Only [`ebpf`] talks to the kernel through aya.
 #![forbid(unsafe_code)]
 
+pub mod bindings;
 pub mod cgroupfs;
 pub mod config;
 pub mod credentials;

@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod clients;
 pub mod cmd;
 pub mod fake_imds;
 pub mod moto;
