@@ -279,20 +279,11 @@ impl Admin {
         tracked
             .with_label_values(&["kernel_exempt"])
             .set(self.datapath.exempt().list().len() as i64);
-        let stats = self.credentials.stats();
         let copied = &self.metrics.copied;
-        for (event, value) in [
-            ("hits", &stats.hits),
-            ("misses", &stats.misses),
-            ("prefetches", &stats.prefetches),
-            ("refreshes", &stats.refreshes),
-            ("sts_calls", &stats.sts_calls),
-            ("sts_errors", &stats.sts_errors),
-            ("stale_served", &stats.stale_served),
-        ] {
+        for (event, value) in self.credentials.stats().counters() {
             copied
                 .with_label_values(&["credentials", event])
-                .set(value.load(Ordering::Relaxed) as i64);
+                .set(value as i64);
         }
         for (event, value) in self.datapath.counters() {
             copied
@@ -532,14 +523,8 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         agent_credentials: None,
     })
     .await;
-    let credentials = CredentialCache::new(
-        sts,
-        Settings {
-            session_duration: args.iam_role_session_ttl,
-            refresh_lead: (args.iam_role_session_ttl / 2).max(Duration::from_secs(20 * 60)),
-            ..Settings::default()
-        },
-    );
+    // Session length, refresh point and serve floor derived together (docs/credentials.md).
+    let credentials = CredentialCache::new(sts, Settings::for_session(args.iam_role_session_ttl));
     let server_config = ServerConfig {
         imdsv2_required: args.imdsv2_required,
         allow_route: config.allow_route.clone(),

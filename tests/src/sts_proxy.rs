@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -23,6 +23,8 @@ pub enum Fault {
     Throttle,
     /// AssumeRole answers AccessDenied.
     Deny,
+    /// The next `n` calls answer STS's Throttling error, later ones pass (recovery).
+    ThrottleNext(u32),
 }
 
 #[derive(Default)]
@@ -30,6 +32,8 @@ struct State {
     counts: HashMap<String, u64>,
     /// `RoleArn` of every AssumeRole call, in order.
     assumed: Vec<String>,
+    /// When each AssumeRole call arrived.
+    assume_times: Vec<Instant>,
     fault: Option<Fault>,
     delay: Duration,
 }
@@ -98,6 +102,11 @@ impl StsProxy {
         self.state.lock().unwrap().assumed.clone()
     }
 
+    /// When each AssumeRole call arrived, in order (to see backoff).
+    pub fn assume_times(&self) -> Vec<Instant> {
+        self.state.lock().unwrap().assume_times.clone()
+    }
+
     pub fn set_fault(&self, fault: Fault) {
         self.state.lock().unwrap().fault = Some(fault);
     }
@@ -124,8 +133,19 @@ async fn forward(
     let (fault, delay) = {
         let mut state = state.lock().unwrap();
         *state.counts.entry(action.clone()).or_default() += 1;
+        if action == "AssumeRole" {
+            state.assume_times.push(Instant::now());
+        }
         state.assumed.extend(role_arn);
-        (state.fault.clone().unwrap_or(Fault::None), state.delay)
+        let fault = match state.fault.clone().unwrap_or(Fault::None) {
+            Fault::ThrottleNext(0) => Fault::None,
+            Fault::ThrottleNext(n) => {
+                state.fault = Some(Fault::ThrottleNext(n - 1));
+                Fault::Throttle
+            }
+            fault => fault,
+        };
+        (fault, state.delay)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

@@ -1,6 +1,7 @@
 //! The credentials cache against moto's real STS server (through a counting, fault
 //! injecting forwarder): identity and session as STS reports them, prefetch, single
-//! flight, refresh, outages and refusals.
+//! flight, refresh, outages, throttling and refusals (injected, and by moto checking the
+//! agent's IAM policy).
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -71,6 +72,7 @@ async fn caller_arn(endpoint: &str, credentials: &Credentials) -> String {
 #[tokio::test]
 async fn assumed_role_and_session_are_what_sts_reports() {
     let moto = MotoServer::start();
+    moto.reset();
     let proxy = StsProxy::start(moto.addr()).await;
     let cache = cache(&proxy, Settings::default()).await;
     let credentials = cache
@@ -107,6 +109,16 @@ async fn prefetch_makes_the_first_request_a_hit() {
     .await;
     cache.get(&request("role-a", "new-pod")).await.unwrap();
     assert_eq!(cache.stats().hits.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        cache.stats().misses.load(Ordering::Relaxed),
+        1,
+        "the prefetch's"
+    );
+    assert_eq!(proxy.count("AssumeRole"), 1);
+    // Prefetching what is cached costs nothing.
+    cache.prefetch(request("role-a", "new-pod"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(cache.stats().prefetches.load(Ordering::Relaxed), 1);
     assert_eq!(proxy.count("AssumeRole"), 1);
 }
 
@@ -143,6 +155,16 @@ async fn concurrent_requests_make_one_call_per_key() {
     assert_eq!(proxy.count("AssumeRole"), 4);
 }
 
+fn counter(cache: &CredentialCache, name: &str) -> u64 {
+    cache
+        .stats()
+        .counters()
+        .into_iter()
+        .find(|(counter, _)| *counter == name)
+        .map(|(_, value)| value)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
 #[tokio::test]
 async fn credentials_are_refreshed_before_they_expire() {
     let moto = MotoServer::start();
@@ -155,36 +177,51 @@ async fn credentials_are_refreshed_before_they_expire() {
             session_duration: Duration::from_secs(900),
             refresh_lead: Duration::from_secs(898),
             serve_floor: Duration::from_secs(60),
+            min_refresh_interval: Duration::ZERO,
             ..Settings::default()
         },
     )
     .await;
     let first = cache.get(&request("role-a", "web")).await.unwrap();
     interceptor_tests::apiserver::wait_for("a background refresh", Duration::from_secs(15), || {
-        match cache.stats().refreshes.load(Ordering::Relaxed) {
+        match counter(&cache, "refreshes_ok") {
             0 => Err("no refresh yet".into()),
             _ => Ok(()),
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let second = cache.get(&request("role-a", "web")).await.unwrap();
     assert_ne!(
         first.access_key_id, second.access_key_id,
         "refreshed credentials are served"
     );
+    assert!(second.expiration > first.expiration);
+    assert_eq!(
+        counter(&cache, "misses"),
+        1,
+        "the refresh, not the request, called STS"
+    );
     assert!(proxy.count("AssumeRole") >= 2);
     // A key nobody needs any more is forgotten and its refresher stops.
-    cache.retain(|_| false);
+    cache.forget(&request("role-a", "web"));
     assert!(cache.is_empty());
+    let calls = proxy.count("AssumeRole");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        proxy.count("AssumeRole") <= calls + 1,
+        "the refresher stops once its key is forgotten"
+    );
+    let settled = proxy.count("AssumeRole");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(proxy.count("AssumeRole"), settled);
 }
 
 #[tokio::test]
-async fn outages_serve_cached_credentials_and_refusals_say_why() {
+async fn outages_serve_cached_credentials_and_report_the_rest() {
     let moto = MotoServer::start();
     let proxy = StsProxy::start(moto.addr()).await;
-    // Every request wants fresher credentials than it has (serve floor above the session
-    // length), so each one calls STS: outages are visible.
+    // Every request wants fresher credentials than it has (serve floor just below the
+    // session length), so each one calls STS: outages are visible.
     let cache = cache(
         &proxy,
         Settings {
@@ -192,11 +229,11 @@ async fn outages_serve_cached_credentials_and_refusals_say_why() {
             refresh_lead: Duration::from_secs(60),
             serve_floor: Duration::from_secs(899),
             stale_floor: Duration::from_secs(60),
+            error_hold: Duration::from_secs(2),
             ..Settings::default()
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let cached = cache.get(&request("role-a", "web")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
@@ -206,39 +243,186 @@ async fn outages_serve_cached_credentials_and_refusals_say_why() {
         .await
         .expect("served from cache during the outage");
     assert_eq!(during.access_key_id, cached.access_key_id);
-    assert!(cache.stats().stale_served.load(Ordering::Relaxed) >= 1);
+    assert_eq!(counter(&cache, "stale_served"), 1);
+    assert!(counter(&cache, "sts_unavailable") >= 1);
+    // Within the error hold, more requests are answered at once without calling STS.
+    let calls = proxy.count("AssumeRole");
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let again = cache.get(&request("role-a", "web")).await.unwrap();
+        assert_eq!(again.access_key_id, cached.access_key_id);
+    }
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(proxy.count("AssumeRole"), calls);
+    assert_eq!(counter(&cache, "held"), 20);
     // Nothing cached for this key: the outage is reported, not papered over.
     match cache.get(&request("role-new", "web")).await {
-        Err(CredentialsError::Unavailable { .. }) => {}
+        Err(error @ CredentialsError::Unavailable { .. }) => {
+            assert_eq!(error.metric_label(), "unavailable");
+            assert!(error.to_string().contains("role-new"), "{error}");
+        }
         other => panic!("expected Unavailable, got {other:?}"),
     }
 
-    proxy.set_fault(Fault::Throttle);
-    let calls = proxy.count("AssumeRole");
-    assert!(matches!(
-        cache.get(&request("role-new", "web")).await,
-        Err(CredentialsError::Unavailable { .. })
-    ));
-    let attempts = proxy.count("AssumeRole") - calls;
-    assert!(
-        (1..=5).contains(&attempts),
-        "throttling is retried a bounded number of times: {attempts}"
-    );
-
-    proxy.set_fault(Fault::Deny);
-    match cache.get(&request("role-forbidden", "web")).await {
-        Err(CredentialsError::Refused { code, message, .. }) => {
-            assert_eq!(code, "AccessDenied");
-            assert!(message.contains("not authorized"), "{message}");
-        }
-        other => panic!("expected Refused, got {other:?}"),
-    }
-
     proxy.set_fault(Fault::None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = cache
+        .get(&request("role-a", "web"))
+        .await
+        .expect("recovered");
+    assert_ne!(after.access_key_id, cached.access_key_id);
     cache
         .get(&request("role-new", "web"))
         .await
         .expect("recovered");
+}
+
+#[tokio::test]
+async fn throttling_backs_off_and_recovers_with_bounded_calls() {
+    let moto = MotoServer::start();
+    let proxy = StsProxy::start(moto.addr()).await;
+    let cache = cache(
+        &proxy,
+        Settings {
+            session_duration: Duration::from_secs(900),
+            refresh_lead: Duration::from_secs(898),
+            serve_floor: Duration::from_secs(60),
+            min_refresh_interval: Duration::ZERO,
+            retry_base: Duration::from_millis(300),
+            error_hold: Duration::ZERO,
+            ..Settings::default()
+        },
+    )
+    .await;
+    // Two throttled answers, then STS recovers: the SDK's retries (backoff with jitter)
+    // get credentials on the third attempt.
+    proxy.set_fault(Fault::ThrottleNext(2));
+    let first = cache
+        .get(&request("role-a", "web"))
+        .await
+        .expect("credentials after throttling");
+    assert_eq!(proxy.count("AssumeRole"), 3);
+    let times = proxy.assume_times();
+    assert!(times.windows(2).all(|pair| pair[1] > pair[0]));
+    assert_eq!(counter(&cache, "sts_errors"), 0, "retried inside the call");
+
+    // Throttled for good: a request gives up after a bounded number of attempts.
+    proxy.set_fault(Fault::Throttle);
+    let calls = proxy.count("AssumeRole");
+    match cache.get(&request("role-b", "web")).await {
+        Err(CredentialsError::Unavailable { reason, .. }) => {
+            assert!(reason.contains("Throttling"), "{reason}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let attempts = proxy.count("AssumeRole") - calls;
+    assert!(
+        (1..=3).contains(&attempts),
+        "throttling is retried a bounded number of times: {attempts}"
+    );
+    assert!(counter(&cache, "sts_throttled") >= 1);
+
+    // Meanwhile role-a's background refresher fails and backs off (300 ms doubling, plus
+    // jitter, each refresh making up to 3 attempts): few refreshes, not a loop.
+    let refreshes = counter(&cache, "refreshes");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = counter(&cache, "refreshes") - refreshes;
+    assert!((1..=5).contains(&during), "{during} refreshes in 5 s");
+    assert_eq!(counter(&cache, "refreshes_ok"), 0);
+    // Still served from memory: the credentials have most of their life left.
+    let served = cache.get(&request("role-a", "web")).await.unwrap();
+    assert_eq!(served.access_key_id, first.access_key_id);
+
+    proxy.set_fault(Fault::None);
+    interceptor_tests::apiserver::wait_for(
+        "the refresh to recover",
+        Duration::from_secs(30),
+        || match counter(&cache, "refreshes_ok") {
+            0 => Err("not yet".into()),
+            _ => Ok(()),
+        },
+    )
+    .await;
+    let refreshed = cache.get(&request("role-a", "web")).await.unwrap();
+    assert_ne!(refreshed.access_key_id, first.access_key_id);
+}
+
+#[tokio::test]
+async fn refusals_say_why_and_are_not_retried_in_a_loop() {
+    let moto = MotoServer::start();
+    let proxy = StsProxy::start(moto.addr()).await;
+    let cache = cache(&proxy, Settings::default()).await;
+    proxy.set_fault(Fault::Deny);
+    match cache.get(&request("role-forbidden", "web")).await {
+        Err(error @ CredentialsError::Refused { .. }) => {
+            assert_eq!(error.metric_label(), "refused");
+            let CredentialsError::Refused {
+                code,
+                message,
+                role,
+            } = error
+            else {
+                unreachable!()
+            };
+            assert_eq!(code, "AccessDenied");
+            assert!(message.contains("not authorized"), "{message}");
+            assert!(role.ends_with("role/role-forbidden"), "{role}");
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert_eq!(
+        proxy.count("AssumeRole"),
+        1,
+        "client errors are not retried"
+    );
+    // A pod retrying at once gets the same answer without another call.
+    assert!(matches!(
+        cache.get(&request("role-forbidden", "web")).await,
+        Err(CredentialsError::Refused { .. })
+    ));
+    assert_eq!(proxy.count("AssumeRole"), 1);
+    assert_eq!(counter(&cache, "sts_refused"), 1);
+}
+
+/// moto checking the agent's own IAM policy: the agent may assume role-a only.
+#[tokio::test]
+async fn moto_checking_policies_refuses_a_role_the_agent_may_not_assume() {
+    let moto = MotoServer::start_checking_policies(3);
+    let (id, secret) = moto.node_user("123456789012", &["role-a"]);
+    let client = sts_client(&StsConfig {
+        endpoint: Some(moto.endpoint()),
+        region: Some("us-east-1".into()),
+        agent_credentials: Some(aws_credential_types::Credentials::new(
+            id, secret, None, None, "node",
+        )),
+        ..StsConfig::default()
+    })
+    .await;
+    let cache = CredentialCache::new(client, Settings::default());
+    let allowed = cache
+        .get(&request("role-a", "allowed"))
+        .await
+        .expect("the agent may assume role-a");
+    assert_eq!(
+        allowed.assumed_role_arn,
+        "arn:aws:sts::123456789012:assumed-role/role-a/team-a.allowed"
+    );
+    match cache.get(&request("role-secret", "refused")).await {
+        Err(CredentialsError::Refused {
+            code,
+            message,
+            role,
+        }) => {
+            // STS's own words (moto's omit the resource; the role is in `role`).
+            assert_eq!(code, "AccessDenied", "{message}");
+            assert!(
+                message.contains("user/node is not authorized to perform: sts:AssumeRole"),
+                "{message}"
+            );
+            assert!(role.ends_with(":role/role-secret"), "{role}");
+        }
+        other => panic!("expected AccessDenied, got {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -142,6 +142,12 @@ pub fn demo() -> Result<()> {
     }
     setup::run(false)?;
     let object = ebpf::build(&ebpf::BuildOptions::default())?;
+    // The demo runs the real agent binary.
+    run::status(
+        run::cargo(None)
+            .args(["build", "--quiet", "--package", "interceptor", "--bins"])
+            .env("INTERCEPTOR_EBPF_OBJECT", &object),
+    )?;
     run::status(
         run::cargo(None)
             .args([
@@ -152,6 +158,14 @@ pub fn demo() -> Result<()> {
                 "--bin",
                 "demo",
             ])
-            .env("INTERCEPTOR_EBPF_OBJECT", &object),
+            .env("INTERCEPTOR_EBPF_OBJECT", &object)
+            .env(
+                "INTERCEPTOR_BIN",
+                run::workspace_root().join("target/debug/interceptor"),
+            )
+            .env(
+                "INTERCEPTOR_PY_VENV",
+                setup::peers_dir("venv", &setup::python_requirements())?,
+            ),
     )
 }

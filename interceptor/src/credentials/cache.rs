@@ -6,7 +6,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -17,6 +17,11 @@ use super::{
 };
 
 /// Timing of sessions and refreshes (see the module docs for the defaults' reasoning).
+///
+/// The cache takes these literally (tests use 900 s sessions refreshed within seconds),
+/// except that a key is never refreshed more often than `min_refresh_interval`, so no
+/// combination can make it call STS in a loop. [`Settings::for_session`] derives a
+/// consistent set from `--iam-role-session-ttl`.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// DurationSeconds of each AssumeRole (STS: 900 s to the role's maximum).
@@ -29,18 +34,80 @@ pub struct Settings {
     pub stale_floor: Duration,
     /// Pause between failed background refreshes (doubles, with jitter, up to 1 min).
     pub retry_base: Duration,
+    /// Shortest pause between two successful refreshes of one key.
+    pub min_refresh_interval: Duration,
+    /// After an STS call for a key failed, requests for that key within this window get
+    /// the same answer (cached credentials or the error) without calling STS again: during
+    /// an outage or a refusal, pods retrying in a loop do not queue behind STS timeouts
+    /// nor multiply the calls.
+    pub error_hold: Duration,
 }
+
+/// The serve floor SDKs need: they refresh 15 minutes before expiry, and the Java SDK v1
+/// refreshes on every call below that.
+pub const SDK_REFRESH_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// STS's bounds for DurationSeconds (the upper one also needs the role's maximum).
+pub const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
+pub const MAX_SESSION: Duration = Duration::from_secs(12 * 3600);
+/// Time kept between the refresh point and the serve floor, for STS's latency and the
+/// SDK's retries (10 s per operation) and the background refresher's own retries.
+const REFRESH_MARGIN: Duration = Duration::from_secs(10 * 60);
 
 impl Default for Settings {
     fn default() -> Self {
+        Self::for_session(Duration::from_secs(3600))
+    }
+}
+
+impl Settings {
+    /// Settings for sessions of `ttl` (clamped to STS's 15 min ..= 12 h).
+    ///
+    /// Chosen so that a served credential always has at least the serve floor left, and
+    /// that floor is the SDKs' 15-minute window whenever the session allows it:
+    /// - serve floor: 15 min, or a third of the session when that is shorter (a 15-minute
+    ///   session can never satisfy a 15-minute floor; serving it with 5 min left beats
+    ///   calling STS on every request);
+    /// - refresh lead: half the session, but at least 10 min above the floor (time for
+    ///   STS retries), and at most two thirds of the session, so refreshes stay rare.
+    ///
+    /// At the default 1 h: refresh with 30 min left (the wait shortened by up to 10 %
+    /// jitter), serve floor 15 min, so pods normally get 30 to 60 minutes.
+    pub fn for_session(ttl: Duration) -> Self {
+        let session = ttl.clamp(MIN_SESSION, MAX_SESSION);
+        let serve_floor = SDK_REFRESH_WINDOW.min(session / 3);
+        let refresh_lead = (session / 2)
+            .max(serve_floor + REFRESH_MARGIN)
+            .min(session * 2 / 3);
         Self {
-            session_duration: Duration::from_secs(3600),
-            refresh_lead: Duration::from_secs(30 * 60),
-            serve_floor: Duration::from_secs(15 * 60),
+            session_duration: session,
+            refresh_lead,
+            serve_floor,
             stale_floor: Duration::from_secs(2 * 60),
             retry_base: Duration::from_secs(1),
+            min_refresh_interval: Duration::from_secs(60),
+            error_hold: Duration::from_secs(5),
         }
     }
+}
+
+/// How long the refresher sleeps before refreshing credentials with `remaining` lifetime:
+/// until `refresh_lead` is left, minus up to 10 % of that wait (`jitter` in 0..=1) so that
+/// keys fetched together do not refresh together. Jitter shortens the wait and never the
+/// lead, so short sessions are still refreshed in time; `min_refresh_interval` bounds the
+/// rate whatever the settings.
+pub(crate) fn refresh_wait(remaining: Duration, settings: &Settings, jitter: f64) -> Duration {
+    let until = remaining.saturating_sub(settings.refresh_lead);
+    let wait = until.saturating_sub(until.mul_f64(0.1 * jitter.clamp(0.0, 1.0)));
+    wait.max(settings.min_refresh_interval)
+}
+
+/// The pause after the `failures`-th failed background refresh in a row: `retry_base`
+/// doubling up to 1 min, plus up to one `retry_base` of jitter (`jitter` in 0..=1).
+pub(crate) fn retry_wait(failures: u32, settings: &Settings, jitter: f64) -> Duration {
+    let backoff = settings
+        .retry_base
+        .saturating_mul(2u32.saturating_pow(failures.min(6)));
+    backoff.min(Duration::from_secs(60)) + settings.retry_base.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
 /// Everything that changes STS's answer.
@@ -50,16 +117,60 @@ pub struct Key {
     pub duration: Duration,
 }
 
-/// Counters for metrics and tests.
+/// Counters for metrics and tests (the agent copies them into its Prometheus registry).
 #[derive(Debug, Default)]
 pub struct CacheStats {
+    /// Requests served from memory.
     pub hits: AtomicU64,
+    /// Requests that called STS (once per single-flight group).
     pub misses: AtomicU64,
     pub prefetches: AtomicU64,
+    /// Background refresh attempts, and the successful ones.
     pub refreshes: AtomicU64,
+    pub refreshes_ok: AtomicU64,
     pub sts_calls: AtomicU64,
     pub sts_errors: AtomicU64,
+    /// `sts_errors` by cause: throttled, other transient (5xx, timeouts, connection) and
+    /// refused (AccessDenied and other client errors).
+    pub sts_throttled: AtomicU64,
+    pub sts_unavailable: AtomicU64,
+    pub sts_refused: AtomicU64,
+    /// Sum of the STS calls' durations, in microseconds (count: `sts_calls`).
+    pub sts_micros: AtomicU64,
+    /// Requests answered with cached credentials below the serve floor while STS failed.
     pub stale_served: AtomicU64,
+    /// Requests answered from a recent failure without calling STS (`error_hold`).
+    pub held: AtomicU64,
+}
+
+impl CacheStats {
+    /// Every counter with a metric-friendly name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("hits", &self.hits),
+            ("misses", &self.misses),
+            ("prefetches", &self.prefetches),
+            ("refreshes", &self.refreshes),
+            ("refreshes_ok", &self.refreshes_ok),
+            ("sts_calls", &self.sts_calls),
+            ("sts_errors", &self.sts_errors),
+            ("sts_throttled", &self.sts_throttled),
+            ("sts_unavailable", &self.sts_unavailable),
+            ("sts_refused", &self.sts_refused),
+            ("sts_micros", &self.sts_micros),
+            ("stale_served", &self.stale_served),
+            ("held", &self.held),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name, value.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Default)]
@@ -70,21 +181,30 @@ struct Slot {
     fetching: tokio::sync::Mutex<()>,
     /// A background refresher is running for this slot.
     refreshing: Mutex<bool>,
+    /// The last STS failure for this key, until a success.
+    failed: Mutex<Option<(Instant, CredentialsError)>>,
 }
 
 impl Slot {
     fn current(&self) -> Option<Arc<Credentials>> {
-        self.current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        locked(&self.current).clone()
     }
 
     fn store(&self, credentials: Arc<Credentials>) {
-        *self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(credentials);
+        *locked(&self.current) = Some(credentials);
+        *locked(&self.failed) = None;
+    }
+
+    fn record_failure(&self, error: &CredentialsError) {
+        *locked(&self.failed) = Some((Instant::now(), error.clone()));
+    }
+
+    /// The failure of an STS call made less than `hold` ago.
+    fn recent_failure(&self, hold: Duration) -> Option<CredentialsError> {
+        locked(&self.failed)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < hold)
+            .map(|(_, error)| error.clone())
     }
 }
 
@@ -95,11 +215,13 @@ pub struct CredentialCache {
     stats: Arc<CacheStats>,
 }
 
-fn jitter(max: Duration) -> Duration {
+/// A random fraction in 0..=1 (0 if the system RNG fails: no jitter, still correct).
+fn random_fraction() -> f64 {
     let mut bytes = [0u8; 4];
-    let _ = SystemRandom::new().fill(&mut bytes);
-    let fraction = f64::from(u32::from_ne_bytes(bytes)) / f64::from(u32::MAX);
-    max.mul_f64(fraction)
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        return 0.0;
+    }
+    f64::from(u32::from_ne_bytes(bytes)) / f64::from(u32::MAX)
 }
 
 impl CredentialCache {
@@ -120,7 +242,8 @@ impl CredentialCache {
         &self.settings
     }
 
-    fn key(&self, request: &RoleRequest) -> Key {
+    /// The cache key of `request`: the request and the session duration.
+    pub fn key(&self, request: &RoleRequest) -> Key {
         Key {
             request: request.clone(),
             duration: self.settings.session_duration,
@@ -128,19 +251,13 @@ impl CredentialCache {
     }
 
     fn slot(&self, key: &Key) -> Arc<Slot> {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slots = locked(&self.slots);
         Arc::clone(slots.entry(key.clone()).or_default())
     }
 
     /// Keys cached now.
     pub fn len(&self) -> usize {
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
+        locked(&self.slots).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -149,10 +266,7 @@ impl CredentialCache {
 
     /// Cached credentials' expiry per key (never the secrets), for `/debug/store`.
     pub fn expiries(&self) -> Vec<(Key, Option<SystemTime>)> {
-        let slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slots = locked(&self.slots);
         slots
             .iter()
             .map(|(key, slot)| (key.clone(), slot.current().map(|c| c.expiration)))
@@ -162,40 +276,48 @@ impl CredentialCache {
     /// Forgets every key `wanted` rejects (no pod on the node needs it any more); their
     /// refreshers stop at their next wake-up.
     pub fn retain(&self, wanted: impl Fn(&Key) -> bool) {
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|key, _| wanted(key));
+        locked(&self.slots).retain(|key, _| wanted(key));
     }
 
-    fn wanted(&self, key: &Key) -> bool {
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(key)
+    /// Forgets `request`'s credentials (its pod is gone).
+    pub fn forget(&self, request: &RoleRequest) {
+        let key = self.key(request);
+        locked(&self.slots).remove(&key);
     }
 
-    /// Credentials for `request`: from memory when they have comfortable lifetime left,
-    /// else from STS (one call however many ask at once).
+    /// Whether `slot` is still the one cached for `key` (not forgotten, not replaced).
+    fn wanted(&self, key: &Key, slot: &Arc<Slot>) -> bool {
+        locked(&self.slots)
+            .get(key)
+            .is_some_and(|cached| Arc::ptr_eq(cached, slot))
+    }
+
+    fn fresh(&self, slot: &Slot) -> Option<Arc<Credentials>> {
+        slot.current()
+            .filter(|current| current.remaining(SystemTime::now()) > self.settings.serve_floor)
+    }
+
+    /// Credentials for `request`: from memory when they have more than the serve floor
+    /// left, else from STS (one call however many ask at once).
     pub async fn get(
         self: &Arc<Self>,
         request: &RoleRequest,
     ) -> Result<Arc<Credentials>, CredentialsError> {
         let key = self.key(request);
         let slot = self.slot(&key);
-        if let Some(current) = slot.current()
-            && current.remaining(SystemTime::now()) > self.settings.serve_floor
-        {
+        if let Some(current) = self.fresh(&slot) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(current);
         }
         let _fetching = slot.fetching.lock().await;
-        if let Some(current) = slot.current()
-            && current.remaining(SystemTime::now()) > self.settings.serve_floor
-        {
+        if let Some(current) = self.fresh(&slot) {
             // Fetched by whoever held the lock before us.
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(current);
+        }
+        if let Some(error) = slot.recent_failure(self.settings.error_hold) {
+            self.stats.held.fetch_add(1, Ordering::Relaxed);
+            return self.fallback(&slot, error);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         match self.fetch(&key).await {
@@ -204,11 +326,15 @@ impl CredentialCache {
                 self.ensure_refresher(&key, &slot);
                 Ok(fresh)
             }
-            Err(error) => self.fallback(&slot, error),
+            Err(error) => {
+                slot.record_failure(&error);
+                self.fallback(&slot, error)
+            }
         }
     }
 
     /// While STS fails, what is cached keeps flowing until shortly before it expires.
+    /// A refusal is never papered over.
     fn fallback(
         &self,
         slot: &Slot,
@@ -227,11 +353,24 @@ impl CredentialCache {
 
     async fn fetch(&self, key: &Key) -> Result<Arc<Credentials>, CredentialsError> {
         self.stats.sts_calls.fetch_add(1, Ordering::Relaxed);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let result = assume_role(&self.client, &key.request, key.duration).await;
-        tracing::debug!(role = %key.request.role_arn, elapsed = ?started.elapsed(), ok = result.is_ok(), "AssumeRole");
+        let elapsed = started.elapsed();
+        self.stats.sts_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        tracing::debug!(role = %key.request.role_arn, ?elapsed, ok = result.is_ok(), "AssumeRole");
         result.map(Arc::new).map_err(|error| {
             self.stats.sts_errors.fetch_add(1, Ordering::Relaxed);
+            let counter = match &error {
+                StsError::Refused { .. } => &self.stats.sts_refused,
+                StsError::Transient {
+                    throttled: true, ..
+                } => &self.stats.sts_throttled,
+                StsError::Transient { .. } => &self.stats.sts_unavailable,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             let role = key.request.role_arn.clone();
             match error {
                 StsError::Refused { code, message } => CredentialsError::Refused {
@@ -239,14 +378,19 @@ impl CredentialCache {
                     code,
                     message,
                 },
-                StsError::Transient { reason } => CredentialsError::Unavailable { role, reason },
+                StsError::Transient { reason, .. } => {
+                    CredentialsError::Unavailable { role, reason }
+                }
             }
         })
     }
 
     /// Starts fetching in the background (a pod with a role appeared), so its first
-    /// request is served from memory.
+    /// request is served from memory. Already cached keys cost nothing.
     pub fn prefetch(self: &Arc<Self>, request: RoleRequest) {
+        if self.fresh(&self.slot(&self.key(&request))).is_some() {
+            return;
+        }
         self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
         let cache = Arc::clone(self);
         tokio::spawn(async move {
@@ -258,10 +402,7 @@ impl CredentialCache {
 
     fn ensure_refresher(self: &Arc<Self>, key: &Key, slot: &Arc<Slot>) {
         {
-            let mut running = slot
-                .refreshing
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut running = locked(&slot.refreshing);
             if *running {
                 return;
             }
@@ -271,24 +412,23 @@ impl CredentialCache {
         tokio::spawn(async move { cache.refresh_loop(key, slot).await });
     }
 
-    /// Refreshes `key` whenever less than `refresh_lead` (plus jitter) is left, until the
-    /// key is no longer wanted.
+    /// Refreshes `key` ahead of expiry ([`refresh_wait`]), retrying failures with backoff
+    /// ([`retry_wait`]), until the key is no longer wanted or its credentials have expired
+    /// and STS keeps failing.
     async fn refresh_loop(self: Arc<Self>, key: Key, slot: Arc<Slot>) {
         let mut failures = 0u32;
         while let Some(current) = slot.current() {
             let wait = if failures == 0 {
-                // Until `refresh_lead` is left, minus up to 10 % of that wait so that
-                // keys fetched together do not refresh together.
-                let until = current
-                    .remaining(SystemTime::now())
-                    .saturating_sub(self.settings.refresh_lead);
-                until.saturating_sub(jitter(until / 10))
+                refresh_wait(
+                    current.remaining(SystemTime::now()),
+                    &self.settings,
+                    random_fraction(),
+                )
             } else {
-                let backoff = self.settings.retry_base * 2u32.saturating_pow(failures.min(6));
-                backoff.min(Duration::from_secs(60)) + jitter(self.settings.retry_base)
+                retry_wait(failures, &self.settings, random_fraction())
             };
             tokio::time::sleep(wait).await;
-            if !self.wanted(&key) {
+            if !self.wanted(&key, &slot) {
                 break;
             }
             let _fetching = slot.fetching.lock().await;
@@ -296,10 +436,12 @@ impl CredentialCache {
             match self.fetch(&key).await {
                 Ok(fresh) => {
                     slot.store(fresh);
+                    self.stats.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                     failures = 0;
                 }
                 Err(error) => {
-                    failures += 1;
+                    slot.record_failure(&error);
+                    failures = failures.saturating_add(1);
                     tracing::warn!(%error, failures, "refresh failed; retrying");
                     if current.remaining(SystemTime::now()).is_zero() && failures > 10 {
                         break;
@@ -307,9 +449,6 @@ impl CredentialCache {
                 }
             }
         }
-        *slot
-            .refreshing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+        *locked(&slot.refreshing) = false;
     }
 }

@@ -2,13 +2,15 @@
 //! cached, fetched once however many ask at the same time, prefetched when a pod with a
 //! role appears, and refreshed well ahead of expiry.
 //!
-//! Lifetimes (docs/credentials.md): sessions last `session_duration` (default 1 h); a
-//! credential is refreshed in the background once less than `refresh_lead` (default
-//! 30 min at 1 h sessions; the wait for it is shortened by up to 10 % jitter so refreshes
-//! of many keys spread out) is left, and one
-//! with less than `serve_floor` (15 min: SDKs refresh 15 minutes before expiry, and the
-//! Java SDK v1 storms below that) is never served while STS answers. While STS is down,
-//! cached credentials are served until `stale_floor` (2 min) before they expire.
+//! Lifetimes (docs/credentials.md, [`Settings::for_session`]): sessions last
+//! `--iam-role-session-ttl` (default 1 h). A credential with less than the serve floor
+//! left (15 min: SDKs refresh 15 minutes before expiry, and the Java SDK v1 refreshes on
+//! every call below that) is never served while STS answers; a background refresher
+//! replaces it once less than the refresh lead is left (30 min at 1 h sessions; the wait is
+//! shortened by up to 10 % jitter so keys fetched together spread out), so requests are
+//! served from memory with 30 to 60 minutes left. While STS is down, cached credentials
+//! are served until the stale floor (2 min) before they expire; refusals (AccessDenied)
+//! are returned as [`CredentialsError::Refused`], never papered over.
 
 mod cache;
 mod session;
@@ -19,7 +21,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-pub use cache::{CacheStats, CredentialCache, Key, Settings};
+pub use cache::{
+    CacheStats, CredentialCache, Key, MAX_SESSION, MIN_SESSION, SDK_REFRESH_WINDOW, Settings,
+};
 pub use session::session_name;
 pub use sts::{StsConfig, StsError, endpoint_url, sts_client};
 
@@ -34,16 +38,24 @@ pub struct RoleRequest {
 /// Temporary credentials. `Debug` never shows the secret or the token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
+    /// `AccessKeyId`; not secret (it appears in CloudTrail), so `Debug` shows it.
     pub access_key_id: String,
     pub secret_access_key: String,
     pub session_token: String,
     pub expiration: SystemTime,
+    /// When STS issued them: the metadata API's `LastUpdated`.
     pub issued: SystemTime,
     /// `arn:aws:sts::<account>:assumed-role/<role>/<session>`.
     pub assumed_role_arn: String,
 }
 
 impl Credentials {
+    /// The metadata API's `LastUpdated` (the same as `issued`).
+    pub fn last_updated(&self) -> SystemTime {
+        self.issued
+    }
+
+    /// Lifetime left at `now` (zero once expired).
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.expiration
             .duration_since(now)

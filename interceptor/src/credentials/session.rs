@@ -1,8 +1,10 @@
 /// The STS session name for a pod: `<namespace>.<pod>`, so CloudTrail shows which pod used
 /// a role. Characters STS does not accept (`[\w+=,.@-]` only) become `-`. A name that had
 /// to be changed or cut to STS's 64 characters ends in a hash of the original, so two pods
-/// never share a session name by sanitising or truncation.
+/// never share a session name by sanitising or truncation. STS also wants at least two
+/// characters: a shorter name (only from empty names) gets the hash suffix as well.
 pub fn session_name(namespace: &str, pod: &str) -> String {
+    const MIN: usize = 2;
     const MAX: usize = 64;
     let full = format!("{namespace}.{pod}");
     let clean: String = full
@@ -15,7 +17,7 @@ pub fn session_name(namespace: &str, pod: &str) -> String {
             }
         })
         .collect();
-    if clean == full && clean.len() <= MAX {
+    if clean == full && (MIN..=MAX).contains(&clean.len()) {
         return clean;
     }
     let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {

@@ -34,7 +34,7 @@ pub enum StsError {
     /// A client error (AccessDenied, MalformedPolicyDocument, ...): do not retry.
     Refused { code: String, message: String },
     /// Throttling, 5xx, timeouts, connection failures (after the SDK's own retries).
-    Transient { reason: String },
+    Transient { reason: String, throttled: bool },
 }
 
 /// Builds the STS client. The HTTP stack is rustls with ring (no C crypto build).
@@ -126,10 +126,13 @@ pub async fn assume_role(
             .map(str::to_owned)
             .or_else(|| xml_field(&body, "Message"))
             .unwrap_or_default();
-        let transient = matches!(
+        let throttled = matches!(
             code.as_str(),
-            "Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "IDPCommunicationError"
-        ) || status.is_none_or(|status| status >= 500);
+            "Throttling" | "ThrottlingException" | "RequestLimitExceeded"
+        );
+        let transient = throttled
+            || code == "IDPCommunicationError"
+            || status.is_none_or(|status| status >= 500);
         if transient {
             let reason = if code.is_empty() {
                 format!(
@@ -139,7 +142,7 @@ pub async fn assume_role(
             } else {
                 format!("{code}: {message}")
             };
-            StsError::Transient { reason }
+            StsError::Transient { reason, throttled }
         } else if code.is_empty() {
             StsError::Refused {
                 code: format!("HTTP {}", status.unwrap_or_default()),
@@ -151,6 +154,7 @@ pub async fn assume_role(
     })?;
     let credentials = output.credentials.ok_or_else(|| StsError::Transient {
         reason: "STS answered without credentials".into(),
+        throttled: false,
     })?;
     let expiration =
         SystemTime::try_from(credentials.expiration).unwrap_or_else(|_| SystemTime::now());
