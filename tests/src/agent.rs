@@ -46,6 +46,29 @@ impl Agent {
         metrics_port: u16,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start(cgroup, None, args, pin_dir, metrics_port, env)
+    }
+
+    /// Like [`run`](Self::run), with only `capabilities` left in its bounding set (the
+    /// agent becomes `capsh`'s process, same PID).
+    pub fn run_with_capabilities(
+        capabilities: &[&str],
+        args: &[String],
+        pin_dir: &Path,
+        metrics_port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::start(None, Some(capabilities), args, pin_dir, metrics_port, env)
+    }
+
+    fn start(
+        cgroup: Option<&crate::node::Cgroup>,
+        capabilities: Option<&[&str]>,
+        args: &[String],
+        pin_dir: &Path,
+        metrics_port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!(
             "interceptor-agent-{}-{}.log",
             std::process::id(),
@@ -63,7 +86,17 @@ impl Agent {
                     .arg(binary());
                 command
             }
-            None => Command::new(binary()),
+            None => match capabilities {
+                Some(keep) => {
+                    let mut command = Command::new("capsh");
+                    command
+                        .arg(format!("--drop={}", drop_all_but(keep)))
+                        .args(["--", "-c", "exec \"$0\" \"$@\""])
+                        .arg(binary());
+                    command
+                }
+                None => Command::new(binary()),
+            },
         };
         let child = command
             .arg("--log-level")
@@ -147,6 +180,21 @@ impl Drop for Agent {
         self.kill();
         let _ = interceptor::ebpf::detach(&self.pin_dir);
     }
+}
+
+/// The capabilities of this process's bounding set except `keep`, comma-separated, as
+/// `capsh --drop=` takes them.
+pub fn drop_all_but(keep: &[&str]) -> String {
+    let printed = crate::cmd::run("capsh", &["--print"]);
+    printed
+        .lines()
+        .find_map(|line| line.strip_prefix("Bounding set ="))
+        .expect("capsh prints the bounding set")
+        .split(',')
+        .map(str::trim)
+        .filter(|cap| !keep.contains(cap))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A free TCP port on loopback (for ports the agent binds on all addresses).

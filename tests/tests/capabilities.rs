@@ -10,15 +10,6 @@ const NEEDED: [&str; 3] = ["cap_bpf", "cap_net_admin", "cap_perfmon"];
 
 /// Runs `interceptor attach` with only `keep` of the current bounding set.
 fn attach_with(keep: &[&str], node: &Node, pins: &Pins) -> (bool, String) {
-    let bounding = cmd::run("capsh", &["--print"]);
-    let all: Vec<&str> = bounding
-        .lines()
-        .find_map(|line| line.strip_prefix("Bounding set ="))
-        .expect("capsh prints the bounding set")
-        .split(',')
-        .map(str::trim)
-        .collect();
-    let drop: Vec<&str> = all.into_iter().filter(|cap| !keep.contains(cap)).collect();
     let command = format!(
         "{} attach --bpf-pin-dir {} --cgroup-root {} --host-ip {}",
         agent::binary().display(),
@@ -26,10 +17,8 @@ fn attach_with(keep: &[&str], node: &Node, pins: &Pins) -> (bool, String) {
         node.kubepods.display(),
         node.address
     );
-    let out = cmd::output(
-        "capsh",
-        &[&format!("--drop={}", drop.join(",")), "--", "-c", &command],
-    );
+    let drop = agent::drop_all_but(keep);
+    let out = cmd::output("capsh", &[&format!("--drop={drop}"), "--", "-c", &command]);
     let _ = interceptor::ebpf::detach(&pins.0);
     (
         out.status.success(),
@@ -67,4 +56,72 @@ fn attaching_needs_exactly_bpf_net_admin_and_perfmon() {
             "without {missing} the error should say it is a permission problem:\n{log}"
         );
     }
+}
+
+/// Serving needs nothing more: the agent, with only those three capabilities, attaches,
+/// serves a process its role through the real redirect, and answers `/readyz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_needs_nothing_more() {
+    if !require_root("serving_needs_nothing_more") {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.pod();
+    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
+    let file = std::env::temp_dir().join(format!("interceptor-caps-{}.yaml", std::process::id()));
+    let path = pod.container.path.strip_prefix(&mount).unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "bindings:\n  - name: app\n    cgroup: /{}\n    role: app\n",
+            path.display()
+        ),
+    )
+    .unwrap();
+    let moto = interceptor_tests::moto::MotoServer::start_on(node.address, &[]);
+    let upstream =
+        interceptor_tests::fake_imds::FakeImds::start(std::net::IpAddr::from([127, 0, 0, 1])).await;
+    let args: Vec<String> = [
+        "--bindings",
+        &file.display().to_string(),
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &agent::free_port().to_string(),
+        "--cgroup-root",
+        &node.cgroup_top().display().to_string(),
+        "--metadata-addr",
+        &upstream.addr().to_string(),
+        "--sts-endpoint",
+        &moto.endpoint(),
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    let pins = Pins::new("caps-serving");
+    let mut agent = agent::Agent::run_with_capabilities(
+        &NEEDED,
+        &args,
+        &pins.0,
+        agent::free_port(),
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
+            ("AWS_SECRET_ACCESS_KEY", "x"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    agent.wait_ready(std::time::Duration::from_secs(30));
+    let sts = moto.endpoint();
+    let arn = tokio::task::spawn_blocking(move || interceptor_tests::clients::boto3(&pod, &sts))
+        .await
+        .unwrap();
+    assert_eq!(
+        arn,
+        "arn:aws:sts::123456789012:assumed-role/app/app",
+        "{}",
+        agent.log_text()
+    );
+    let _ = std::fs::remove_file(&file);
 }
