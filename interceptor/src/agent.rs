@@ -401,6 +401,7 @@ impl Admin {
 async fn follow_pods(
     resolver: Arc<Resolver>,
     pods: Arc<PodStore>,
+    namespaces: Arc<NamespaceStore>,
     credentials: Arc<CredentialCache>,
 ) {
     let prefetch = |pod: &k8s::PodInfo| {
@@ -419,8 +420,12 @@ async fn follow_pods(
             });
         }
     };
-    // Subscribe first, then cover what the store already holds: no pod is missed.
+    // Subscribe first, then cover what the store already holds: no pod is missed. The
+    // decisions need the namespaces' restrictions, so the first pass waits for both
+    // stores (changes meanwhile queue in the subscription).
     let mut changes = pods.subscribe();
+    pods.wait_synced().await;
+    namespaces.wait_synced().await;
     for pod in pods.pods() {
         prefetch(&pod);
     }
@@ -608,6 +613,7 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
     tokio::spawn(follow_pods(
         resolver.clone(),
         pods.clone(),
+        namespaces.clone(),
         credentials.clone(),
     ));
 
