@@ -168,6 +168,21 @@ impl Agent {
         self.child.id()
     }
 
+    /// Stops (SIGSTOP) the agent: the kernel keeps completing handshakes into its accept
+    /// queue while it accepts nothing. [`resume`](Self::resume) continues it.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

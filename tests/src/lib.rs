@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod clients;
+pub mod cluster;
 pub mod cmd;
 pub mod fake_imds;
 pub mod moto;

@@ -172,17 +172,12 @@ impl Node {
             self.subnet,
             u8::try_from(host).expect("< 250 pods"),
         );
-        let uid = uuid_like(&unique(""));
-        let container_id = format!("{:0>64}", unique("").replace('x', "0"));
-        let slice = self
-            .kubepods
-            .join("kubepods-besteffort.slice")
-            .join(format!(
-                "kubepods-besteffort-pod{}.slice",
-                uid.replace('-', "_")
-            ));
-        let pod_slice = Cgroup::create(slice.clone());
-        let container = Cgroup::create(slice.join(format!("cri-containerd-{container_id}.scope")));
+        let PodCgroups {
+            uid,
+            container_id,
+            container,
+            pod_slice,
+        } = self.pod_cgroups();
         let netns = Netns::create(unique("icp"));
         let veth = Link(unique("icv"));
         cmd::run(
@@ -239,6 +234,28 @@ impl Node {
         }
     }
 
+    /// Only the cgroups of a pod (no network): for pods whose processes share another
+    /// pod's network namespace, as hostNetwork pods share the node's.
+    pub fn pod_cgroups(&self) -> PodCgroups {
+        let uid = uuid_like(&unique(""));
+        let container_id = format!("{:0>64}", unique("").replace('x', "0"));
+        let slice = self
+            .kubepods
+            .join("kubepods-besteffort.slice")
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ));
+        let pod_slice = Cgroup::create(slice.clone());
+        let container = Cgroup::create(slice.join(format!("cri-containerd-{container_id}.scope")));
+        PodCgroups {
+            uid,
+            container_id,
+            container,
+            pod_slice,
+        }
+    }
+
     /// A cgroup beside `kubepods.slice` (e.g. `system.slice/foo.service`): outside the
     /// attached tree.
     pub fn outside_cgroup(&self, relative: &str) -> Cgroup {
@@ -263,6 +280,16 @@ fn uuid_like(seed: &str) -> String {
         &hex[16..20],
         &hex[20..32]
     )
+}
+
+/// A pod's cgroups, as the kubelet lays them out (systemd driver, containerd).
+#[derive(Debug)]
+pub struct PodCgroups {
+    pub uid: String,
+    pub container_id: String,
+    // Drop order: the container's cgroup, then the pod's.
+    pub container: Cgroup,
+    pub pod_slice: Cgroup,
 }
 
 /// A simulated pod. Dropping it kills its processes and removes its netns and cgroups.

@@ -5,102 +5,15 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::Command, time::Duration};
 
 use interceptor_tests::{
-    Node, Pod,
-    agent::{Agent, free_port},
-    apiserver::{FakeApiServer, new_namespace, new_node, new_pod},
+    Node,
+    apiserver::{FakeApiServer, new_namespace, new_node},
     clients::{aws_cli, boto3, raw, sdk_js, sdk_rust},
+    cluster::{AGENT_ENV, NODE, Peers, api_pod, start_agent},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     peers::venv,
     require_root,
 };
-
-const NODE: &str = "node-a";
-
-fn api_pod(
-    pod: &Pod,
-    namespace: &str,
-    name: &str,
-    role: Option<&str>,
-) -> k8s_openapi::api::core::v1::Pod {
-    let mut api = new_pod(namespace, name, NODE);
-    api.metadata.uid = Some(pod.uid.clone());
-    api.metadata.annotations =
-        role.map(|role| BTreeMap::from([("iam.amazonaws.com/role".to_owned(), role.to_owned())]));
-    api
-}
-
-/// Agent credentials for the tests where moto checks nothing.
-const AGENT_ENV: [(&str, &str); 3] = [
-    ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-    ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
-    ("AWS_REGION", "us-east-1"),
-];
-
-/// What the agent under test talks to: the API server, the node's metadata service
-/// (faked) and STS.
-struct Peers<'a> {
-    api: &'a FakeApiServer,
-    upstream: &'a FakeImds,
-    sts: &'a str,
-}
-
-/// The real agent on `node`: pods from `server`, roles assumed at `sts`, the node's own
-/// metadata service faked by `upstream`, its own AWS credentials from `env`, plus `extra`
-/// flags. Returns once `/readyz` says ready, with the proxy port.
-async fn start_agent(
-    name: &str,
-    node: &Node,
-    peers: Peers<'_>,
-    extra: &[&str],
-    env: &[(&str, &str)],
-    own_pod: Option<&Pod>,
-) -> (Agent, u16) {
-    let Peers {
-        api: server,
-        upstream,
-        sts,
-    } = peers;
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "interceptor-{name}-{}.kubeconfig",
-        std::process::id()
-    ));
-    server.write_kubeconfig(&kubeconfig).unwrap();
-    let app_port = free_port();
-    let mut args: Vec<String> = vec![
-        "--host-ip".into(),
-        node.address.to_string(),
-        "--app-port".into(),
-        app_port.to_string(),
-        "--cgroup-root".into(),
-        node.kubepods.display().to_string(),
-        "--node".into(),
-        NODE.into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--metadata-addr".into(),
-        upstream.addr().to_string(),
-        "--sts-endpoint".into(),
-        sts.into(),
-    ];
-    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/interceptor-test-{}-{name}",
-        std::process::id()
-    ));
-    if let Some(pod) = own_pod {
-        args.extend(["--pod-uid".to_owned(), pod.uid.clone()]);
-    }
-    let mut agent = Agent::run_in(
-        own_pod.map(|pod| &pod.container),
-        &args,
-        &pin_dir,
-        free_port(),
-        env,
-    );
-    agent.wait_ready(Duration::from_secs(30));
-    (agent, app_port)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_sdks_in_pods_get_exactly_their_own_role() {
@@ -123,10 +36,10 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
         r#"["role-a"]"#.to_owned(),
     )]));
     server.add_namespace(locked_ns);
-    server.add_pod(api_pod(&pod_a, "team-a", "app-a", Some("role-a")));
-    server.add_pod(api_pod(&pod_b, "team-a", "app-b", Some("role-b")));
-    server.add_pod(api_pod(&plain, "team-a", "plain", None));
-    server.add_pod(api_pod(&locked, "locked", "wants-b", Some("role-b")));
+    server.add_pod(api_pod(&pod_a.uid, "team-a", "app-a", Some("role-a")));
+    server.add_pod(api_pod(&pod_b.uid, "team-a", "app-b", Some("role-b")));
+    server.add_pod(api_pod(&plain.uid, "team-a", "plain", None));
+    server.add_pod(api_pod(&locked.uid, "locked", "wants-b", Some("role-b")));
     // The node registered with the startup taint; the agent removes it once ready.
     let mut api_node = new_node(NODE);
     api_node.spec.get_or_insert_default().taints = Some(vec![
@@ -282,8 +195,13 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     let (allowed, refused) = (node.pod(), node.pod());
     let server = FakeApiServer::start().await;
     server.add_namespace(new_namespace("team-a"));
-    server.add_pod(api_pod(&allowed, "team-a", "allowed", Some("role-a")));
-    server.add_pod(api_pod(&refused, "team-a", "refused", Some("role-secret")));
+    server.add_pod(api_pod(&allowed.uid, "team-a", "allowed", Some("role-a")));
+    server.add_pod(api_pod(
+        &refused.uid,
+        "team-a",
+        "refused",
+        Some("role-secret"),
+    ));
     let moto = MotoServer::start_on(node.address, &[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]);
     let setup = Command::new(venv().join("bin/python"))
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/moto_iam_user.py"))
@@ -363,8 +281,8 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     let (pod_a, pod_b) = (node.pod(), node.pod());
     let server = FakeApiServer::start().await;
     server.add_namespace(new_namespace("team-a"));
-    server.add_pod(api_pod(&pod_a, "team-a", "app-a", Some("role-a")));
-    server.add_pod(api_pod(&pod_b, "team-a", "app-b", Some("role-b")));
+    server.add_pod(api_pod(&pod_a.uid, "team-a", "app-a", Some("role-a")));
+    server.add_pod(api_pod(&pod_b.uid, "team-a", "app-b", Some("role-b")));
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let extra = [

@@ -1,0 +1,103 @@
+//! The real agent on a simulated node in API-server mode: pods come from the test API
+//! server, roles are assumed at a given STS endpoint, and the node's own metadata service
+//! is a fake holding the node's credentials.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use crate::{
+    Node, Pod,
+    agent::{Agent, free_port},
+    apiserver::{FakeApiServer, new_pod},
+    fake_imds::FakeImds,
+};
+
+/// The node name the agent runs for (`--node`).
+pub const NODE: &str = "node-a";
+
+/// Agent credentials for the tests where STS (moto) checks nothing.
+pub const AGENT_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
+    ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+/// The API object of a simulated pod on [`NODE`], with its UID and an optional role
+/// annotation.
+pub fn api_pod(
+    uid: &str,
+    namespace: &str,
+    name: &str,
+    role: Option<&str>,
+) -> k8s_openapi::api::core::v1::Pod {
+    let mut api = new_pod(namespace, name, NODE);
+    api.metadata.uid = Some(uid.to_owned());
+    api.metadata.annotations =
+        role.map(|role| BTreeMap::from([("iam.amazonaws.com/role".to_owned(), role.to_owned())]));
+    api
+}
+
+/// What the agent under test talks to: the API server, the node's metadata service
+/// (faked) and STS.
+pub struct Peers<'a> {
+    pub api: &'a FakeApiServer,
+    pub upstream: &'a FakeImds,
+    pub sts: &'a str,
+}
+
+/// The real agent on `node`: pods from `peers.api`, roles assumed at `peers.sts`, the
+/// node's own metadata service faked by `peers.upstream`, its own AWS credentials from
+/// `env`, plus `extra` flags; started in `own_pod` when given (exempted by its UID).
+/// Returns once `/readyz` says ready, with the proxy port.
+pub async fn start_agent(
+    name: &str,
+    node: &Node,
+    peers: Peers<'_>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    own_pod: Option<&Pod>,
+) -> (Agent, u16) {
+    let Peers {
+        api: server,
+        upstream,
+        sts,
+    } = peers;
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "interceptor-{name}-{}.kubeconfig",
+        std::process::id()
+    ));
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let app_port = free_port();
+    let mut args: Vec<String> = vec![
+        "--host-ip".into(),
+        node.address.to_string(),
+        "--app-port".into(),
+        app_port.to_string(),
+        "--cgroup-root".into(),
+        node.kubepods.display().to_string(),
+        "--node".into(),
+        NODE.into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--metadata-addr".into(),
+        upstream.addr().to_string(),
+        "--sts-endpoint".into(),
+        sts.into(),
+    ];
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/interceptor-test-{}-{name}",
+        std::process::id()
+    ));
+    if let Some(pod) = own_pod {
+        args.extend(["--pod-uid".to_owned(), pod.uid.clone()]);
+    }
+    let mut agent = Agent::run_in(
+        own_pod.map(|pod| &pod.container),
+        &args,
+        &pin_dir,
+        free_port(),
+        env,
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    (agent, app_port)
+}
