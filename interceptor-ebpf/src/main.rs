@@ -197,6 +197,12 @@ mod programs {
         }
         let cookie = ctx::cookie(ctx);
         let Some(record) = PENDING.get_ptr(cookie) else {
+            // A connection made straight to the proxy (not redirected) carries no record.
+            // An older record under the same addresses (a redirected connect the proxy
+            // never accepted, e.g. while the agent was down) must not be inherited: a
+            // process sharing the address (hostNetwork pods) could otherwise reuse the port
+            // and be served as the earlier caller.
+            let _ = CONNS.remove(&key);
             count(stat::UNRECORDED);
             return;
         };

@@ -183,6 +183,9 @@ struct Slot {
     refreshing: Mutex<bool>,
     /// The last STS failure for this key, until a success.
     failed: Mutex<Option<(Instant, CredentialsError)>>,
+    /// Signalled when the key is forgotten: its refresher stops at once rather than
+    /// sleeping until the next refresh with the credentials in memory.
+    forgotten: tokio::sync::Notify,
 }
 
 impl Slot {
@@ -193,6 +196,13 @@ impl Slot {
     fn store(&self, credentials: Arc<Credentials>) {
         *locked(&self.current) = Some(credentials);
         *locked(&self.failed) = None;
+    }
+
+    /// The key is no longer wanted: drop the credentials and stop the refresher (a
+    /// permit is stored if it is not waiting right now).
+    fn discard(&self) {
+        *locked(&self.current) = None;
+        self.forgotten.notify_one();
     }
 
     fn record_failure(&self, error: &CredentialsError) {
@@ -274,15 +284,23 @@ impl CredentialCache {
     }
 
     /// Forgets every key `wanted` rejects (no pod on the node needs it any more); their
-    /// refreshers stop at their next wake-up.
+    /// credentials are dropped and their refreshers stop.
     pub fn retain(&self, wanted: impl Fn(&Key) -> bool) {
-        locked(&self.slots).retain(|key, _| wanted(key));
+        locked(&self.slots).retain(|key, slot| {
+            let keep = wanted(key);
+            if !keep {
+                slot.discard();
+            }
+            keep
+        });
     }
 
     /// Forgets `request`'s credentials (its pod is gone).
     pub fn forget(&self, request: &RoleRequest) {
         let key = self.key(request);
-        locked(&self.slots).remove(&key);
+        if let Some(slot) = locked(&self.slots).remove(&key) {
+            slot.discard();
+        }
     }
 
     /// Whether `slot` is still the one cached for `key` (not forgotten, not replaced).
@@ -427,7 +445,10 @@ impl CredentialCache {
             } else {
                 retry_wait(failures, &self.settings, random_fraction())
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = slot.forgotten.notified() => break,
+            }
             if !self.wanted(&key, &slot) {
                 break;
             }
