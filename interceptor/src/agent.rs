@@ -533,7 +533,13 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
     let server_config = ServerConfig {
         imdsv2_required: args.imdsv2_required,
         allow_route: config.allow_route.clone(),
-        ..ServerConfig::default()
+        header_read_timeout: limits.header_read_timeout,
+        request_timeout: limits.request_timeout,
+        connection_max_age: limits.connection_max_age,
+        max_header_bytes: limits.max_header_bytes,
+        max_connections: limits.max_connections,
+        max_connections_per_cgroup: limits.max_connections_per_cgroup,
+    let limits = config.proxy_limits;
     };
     let listeners = Listeners {
         ipv4: listener,

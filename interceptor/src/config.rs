@@ -183,6 +183,26 @@ pub struct RunArgs {
     /// How long a connection from a pod the watch has not delivered yet waits for it.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub unknown_pod_wait: std::time::Duration,
+    /// Time a client has to send a request's headers; also how long an idle keep-alive
+    /// connection is kept open.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// Time to answer one request (STS included) once its headers are read; then 503.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: std::time::Duration,
+    /// Age at which a proxy connection is closed (after the request in flight).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub connection_max_age: std::time::Duration,
+    /// Largest request head (request line and headers) in bytes; larger ones get 431.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+    /// Proxy connections served at once; more wait in the kernel's accept queue.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Proxy connections served at once per container cgroup (unattributed connections
+    /// count as one cgroup); more are closed at once, so one pod cannot starve the others.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections_per_cgroup: usize,
     /// STS session duration of pods' credentials (e.g. 1h, 3600s).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub iam_role_session_ttl: std::time::Duration,
@@ -270,6 +290,12 @@ pub enum ConfigError {
     MetricsOnAppPort(u16),
     #[error("--use-regional-sts-endpoint needs a region: pass --region or set AWS_REGION")]
     RegionalWithoutRegion,
+    #[error("--{flag} {value}: must be {allowed}")]
+    BadLimit {
+        flag: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -290,6 +316,7 @@ impl ConfigError {
             Self::RegionalWithoutRegion => "regional_without_region",
         }
     }
+            Self::BadLimit { .. } => "bad_limit",
 }
 
 impl AttachArgs {
@@ -496,6 +523,79 @@ mod tests {
     fn ipv6_proxy_only_when_configured() {
         let env = Env::from([
             (ENV_HOST_IP.into(), "10.0.0.7".into()),
+    #[test]
+    fn proxy_limits_have_defaults_and_bounds() {
+        use std::time::Duration;
+        let env = Env::from([
+            (ENV_HOST_IP.into(), "10.0.0.7".into()),
+            (ENV_NODE_NAME.into(), "node-a".into()),
+        ]);
+        let limits = run(&[]).validate(&env).unwrap().proxy_limits;
+        assert_eq!(
+            limits,
+            ProxyLimits {
+                header_read_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(10),
+                connection_max_age: Duration::from_secs(300),
+                max_header_bytes: 16 * 1024,
+                max_connections: 1024,
+                max_connections_per_cgroup: 64,
+            }
+        );
+        let limits = run(&[
+            "--header-read-timeout",
+            "2s",
+            "--max-connections",
+            "100",
+            "--max-connections-per-cgroup",
+            "100",
+        ])
+        .validate(&env)
+        .unwrap()
+        .proxy_limits;
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(limits.max_connections_per_cgroup, 100);
+        for (args, flag) in [
+            (&["--header-read-timeout", "0s"][..], "header-read-timeout"),
+            (&["--header-read-timeout", "2m"], "header-read-timeout"),
+            (&["--request-timeout", "500ms"], "request-timeout"),
+            (&["--request-timeout", "1h"], "request-timeout"),
+            (
+                &[
+                    "--header-read-timeout",
+                    "30s",
+                    "--connection-max-age",
+                    "10s",
+                ],
+                "connection-max-age",
+            ),
+            (&["--connection-max-age", "25h"], "connection-max-age"),
+            (&["--max-header-bytes", "4096"], "max-header-bytes"),
+            (&["--max-header-bytes", "2000000"], "max-header-bytes"),
+            (&["--max-connections", "0"], "max-connections"),
+            (
+                &["--max-connections-per-cgroup", "0"],
+                "max-connections-per-cgroup",
+            ),
+            (
+                &[
+                    "--max-connections",
+                    "10",
+                    "--max-connections-per-cgroup",
+                    "11",
+                ],
+                "max-connections-per-cgroup",
+            ),
+        ] {
+            match run(args).validate(&env) {
+                Err(ConfigError::BadLimit { flag: got, .. }) => assert_eq!(got, flag, "{args:?}"),
+                other => panic!("{args:?} accepted or refused for another reason: {other:?}"),
+            }
+        }
+        assert!(Cli::try_parse_from(["interceptor", "run", "--max-connections", "-1"]).is_err());
+        assert!(Cli::try_parse_from(["interceptor", "run", "--request-timeout", "soon"]).is_err());
+    }
+
             (ENV_HOST_IPV6.into(), "fd00::7".into()),
         ]);
         let redirect = attach(&[]).redirect(&env).unwrap();
@@ -515,6 +615,7 @@ pub struct RunConfig {
     pub pod_uid: Option<String>,
     /// Standalone mode's bindings file.
     pub bindings: Option<PathBuf>,
+    pub proxy_limits: ProxyLimits,
 }
 
 impl RunArgs {
@@ -576,6 +677,7 @@ impl RunArgs {
             return Err(ConfigError::MetricsOnAppPort(self.metrics_port));
         }
         let region = self
+        let proxy_limits = self.proxy_limits()?;
             .region
             .clone()
             .or_else(|| env.get(ENV_AWS_REGION).cloned());
@@ -591,9 +693,96 @@ impl RunArgs {
             pod_uid: self
                 .pod_uid
                 .clone()
+            proxy_limits,
                 .or_else(|| env.get(ENV_POD_UID).cloned())
                 .filter(|uid| !uid.trim().is_empty()),
             bindings: self.bindings.clone(),
+        })
+    }
+}
+
+/// What a client of the metadata proxy may hold, validated (docs/imds.md, "Limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyLimits {
+    pub header_read_timeout: std::time::Duration,
+    pub request_timeout: std::time::Duration,
+    pub connection_max_age: std::time::Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_cgroup: usize,
+}
+
+impl RunArgs {
+    fn proxy_limits(&self) -> Result<ProxyLimits, ConfigError> {
+        use std::time::Duration;
+        let check = |ok: bool, flag: &'static str, value: String, allowed: &'static str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::BadLimit {
+                    flag,
+                    value,
+                    allowed,
+                })
+            }
+        };
+        let within = |value: Duration, low: Duration, high: Duration| low <= value && value <= high;
+        check(
+            within(
+                self.header_read_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(60),
+            ),
+            "header-read-timeout",
+            format!("{:?}", self.header_read_timeout),
+            "from 100ms to 60s",
+        )?;
+        check(
+            within(
+                self.request_timeout,
+                Duration::from_secs(1),
+                Duration::from_secs(300),
+            ),
+            "request-timeout",
+            format!("{:?}", self.request_timeout),
+            "from 1s to 5m",
+        )?;
+        check(
+            within(
+                self.connection_max_age,
+                self.header_read_timeout.max(Duration::from_secs(1)),
+                Duration::from_secs(24 * 3600),
+            ),
+            "connection-max-age",
+            format!("{:?}", self.connection_max_age),
+            "at least 1s and --header-read-timeout, at most 24h",
+        )?;
+        // hyper's read buffer cannot be smaller than 8 KiB.
+        check(
+            (8 * 1024..=1024 * 1024).contains(&self.max_header_bytes),
+            "max-header-bytes",
+            self.max_header_bytes.to_string(),
+            "from 8192 to 1048576",
+        )?;
+        check(
+            (1..=65_536).contains(&self.max_connections),
+            "max-connections",
+            self.max_connections.to_string(),
+            "from 1 to 65536",
+        )?;
+        check(
+            (1..=self.max_connections).contains(&self.max_connections_per_cgroup),
+            "max-connections-per-cgroup",
+            self.max_connections_per_cgroup.to_string(),
+            "from 1 to --max-connections",
+        )?;
+        Ok(ProxyLimits {
+            header_read_timeout: self.header_read_timeout,
+            request_timeout: self.request_timeout,
+            connection_max_age: self.connection_max_age,
+            max_header_bytes: self.max_header_bytes,
+            max_connections: self.max_connections,
+            max_connections_per_cgroup: self.max_connections_per_cgroup,
         })
     }
 }

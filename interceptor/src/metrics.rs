@@ -18,6 +18,10 @@ pub struct Metrics {
     pub attribution_misses: IntCounter,
     /// Connections attributed to a cgroup but refused (unknown or deleted pod, ...).
     pub caller_refusals: IntCounterVec,
+    /// Proxy connections open now (never above `--max-connections`).
+    pub proxy_connections: IntGauge,
+    /// Proxy connections closed unserved, by reason (`cgroup_limit`).
+    pub connection_refusals: IntCounterVec,
     /// Role decisions by outcome (role, no_role, denied reason).
     pub decisions: IntCounterVec,
     /// STS AssumeRole latency.
@@ -64,6 +68,17 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let proxy_connections =
+            IntGauge::new("proxy_connections", "Metadata proxy connections open now")
+                .expect("valid metric");
+        let connection_refusals = IntCounterVec::new(
+            Opts::new(
+                "connection_refusals_total",
+                "Metadata proxy connections closed unserved, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let decisions = IntCounterVec::new(
             Opts::new("decisions_total", "Role decisions by outcome"),
             &["outcome"],
@@ -100,6 +115,8 @@ impl Metrics {
             Box::new(request_seconds.clone()),
             Box::new(attribution_misses.clone()),
             Box::new(caller_refusals.clone()),
+            Box::new(proxy_connections.clone()),
+            Box::new(connection_refusals.clone()),
             Box::new(decisions.clone()),
             Box::new(sts_seconds.clone()),
             Box::new(tracked.clone()),
@@ -123,6 +140,8 @@ impl Metrics {
             request_seconds,
             attribution_misses,
             caller_refusals,
+            proxy_connections,
+            connection_refusals,
             decisions,
             sts_seconds,
             tracked,
@@ -169,5 +188,21 @@ impl Drop for RequestTimer<'_> {
             .request_seconds
             .with_label_values(&[self.route])
             .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts one open connection in a gauge until dropped (covers every return path).
+pub struct OpenGauge(IntGauge);
+
+impl OpenGauge {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

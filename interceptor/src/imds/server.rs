@@ -6,9 +6,10 @@
 //! takes effect on the next request of an open keep-alive connection.
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -29,7 +30,7 @@ use super::{
 };
 use crate::{
     ebpf::{Attributed, Attribution},
-    metrics::{Metrics, RequestTimer},
+    metrics::{Metrics, OpenGauge, RequestTimer},
 };
 
 /// The role a caller may have right now.
@@ -85,12 +86,59 @@ pub struct ServerConfig {
     pub imdsv2_required: bool,
     /// Paths forwarded to the real metadata service; `None` forwards nothing.
     pub allow_route: Option<Regex>,
-    /// Time a client has to send its request headers.
+    /// Time a client has to send a request head: the first one, and each next one on a
+    /// keep-alive connection (so it is also how long an idle connection is kept).
     pub header_read_timeout: Duration,
-    /// Largest request head accepted.
+    /// Time to answer one request once its head is read; then 503.
+    pub request_timeout: Duration,
+    /// Age at which a connection is closed (after the request in flight, if any, or
+    /// at once when the client does not take its answers).
+    pub connection_max_age: Duration,
+    /// Largest request head accepted (hyper's read buffer; at least 8 KiB).
     pub max_header_bytes: usize,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Connections served at once per caller cgroup (and for all unattributed ones
+    /// together); more are closed at once, so one pod cannot take every slot.
+    pub max_connections_per_cgroup: usize,
+}
+
+/// Open connections per caller cgroup (`None`: connections the kernel did not record).
+#[derive(Default)]
+struct OpenPerCgroup(Mutex<HashMap<Option<u64>, usize>>);
+
+impl OpenPerCgroup {
+    /// A slot for one more connection of `cgroup`, unless it already holds `limit`.
+    fn claim(self: &Arc<Self>, cgroup: Option<u64>, limit: usize) -> Option<CgroupSlot> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(cgroup).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(CgroupSlot {
+            open: Arc::clone(self),
+            cgroup,
+        })
+    }
+}
+
+/// One connection's place in [`OpenPerCgroup`], given back when dropped.
+struct CgroupSlot {
+    open: Arc<OpenPerCgroup>,
+    cgroup: Option<u64>,
+}
+
+impl Drop for CgroupSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.cgroup) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.cgroup);
+            }
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -99,8 +147,11 @@ impl Default for ServerConfig {
             imdsv2_required: false,
             allow_route: None,
             header_read_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            connection_max_age: Duration::from_secs(300),
             max_header_bytes: 16 * 1024,
             max_connections: 1024,
+            max_connections_per_cgroup: 64,
         }
     }
 }
@@ -112,6 +163,7 @@ pub struct Server<B: Backend> {
     tokens: Arc<TokenMinter>,
     config: ServerConfig,
     metrics: Arc<Metrics>,
+    open_per_cgroup: Arc<OpenPerCgroup>,
 }
 
 impl<B: Backend> Server<B> {
@@ -129,6 +181,7 @@ impl<B: Backend> Server<B> {
             tokens: Arc::new(TokenMinter::new()),
             config,
             metrics,
+            open_per_cgroup: Arc::default(),
         }
     }
 
@@ -156,15 +209,13 @@ impl<B: Backend> Server<B> {
     }
 
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _open = OpenGauge::new(&self.metrics.proxy_connections);
         let Ok(local) = stream.local_addr() else {
             return;
         };
-        let (header_timeout, max_header_bytes) = (
-            self.config.header_read_timeout,
-            self.config.max_header_bytes,
-        );
-        let caller = match self.attribution.take(peer, local) {
-            Ok(Some(record)) => self.backend.caller(record).await.map(Arc::new),
+        let config = self.config.clone();
+        let record = match self.attribution.take(peer, local) {
+            Ok(Some(record)) => Some(record),
             Ok(None) => {
                 self.metrics.attribution_misses.inc();
                 tracing::debug!(%peer, "connection without a kernel record: refused");
@@ -174,6 +225,22 @@ impl<B: Backend> Server<B> {
                 tracing::warn!(%peer, %error, "reading the kernel's record failed: refused");
                 None
             }
+        };
+        let cgroup = record.as_ref().map(|record| record.cgroup_id);
+        let Some(_slot) = self
+            .open_per_cgroup
+            .claim(cgroup, config.max_connections_per_cgroup)
+        else {
+            self.metrics
+                .connection_refusals
+                .with_label_values(&["cgroup_limit"])
+                .inc();
+            tracing::debug!(%peer, ?cgroup, "too many connections from this cgroup: closed");
+            return;
+        };
+        let caller = match record {
+            Some(record) => self.backend.caller(record).await.map(Arc::new),
+            None => None,
         };
         let service = service_fn(move |request: Request<Incoming>| {
             let server = Arc::clone(&self);
@@ -185,11 +252,20 @@ impl<B: Backend> Server<B> {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .max_buf_size(max_header_bytes.max(8192));
-        let _ = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(config.max_header_bytes.max(8192));
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let mut connection = std::pin::pin!(connection);
+        if tokio::time::timeout(config.connection_max_age, connection.as_mut())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        // Old enough: the request in flight gets its time, then the connection closes;
+        // a client that does not take its answers is dropped.
+        connection.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(config.request_timeout, connection).await;
     }
 
     async fn handle(
@@ -201,7 +277,16 @@ impl<B: Backend> Server<B> {
         let class = route.class();
         let _timer = RequestTimer::start(&self.metrics, class);
         let response = match caller {
-            Some(caller) => self.respond(caller, route, &request).await,
+            Some(caller) => {
+                let timeout = self.config.request_timeout;
+                match tokio::time::timeout(timeout, self.respond(caller, route, &request)).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        tracing::warn!(?timeout, class, "request not answered in time: 503");
+                        ec2::error(StatusCode::SERVICE_UNAVAILABLE)
+                    }
+                }
+            }
             None => ec2::error(StatusCode::FORBIDDEN),
         };
         self.metrics
