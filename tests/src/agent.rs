@@ -29,6 +29,9 @@ pub struct Agent {
     pub log: PathBuf,
     pub pin_dir: PathBuf,
     pub metrics: SocketAddr,
+    /// Detach the programs when dropped (the default): off for an agent that a
+    /// successor replaces, which must find them attached.
+    detach_on_drop: bool,
 }
 
 impl Agent {
@@ -119,6 +122,7 @@ impl Agent {
             log,
             pin_dir: pin_dir.to_path_buf(),
             metrics: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+            detach_on_drop: true,
         }
     }
 
@@ -183,6 +187,18 @@ impl Agent {
         nix::sys::signal::kill(pid, signal).expect("signal the agent");
     }
 
+    /// Leaves the programs attached when this agent is dropped (a successor re-uses or
+    /// replaces them).
+    pub fn leave_programs(&mut self) {
+        self.detach_on_drop = false;
+    }
+
+    /// SIGTERM, as the kubelet stops a pod, and waits for the exit.
+    pub fn terminate(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -193,7 +209,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
-        let _ = interceptor::ebpf::detach(&self.pin_dir);
+        if self.detach_on_drop {
+            let _ = interceptor::ebpf::detach(&self.pin_dir);
+        }
     }
 }
 

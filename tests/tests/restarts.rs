@@ -1,5 +1,6 @@
-//! The agent killed (SIGKILL) and restarted repeatedly while pods ask for credentials in a
-//! loop: every answer a pod gets is its own role or a failure, never the node's
+//! The agent killed (SIGKILL) and restarted repeatedly, or upgraded (SIGTERM, then a new
+//! agent with `--reload` replacing the pinned programs), while pods ask for credentials in
+//! a loop: every answer a pod gets is its own role or a failure, never the node's
 //! credentials and never another pod's. The programs stay attached (pinned) throughout.
 
 use std::{
@@ -20,17 +21,40 @@ use interceptor_tests::{
     require_root,
 };
 
+/// How the agent is replaced while pods keep asking.
+#[derive(Clone, Copy, Debug)]
+enum Restart {
+    /// SIGKILL (a crash), then the same agent again (re-uses the pinned programs).
+    Kill,
+    /// SIGTERM (a rolling upgrade), then a new agent that replaces the programs.
+    Reload,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_agent_never_leaks_node_or_foreign_credentials() {
     if !require_root("killing_the_agent_never_leaks_node_or_foreign_credentials") {
         return;
     }
+    restarts_under_load(Restart::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloading_the_programs_never_leaks_node_or_foreign_credentials() {
+    if !require_root("reloading_the_programs_never_leaks_node_or_foreign_credentials") {
+        return;
+    }
+    restarts_under_load(Restart::Reload).await;
+}
+
+async fn restarts_under_load(restart: Restart) {
     const RESTARTS: usize = 3;
     let node = Node::new();
     let (pod_a, pod_b) = (node.pod(), node.pod());
     let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-    let file =
-        std::env::temp_dir().join(format!("interceptor-restarts-{}.yaml", std::process::id()));
+    let file = std::env::temp_dir().join(format!(
+        "interceptor-restarts-{restart:?}-{}.yaml",
+        std::process::id()
+    ));
     let mut bindings = String::from("bindings:\n");
     for (name, pod) in [("role-a", &pod_a), ("role-b", &pod_b)] {
         let path = pod.container.path.strip_prefix(&mount).unwrap();
@@ -70,13 +94,17 @@ async fn killing_the_agent_never_leaks_node_or_foreign_credentials() {
         ("AWS_SECRET_ACCESS_KEY", "x"),
         ("AWS_REGION", "us-east-1"),
     ];
-    let pins = Pins::new("restarts");
-    let start = |pins: &Pins| {
+    let pins = Pins::new(&format!("restarts-{restart:?}"));
+    let start = |pins: &Pins, reload: bool| {
+        let mut args = args.clone();
+        if reload {
+            args.push("--reload".to_owned());
+        }
         let mut agent = Agent::run(&args, &pins.0, free_port(), &env);
         agent.wait_ready(Duration::from_secs(30));
         agent
     };
-    let mut agent = start(&pins);
+    let mut agent = start(&pins, false);
 
     // Both pods ask in a loop while the agent is killed and restarted.
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/creds_loop.py");
@@ -91,9 +119,22 @@ async fn killing_the_agent_never_leaks_node_or_foreign_credentials() {
         .collect();
     for _ in 0..RESTARTS {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        agent.kill();
+        match restart {
+            Restart::Kill => agent.kill(),
+            Restart::Reload => agent.terminate(),
+        }
+        agent.leave_programs();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        agent = start(&pins);
+        agent = start(&pins, matches!(restart, Restart::Reload));
+        let expected = match restart {
+            Restart::Kill => "Reused",
+            Restart::Reload => "Reloaded",
+        };
+        assert!(
+            agent.log_text().contains(expected),
+            "the new agent's programs were not {expected}:\n{}",
+            agent.log_text()
+        );
     }
     let mut seen: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for handle in loops {
