@@ -404,3 +404,30 @@ fn instance_profile_of(role_arn: &str) -> (String, String) {
         format!("AIPA{id}"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_per_cgroup_are_bounded_and_given_back() {
+        let open = Arc::new(OpenPerCgroup::default());
+        let held: Vec<CgroupSlot> = (0..3).map(|_| open.claim(Some(7), 3).unwrap()).collect();
+        assert!(
+            open.claim(Some(7), 3).is_none(),
+            "a fourth slot for cgroup 7"
+        );
+        // Other cgroups, and connections without a kernel record, count apart.
+        let other = open
+            .claim(Some(8), 3)
+            .expect("cgroup 8 is not starved by 7");
+        let unattributed = open.claim(None, 3).expect("unattributed connections");
+        drop(held);
+        assert!(open.claim(Some(7), 3).is_some(), "slots are given back");
+        drop((other, unattributed));
+        assert!(
+            open.0.lock().unwrap().is_empty(),
+            "no entry is kept for cgroups without connections"
+        );
+    }
+}
