@@ -425,7 +425,9 @@ async fn hostile_requests_never_yield_foreign_credentials() {
             let silent = scope.spawn(|| hostile(a, &["silent", "15"]));
             let drip = scope.spawn(|| hostile(a, &["drip", "15"]));
             let idle = scope.spawn(|| hostile(a, &["idle", "15"]));
-            let unread = scope.spawn(|| hostile(a, &["unread", "5000", "12"]));
+            // More answers than the socket buffers hold (credentials are ~750 bytes).
+            let own = format!("{CREDS}role-a");
+            let unread = scope.spawn(move || hostile(a, &["unread", "20000", "12", &own]));
             for round in 0..5 {
                 let (status, body) = raw(b, "GET", &format!("{CREDS}role-b"), &[]);
                 checks.that(

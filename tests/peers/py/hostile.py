@@ -8,7 +8,7 @@ object on stdout.
                          {"closed": bool, "sent": bytes sent, "data": what came back}
   idle WAIT              one request on a keep-alive connection, then nothing:
                          {"status_line": ..., "closed": bool} within WAIT s
-  unread COUNT WAIT      COUNT pipelined credential requests, never read; after WAIT s,
+  unread COUNT WAIT PATH COUNT pipelined GETs of PATH, answers never read; after WAIT s,
                          {"closed": bool} (the server gave up on the connection)
   flood COUNT HOLD       open COUNT connections at once and keep them HOLD s:
                          {"opened", "failed", "closed_by_server"}
@@ -21,6 +21,7 @@ import sys
 import time
 
 ADDRESS = ("169.254.169.254", 80)
+TCP_ESTABLISHED = 1
 HEAD = (
     b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\n"
     b"Host: 169.254.169.254\r\n\r\n"
@@ -97,14 +98,14 @@ def idle(wait: float) -> dict:
     return {"status_line": first.split(b"\r\n", 1)[0].decode(errors="replace"), "closed": closed}
 
 
-def unread(count: int, wait: float) -> dict:
+def unread(count: int, wait: float, path: str) -> dict:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # A small receive window, so the server's answers back up soon.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(3)
     sock.connect(ADDRESS)
     sock.setblocking(False)
-    pending = HEAD * count
+    pending = f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n".encode() * count
     deadline = time.monotonic() + wait
     # Send what the server takes, never read; the server stops reading once its answers
     # back up.
@@ -118,10 +119,10 @@ def unread(count: int, wait: float) -> dict:
             except (BrokenPipeError, ConnectionResetError):
                 return {"closed": True}
     time.sleep(max(0.0, deadline - time.monotonic()))
-    # Now drain: a server that gave up has closed (EOF or reset after the data).
-    sock.setblocking(True)
-    _, closed = read_until_closed(sock, 3.0)
-    return {"closed": closed}
+    # Reading now would unblock the server: look at the connection's state instead. A
+    # server that gave up reset it (it had unread requests) or sent its FIN.
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    return {"closed": state != TCP_ESTABLISHED, "tcp_state": state, "unsent": len(pending)}
 
 
 def flood(count: int, hold: float) -> dict:
@@ -158,7 +159,7 @@ def main() -> None:
     elif mode == "idle":
         result = idle(float(args[0]))
     elif mode == "unread":
-        result = unread(int(args[0]), float(args[1]))
+        result = unread(int(args[0]), float(args[1]), args[2])
     elif mode == "flood":
         result = flood(int(args[0]), float(args[1]))
     else:
