@@ -213,7 +213,14 @@ impl<B: Backend> Server<B> {
         let Ok(local) = stream.local_addr() else {
             return;
         };
-        let config = self.config.clone();
+        let ServerConfig {
+            header_read_timeout,
+            request_timeout,
+            connection_max_age,
+            max_header_bytes,
+            max_connections_per_cgroup,
+            ..
+        } = self.config;
         let record = match self.attribution.take(peer, local) {
             Ok(Some(record)) => Some(record),
             Ok(None) => {
@@ -229,7 +236,7 @@ impl<B: Backend> Server<B> {
         let cgroup = record.as_ref().map(|record| record.cgroup_id);
         let Some(_slot) = self
             .open_per_cgroup
-            .claim(cgroup, config.max_connections_per_cgroup)
+            .claim(cgroup, max_connections_per_cgroup)
         else {
             self.metrics
                 .connection_refusals
@@ -252,11 +259,11 @@ impl<B: Backend> Server<B> {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            .max_buf_size(config.max_header_bytes.max(8192));
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(max_header_bytes.max(8192));
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let mut connection = std::pin::pin!(connection);
-        if tokio::time::timeout(config.connection_max_age, connection.as_mut())
+        if tokio::time::timeout(connection_max_age, connection.as_mut())
             .await
             .is_ok()
         {
@@ -265,7 +272,7 @@ impl<B: Backend> Server<B> {
         // Old enough: the request in flight gets its time, then the connection closes;
         // a client that does not take its answers is dropped.
         connection.as_mut().graceful_shutdown();
-        let _ = tokio::time::timeout(config.request_timeout, connection).await;
+        let _ = tokio::time::timeout(request_timeout, connection).await;
     }
 
     async fn handle(
