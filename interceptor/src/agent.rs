@@ -530,6 +530,7 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
     .await;
     // Session length, refresh point and serve floor derived together (docs/credentials.md).
     let credentials = CredentialCache::new(sts, Settings::for_session(args.iam_role_session_ttl));
+    let limits = config.proxy_limits;
     let server_config = ServerConfig {
         imdsv2_required: args.imdsv2_required,
         allow_route: config.allow_route.clone(),
@@ -539,7 +540,6 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         max_header_bytes: limits.max_header_bytes,
         max_connections: limits.max_connections,
         max_connections_per_cgroup: limits.max_connections_per_cgroup,
-    let limits = config.proxy_limits;
     };
     let listeners = Listeners {
         ipv4: listener,

@@ -286,16 +286,16 @@ pub enum ConfigError {
     BadSessionTtl(std::time::Duration),
     #[error("--unknown-pod-wait {0:?} must stay under the SDKs' 1 s metadata timeout")]
     BadUnknownPodWait(std::time::Duration),
-    #[error("--metrics-port {0} must differ from --app-port")]
-    MetricsOnAppPort(u16),
-    #[error("--use-regional-sts-endpoint needs a region: pass --region or set AWS_REGION")]
-    RegionalWithoutRegion,
     #[error("--{flag} {value}: must be {allowed}")]
     BadLimit {
         flag: &'static str,
         value: String,
         allowed: &'static str,
     },
+    #[error("--metrics-port {0} must differ from --app-port")]
+    MetricsOnAppPort(u16),
+    #[error("--use-regional-sts-endpoint needs a region: pass --region or set AWS_REGION")]
+    RegionalWithoutRegion,
 }
 
 impl ConfigError {
@@ -312,11 +312,11 @@ impl ConfigError {
             Self::BadDefaultRole(_) => "bad_default_role",
             Self::BadSessionTtl(_) => "bad_session_ttl",
             Self::BadUnknownPodWait(_) => "bad_unknown_pod_wait",
+            Self::BadLimit { .. } => "bad_limit",
             Self::MetricsOnAppPort(_) => "metrics_on_app_port",
             Self::RegionalWithoutRegion => "regional_without_region",
         }
     }
-            Self::BadLimit { .. } => "bad_limit",
 }
 
 impl AttachArgs {
@@ -520,10 +520,6 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_proxy_only_when_configured() {
-        let env = Env::from([
-            (ENV_HOST_IP.into(), "10.0.0.7".into()),
-    #[test]
     fn proxy_limits_have_defaults_and_bounds() {
         use std::time::Duration;
         let env = Env::from([
@@ -596,6 +592,10 @@ mod tests {
         assert!(Cli::try_parse_from(["interceptor", "run", "--request-timeout", "soon"]).is_err());
     }
 
+    #[test]
+    fn ipv6_proxy_only_when_configured() {
+        let env = Env::from([
+            (ENV_HOST_IP.into(), "10.0.0.7".into()),
             (ENV_HOST_IPV6.into(), "fd00::7".into()),
         ]);
         let redirect = attach(&[]).redirect(&env).unwrap();
@@ -611,11 +611,11 @@ pub struct RunConfig {
     pub node: String,
     pub policy: crate::policy::PolicyConfig,
     pub allow_route: Option<regex::Regex>,
+    pub proxy_limits: ProxyLimits,
     pub region: Option<String>,
     pub pod_uid: Option<String>,
     /// Standalone mode's bindings file.
     pub bindings: Option<PathBuf>,
-    pub proxy_limits: ProxyLimits,
 }
 
 impl RunArgs {
@@ -673,11 +673,11 @@ impl RunArgs {
         if self.unknown_pod_wait >= std::time::Duration::from_millis(900) {
             return Err(ConfigError::BadUnknownPodWait(self.unknown_pod_wait));
         }
+        let proxy_limits = self.proxy_limits()?;
         if self.metrics_port == self.attach.app_port {
             return Err(ConfigError::MetricsOnAppPort(self.metrics_port));
         }
         let region = self
-        let proxy_limits = self.proxy_limits()?;
             .region
             .clone()
             .or_else(|| env.get(ENV_AWS_REGION).cloned());
@@ -689,11 +689,11 @@ impl RunArgs {
             node,
             policy,
             allow_route,
+            proxy_limits,
             region,
             pod_uid: self
                 .pod_uid
                 .clone()
-            proxy_limits,
                 .or_else(|| env.get(ENV_POD_UID).cloned())
                 .filter(|uid| !uid.trim().is_empty()),
             bindings: self.bindings.clone(),
