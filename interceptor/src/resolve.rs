@@ -98,6 +98,9 @@ pub struct Resolver {
     events: EventSink,
     /// Compiled namespace policies by name, with the resourceVersion they came from.
     compiled: Mutex<HashMap<String, (String, Arc<NamespacePolicy>)>>,
+    /// Each pod's last decision, so that a change (its annotation, its namespace's
+    /// restrictions) is logged when it takes effect.
+    last: Mutex<HashMap<String, String>>,
 }
 
 impl Resolver {
@@ -119,6 +122,7 @@ impl Resolver {
             unknown_pod_wait,
             events,
             compiled: Mutex::default(),
+            last: Mutex::default(),
         }
     }
 
@@ -206,6 +210,7 @@ impl Resolver {
             return Verdict::Gone;
         };
         if self.keeps_node_identity(&pod) {
+            self.note(&pod, "node identity".to_owned());
             return Verdict::NodeIdentity { pod };
         }
         let decision = crate::policy::decide(
@@ -221,7 +226,34 @@ impl Resolver {
         {
             tracing::warn!(pod = %pod.key(), %reason, "role refused");
         }
+        self.note(
+            &pod,
+            match &decision {
+                Decision::Role { arn, .. } => format!("role {arn}"),
+                Decision::NoRole => "no role".to_owned(),
+                Decision::Denied(reason) => format!("refused: {reason}"),
+            },
+        );
         Verdict::Decided { pod, decision }
+    }
+
+    /// Logs a pod's decision when it differs from the last one made for it. Entries of
+    /// pods that are gone are dropped whenever the map outgrows the pods on the node.
+    fn note(&self, pod: &PodInfo, now: String) {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(before) = last.get(&pod.uid) {
+            if *before == now {
+                return;
+            }
+            tracing::info!(pod = %pod.key(), from = %before, to = %now, "decision changed");
+        }
+        last.insert(pod.uid.clone(), now);
+        if last.len() > 2 * self.pods.len() + 64 {
+            last.retain(|uid, _| matches!(self.pods.get(uid), Lookup::Found(_)));
+        }
     }
 
     /// Forgets what is cached about namespaces that are gone (call periodically).

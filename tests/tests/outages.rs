@@ -1,0 +1,404 @@
+//! The agent's peers failing, end to end with the real agent and pods: the API server
+//! unreachable or expiring its watch history, STS down, throttling or slow, and the
+//! decisions following changes to a pod's annotation and its namespace's restrictions.
+//! Pods are served their own role or refused; never a default they should not have,
+//! never the node's credentials.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use interceptor_tests::{
+    Node, Pod,
+    agent::Agent,
+    apiserver::{FakeApiServer, new_namespace},
+    clients::{in_pod, raw},
+    cluster::{AGENT_ENV, Peers, api_pod, start_agent},
+    fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
+    moto::MotoServer,
+    peers::venv,
+    require_root,
+    sts_proxy::{Fault, StsProxy},
+};
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+/// One request from `pod` (a blocking client; the test's runtime keeps serving).
+fn get(pod: &Pod, path: &str) -> (u16, String) {
+    let (status, body) = tokio::task::block_in_place(|| raw(pod, "GET", path, &[]));
+    assert!(
+        !body.contains(NODE_ACCESS_KEY) && !body.contains(NODE_ROLE),
+        "the node's identity reached a pod: {body}"
+    );
+    (status, body.trim().to_owned())
+}
+
+fn access_key(body: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(body).expect("credentials JSON");
+    value["AccessKeyId"]
+        .as_str()
+        .expect("AccessKeyId")
+        .to_owned()
+}
+
+/// Asks until `check` holds (bounded); the last answer otherwise.
+async fn ask_until(
+    pod: &Pod,
+    path: &str,
+    within: Duration,
+    check: impl Fn(&(u16, String)) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = get(pod, path);
+        if check(&answer) || Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn counter(agent: &Agent, event: &str) -> u64 {
+    let (_, text) = agent.admin_get("/metrics").expect("metrics");
+    let name = format!("interceptor_counter{{event=\"{event}\",source=\"credentials\"}}");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name.as_str())?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+fn assert_upstream_untouched(upstream: &FakeImds) {
+    assert!(
+        upstream
+            .requests()
+            .iter()
+            .all(|request| !request.contains("security-credentials")),
+        "the node's metadata service was asked for credentials: {:?}",
+        upstream.requests()
+    );
+}
+
+/// The API server goes away: the pod the agent knows keeps being served; a pod created
+/// meanwhile is refused (the agent has a default role and must not hand it out to a pod
+/// it cannot see) and is served its own role once the watch is back. Then the watch
+/// history expires (410) repeatedly while a pod asks in a loop: no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_outage_and_expiry() {
+    if !require_root("api_server_outage_and_expiry") {
+        return;
+    }
+    let node = Node::new();
+    let (pod_a, pod_b) = (node.pod(), node.pod());
+    let server = FakeApiServer::start().await;
+    server.add_namespace(new_namespace("team"));
+    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "outage-api",
+        &node,
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
+        &[
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--default-role",
+            "default-role",
+        ],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    assert_eq!(get(&pod_a, CREDS), (200, "role-a".to_owned()));
+
+    server.drop_watches();
+    server.stop().await;
+    let (status, body) = get(&pod_a, &format!("{CREDS}role-a"));
+    assert_eq!(
+        status, 200,
+        "a known pod is served while the API server is down: {body}"
+    );
+    access_key(&body);
+    server.add_pod(api_pod(&pod_b.uid, "team", "app-b", Some("role-b")));
+    for path in [CREDS.to_owned(), format!("{CREDS}default-role")] {
+        let (status, body) = get(&pod_b, &path);
+        assert!(
+            status != 200 && !body.contains("default-role"),
+            "a pod the agent cannot see must be refused, not given the default: {path} -> {status} {body}"
+        );
+    }
+
+    server.restart().await;
+    let answer = ask_until(&pod_b, CREDS, Duration::from_secs(30), |answer| {
+        answer.0 == 200
+    })
+    .await;
+    assert_eq!(
+        answer,
+        (200, "role-b".to_owned()),
+        "served once the watch is back\n{}",
+        agent.log_text()
+    );
+
+    // Expiry: the history is compacted and the open watches cut, three times, while pod a
+    // asks in a loop.
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/creds_loop.py");
+    let (python, script) = (
+        venv().join("bin/python").display().to_string(),
+        script.display().to_string(),
+    );
+    let expired_before = server.expired_count();
+    let out = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let looping = scope.spawn(|| in_pod(&pod_a, &python, &[&script, "6"]));
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(1500));
+                server.compact();
+                server.drop_watches();
+            }
+            looping.join().unwrap()
+        })
+    });
+    let wait = Instant::now() + Duration::from_secs(10);
+    while server.expired_count() == expired_before && Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        server.expired_count() > expired_before,
+        "the watches were answered 410 (the scenario happened)"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.len() > 10, "the loop ran: {out}");
+    for line in &lines {
+        assert!(
+            line.starts_with("ok ") && line.ends_with(" role-a"),
+            "every request during the relists is served: {line}\n{out}"
+        );
+    }
+    assert_upstream_untouched(&upstream);
+}
+
+/// STS fails: unavailable, then throttling, then slow (above the SDKs' 1 s timeout). A
+/// pod with cached credentials keeps getting them; STS is not stormed; a pod with nothing
+/// cached gets a clear error and is served once STS is back; with STS slow, a new pod's
+/// first request is already a cache hit because prefetch fetched its credentials when it
+/// appeared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sts_outage_throttling_and_latency() {
+    if !require_root("sts_outage_throttling_and_latency") {
+        return;
+    }
+    let node = Node::new();
+    let (pod_a, pod_d) = (node.pod(), node.pod());
+    let waiting = [node.pod(), node.pod()];
+    let server = FakeApiServer::start().await;
+    server.add_namespace(new_namespace("team"));
+    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
+    let moto = MotoServer::start_on(node.address, &[]);
+    let sts = StsProxy::start(moto.addr()).await;
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "outage-sts",
+        &node,
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &sts.endpoint(),
+        },
+        &[
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--debug",
+        ],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    let role_a = format!("{CREDS}role-a");
+    let (status, body) = get(&pod_a, &role_a);
+    assert_eq!(status, 200, "{body}");
+    let key_a = access_key(&body);
+
+    for (fault, pod_c) in [Fault::Unavailable, Fault::Throttle]
+        .into_iter()
+        .zip(&waiting)
+    {
+        sts.set_fault(fault.clone());
+        let calls_before = sts.count("AssumeRole");
+        for _ in 0..10 {
+            let (status, body) = get(&pod_a, &role_a);
+            assert_eq!(
+                status, 200,
+                "cached credentials keep flowing ({fault:?}): {body}"
+            );
+            assert_eq!(access_key(&body), key_a);
+        }
+        // A pod with nothing cached: a clear refusal, and STS is not asked once per
+        // request (failures are held and retried with backoff).
+        let name = format!("app-{fault:?}");
+        server.add_pod(api_pod(&pod_c.uid, "team", &name, Some(&name)));
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            answers.push(get(pod_c, &format!("{CREDS}{name}")));
+        }
+        assert!(
+            answers.iter().all(|(status, _)| *status == 503),
+            "no credentials while STS fails ({fault:?}): {answers:?}"
+        );
+        let calls = sts.count("AssumeRole") - calls_before;
+        eprintln!("{fault:?}: {calls} AssumeRole calls");
+        assert!(
+            calls <= 5,
+            "{calls} AssumeRole calls for 10 refused requests ({fault:?}): a storm"
+        );
+    }
+
+    sts.set_fault(Fault::None);
+    for (fault, pod_c) in [Fault::Unavailable, Fault::Throttle].iter().zip(&waiting) {
+        let answer = ask_until(
+            pod_c,
+            &format!("{CREDS}app-{fault:?}"),
+            Duration::from_secs(30),
+            |answer| answer.0 == 200,
+        )
+        .await;
+        assert_eq!(answer.0, 200, "served once STS is back: {answer:?}");
+    }
+
+    // Slow STS: prefetch fetches when the pod appears; its first request is a hit.
+    sts.set_delay(Duration::from_millis(1500));
+    server.add_pod(api_pod(&pod_d.uid, "team", "app-d", Some("role-d")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, store) = agent.admin_get("/debug/store").expect("debug store");
+        let store: serde_json::Value = serde_json::from_str(&store).unwrap();
+        let fetched = store["credentials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|entry| {
+                entry["role"]
+                    .as_str()
+                    .is_some_and(|r| r.ends_with("/role-d"))
+                    && !entry["expires"].is_null()
+            });
+        if fetched {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prefetch never stored role-d: {store}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (hits, misses) = (counter(&agent, "hits"), counter(&agent, "misses"));
+    let (status, body) = get(&pod_d, &format!("{CREDS}role-d"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            counter(&agent, "hits") - hits,
+            counter(&agent, "misses") - misses
+        ),
+        (1, 0),
+        "the new pod's first request was served from memory"
+    );
+    assert_upstream_untouched(&upstream);
+}
+
+/// A pod's role annotation changes, then its namespace narrows the roles it allows: each
+/// time the next answers follow within the watch latency, and the agent logs the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_follow_annotation_and_restriction_changes() {
+    if !require_root("decisions_follow_annotation_and_restriction_changes") {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.pod();
+    let server = FakeApiServer::start().await;
+    let mut namespace = new_namespace("team");
+    namespace.metadata.annotations = Some(BTreeMap::from([(
+        "iam.amazonaws.com/allowed-roles".to_owned(),
+        r#"["role-a", "role-x"]"#.to_owned(),
+    )]));
+    server.add_namespace(namespace);
+    server.add_pod(api_pod(&pod.uid, "team", "app", Some("role-a")));
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "outage-policy",
+        &node,
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
+        &[
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--namespace-restrictions",
+        ],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    assert_eq!(get(&pod, CREDS), (200, "role-a".to_owned()));
+
+    server.update_pod("team", "app", |pod| {
+        pod.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert("iam.amazonaws.com/role".to_owned(), "role-x".to_owned());
+    });
+    let answer = ask_until(&pod, CREDS, Duration::from_secs(10), |answer| {
+        answer.1 == "role-x"
+    })
+    .await;
+    assert_eq!(answer, (200, "role-x".to_owned()), "{}", agent.log_text());
+    let (status, body) = get(&pod, &format!("{CREDS}role-a"));
+    assert_eq!(status, 404, "the old role is no longer served: {body}");
+
+    server.update_namespace("team", |namespace| {
+        namespace
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(
+                "iam.amazonaws.com/allowed-roles".to_owned(),
+                r#"["role-a"]"#.to_owned(),
+            );
+    });
+    let answer = ask_until(&pod, CREDS, Duration::from_secs(10), |answer| {
+        answer.0 != 200
+    })
+    .await;
+    assert_eq!(
+        answer.0, 404,
+        "refused once the namespace forbids the role: {answer:?}"
+    );
+    let (status, _) = get(&pod, &format!("{CREDS}role-x"));
+    assert_eq!(status, 404);
+
+    let log = agent.log_text();
+    for needle in [
+        "decision changed",
+        "role arn:aws:iam::123456789012:role/role-x",
+        "role refused",
+    ] {
+        assert!(log.contains(needle), "the log says {needle:?}:\n{log}");
+    }
+    assert!(
+        server
+            .events()
+            .iter()
+            .any(|event| event["regarding"]["name"] == "app"
+                && event["reason"] == "RoleNotAllowed"),
+        "an Event on the pod: {:?}",
+        server.events()
+    );
+    assert_upstream_untouched(&upstream);
+}
