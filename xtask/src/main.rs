@@ -4,6 +4,7 @@
 //! but the repository and `cargo`.
 
 mod ebpf;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -32,6 +33,8 @@ enum Task {
     Demo,
     /// Run every check and test: setup, build, fmt, clippy, unit and privileged tests.
     Test(test::TestOptions),
+    /// Run each `cargo fuzz` target (interceptor/fuzz) for a bounded time.
+    Fuzz(fuzz::FuzzOptions),
 }
 
 fn main() -> Result<()> {
@@ -40,5 +43,6 @@ fn main() -> Result<()> {
         Task::BuildEbpf(options) => ebpf::build(&options).map(|_| ()),
         Task::Demo => test::demo(),
         Task::Test(options) => test::run(&options),
+        Task::Fuzz(options) => fuzz::run(&options),
     }
 }
