@@ -396,15 +396,19 @@ impl Admin {
     }
 }
 
-/// Prefetches credentials for pods that appear with a role, forgets the credentials and
-/// cgroups of pods that go.
+/// Prefetches credentials for pods that appear with a role (unless `prefetch` is off),
+/// forgets the credentials and cgroups of pods that go.
 async fn follow_pods(
     resolver: Arc<Resolver>,
     pods: Arc<PodStore>,
     namespaces: Arc<NamespaceStore>,
     credentials: Arc<CredentialCache>,
+    prefetch: bool,
 ) {
     let prefetch = |pod: &k8s::PodInfo| {
+        if !prefetch {
+            return;
+        }
         let caller = Caller::for_pod(&pod.uid);
         if let Verdict::Decided {
             decision: Decision::Role {
@@ -621,6 +625,7 @@ pub async fn run(args: &RunArgs, config: RunConfig) -> Result<()> {
         pods.clone(),
         namespaces.clone(),
         credentials.clone(),
+        !args.no_prefetch,
     ));
 
     let backend = Arc::new(AgentBackend {

@@ -206,6 +206,10 @@ pub struct RunArgs {
     /// STS session duration of pods' credentials (e.g. 1h, 3600s).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub iam_role_session_ttl: std::time::Duration,
+    /// Assume a pod's role only at its first request instead of when the pod appears
+    /// (kube2iam's behaviour): for `cargo xtask bench`, which measures what prefetch buys.
+    #[arg(long, hide = true)]
+    pub no_prefetch: bool,
     /// STS endpoint URL (e.g. a VPC endpoint).
     #[arg(long)]
     pub sts_endpoint: Option<String>,

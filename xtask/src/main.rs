@@ -3,6 +3,7 @@
 //! Every task installs or builds what it depends on, so that a fresh machine needs nothing
 //! but the repository and `cargo`.
 
+mod bench;
 mod ebpf;
 mod fuzz;
 mod run;
@@ -35,6 +36,8 @@ enum Task {
     Test(test::TestOptions),
     /// Run each `cargo fuzz` target (interceptor/fuzz) for a bounded time.
     Fuzz(fuzz::FuzzOptions),
+    /// Benchmark the agent on a simulated node (as root): ratios against baselines.
+    Bench(bench::BenchOptions),
 }
 
 fn main() -> Result<()> {
@@ -44,5 +47,6 @@ fn main() -> Result<()> {
         Task::Demo => test::demo(),
         Task::Test(options) => test::run(&options),
         Task::Fuzz(options) => fuzz::run(&options),
+        Task::Bench(options) => bench::run(&options),
     }
 }

@@ -1,0 +1,832 @@
+//! `cargo xtask bench`: interceptor measured on the simulated node (real programs, real
+//! kernel, moto as STS), every figure a ratio against a baseline measured in the same run,
+//! because absolute times on a shared 2-core machine are noise. Prints a table and writes
+//! the same figures as JSON (docs/performance.md explains each scenario).
+//!
+//! Usage: bench [--quick] [--out PATH]
+
+mod floor;
+mod iptables;
+mod load;
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
+use interceptor_tests::{
+    Node, Pod,
+    agent::{Agent, free_port},
+    apiserver::{FakeApiServer, new_namespace, new_node, new_pod},
+    fake_imds::FakeImds,
+    moto::MotoServer,
+    pins::Pins,
+    sts_proxy::StsProxy,
+};
+use serde_json::json;
+
+use crate::{
+    floor::Floor,
+    iptables::Dnat,
+    load::{Load, Place, Pooled, run_all},
+    report::{Figure, QUANTILES, Report, Target, percentiles_us, quantile},
+};
+
+const NODE: &str = "bench-node";
+const NAMESPACE: &str = "bench";
+const ROLE: &str = "bench-role";
+const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
+const METADATA: &str = "169.254.169.254:80";
+const AGENT_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
+    ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+/// How much of everything: `--quick` or the full run.
+struct Sizes {
+    /// Pods sending load at once, threads (connections) per pod.
+    pods: usize,
+    threads: usize,
+    /// Rounds per condition (conditions alternate round by round, so drift hits both).
+    rounds: usize,
+    /// Requests per thread and round.
+    keepalive_requests: u64,
+    new_requests: u64,
+    /// connect()+close per round.
+    connects: u64,
+    /// Pods appearing at once (scenario 4), and the STS delay injected.
+    first_pods: usize,
+    sts_delay: Duration,
+    /// Between a pod's appearance in the API server and its first request.
+    container_start: Duration,
+    /// Scenario 5: pods x requests per pod for roles.
+    economy_pods: usize,
+    economy_requests: u64,
+    economy_roles: usize,
+    /// Scenario 6: requests measured per level, idle pods per level, namespaces.
+    footprint_requests: u64,
+    footprint_levels: [usize; 3],
+    namespaces: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        let full = Self {
+            pods: 3,
+            threads: 2,
+            rounds: 3,
+            keepalive_requests: 3000,
+            new_requests: 800,
+            connects: 5000,
+            first_pods: 6,
+            sts_delay: Duration::from_millis(300),
+            container_start: Duration::from_millis(1000),
+            economy_pods: 8,
+            economy_requests: 20,
+            economy_roles: 3,
+            footprint_requests: 10_000,
+            footprint_levels: [0, 100, 250],
+            namespaces: 10_000,
+        };
+        if !quick {
+            return full;
+        }
+        Self {
+            pods: 2,
+            rounds: 2,
+            keepalive_requests: 600,
+            new_requests: 200,
+            connects: 1500,
+            first_pods: 3,
+            economy_pods: 4,
+            economy_requests: 10,
+            footprint_requests: 2000,
+            ..full
+        }
+    }
+}
+
+struct Options {
+    quick: bool,
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let mut options = Options {
+        quick: false,
+        out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/report.json"),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => options.quick = true,
+            "--out" if let Some(path) = args.next() => options.out = PathBuf::from(path),
+            _ => {
+                eprintln!("usage: bench [--quick] [--out PATH]");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("bench: must run as root (it loads eBPF programs, creates netns and cgroups)");
+        return ExitCode::FAILURE;
+    }
+    // Two workers, as many as the agent's runtime has on these machines: the floor server
+    // runs here.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(&options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench failed: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The world every scenario shares: STS (moto behind a delaying, counting proxy), the
+/// node's metadata service (fake), the API server.
+struct World {
+    _moto: MotoServer,
+    sts: StsProxy,
+    upstream: FakeImds,
+    api: FakeApiServer,
+    sizes: Sizes,
+}
+
+async fn run(options: &Options) -> Result<()> {
+    let sizes = Sizes::new(options.quick);
+    let moto = MotoServer::start();
+    let sts = StsProxy::start(moto.addr()).await;
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let api = FakeApiServer::start().await;
+    api.add_namespace(new_namespace(NAMESPACE));
+    api.add_node(new_node(NODE));
+    let world = World {
+        _moto: moto,
+        sts,
+        upstream,
+        api,
+        sizes,
+    };
+    let mut report = Report::new();
+    let started = Instant::now();
+
+    let agent_node = Node::new();
+    let load_pods: Vec<Pod> = (0..world.sizes.pods).map(|_| agent_node.pod()).collect();
+    for (index, pod) in load_pods.iter().enumerate() {
+        world
+            .api
+            .add_pod(api_pod(&pod.uid, &format!("load-{index}"), ROLE));
+    }
+    let agent = start_agent(&world, "bench", &agent_node, &[])?;
+    // One request per pod: the caches are warm, and the document's size sizes the floor.
+    let warm = run_strings(&places(&load_pods), &http_args(1, "new", 1, 0))?;
+    let body_bytes = warm.iter().map(|load| load.body_bytes).max().unwrap_or(0);
+    if warm.iter().any(|load| load.errors > 0) || body_bytes == 0 {
+        bail!("warm-up requests failed: {warm:?}\n{}", agent.log_text());
+    }
+
+    {
+        let floor_node = Node::new();
+        let floor_pods: Vec<Pod> = (0..world.sizes.pods).map(|_| floor_node.pod()).collect();
+        let floor = Floor::start(floor_node.address, body_bytes).await;
+        let pins = Pins::new("bench-floor");
+        let SocketAddr::V4(floor_addr) = floor.addr else {
+            bail!("the floor listens on IPv4");
+        };
+        let datapath = ebpf::Datapath::open(&ebpf::Options {
+            pin_dir: pins.0.clone(),
+            cgroup_root: floor_node.kubepods.clone(),
+            redirect: Redirect {
+                metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
+                metadata6: METADATA_IPV6,
+                proxy4: Some(floor_addr),
+                proxy6: None,
+            },
+            reload: false,
+            kernel_log: false,
+        })
+        .context("attaching the programs for the floor")?;
+        warm_up(&floor_pods)?;
+
+        warm_requests(&world, &load_pods, &floor_pods, body_bytes, &mut report)?;
+        redirect_vs_iptables(&world, &floor_node, &floor_pods, floor_addr, &mut report)?;
+        hook_cost(&world, &floor_node, &floor_pods[0], &mut report)?;
+        drop(datapath);
+    }
+
+    first_credentials(&world, &agent_node, agent, &mut report).await?;
+    footprint(&world, &agent_node, &load_pods, &mut report).await?;
+
+    let environment = json!({
+        "kernel": interceptor_tests::cmd::run("uname", &["-r"]).trim(),
+        "cpus": std::thread::available_parallelism().map_or(0, usize::from),
+        "quick": options.quick,
+        "agent": interceptor_tests::agent::binary().display().to_string(),
+        "seconds": started.elapsed().as_secs(),
+    });
+    report
+        .write(&options.out, environment)
+        .with_context(|| format!("writing {}", options.out.display()))?;
+    println!("\n{}", report.table());
+    println!(
+        "figures written to {} ({} s)",
+        options.out.display(),
+        started.elapsed().as_secs()
+    );
+    Ok(())
+}
+
+fn api_pod(uid: &str, name: &str, role: &str) -> k8s_openapi::api::core::v1::Pod {
+    let mut pod = new_pod(NAMESPACE, name, NODE);
+    pod.metadata.uid = Some(uid.to_owned());
+    pod.metadata.annotations = Some(BTreeMap::from([(
+        "iam.amazonaws.com/role".to_owned(),
+        role.to_owned(),
+    )]));
+    pod
+}
+
+fn credentials_path(role: &str) -> String {
+    format!("/latest/meta-data/iam/security-credentials/{role}")
+}
+
+fn http_args(threads: usize, mode: &str, requests: u64, warmup: u64) -> Vec<String> {
+    [
+        "http".to_owned(),
+        METADATA.to_owned(),
+        credentials_path(ROLE),
+        mode.to_owned(),
+        threads.to_string(),
+        requests.to_string(),
+        warmup.to_string(),
+    ]
+    .to_vec()
+}
+
+fn places(pods: &[Pod]) -> Vec<Place<'_>> {
+    pods.iter().map(Place::Pod).collect()
+}
+
+fn run_strings(places: &[Place<'_>], args: &[String]) -> Result<Vec<Load>> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_all(places, &args)
+}
+
+fn warm_up(pods: &[Pod]) -> Result<()> {
+    let loads = run_strings(&places(pods), &http_args(1, "new", 20, 0))?;
+    if let Some(load) = loads.iter().find(|load| load.errors > 0) {
+        bail!("warm-up failed: {:?}", load.first_error);
+    }
+    Ok(())
+}
+
+/// The real agent on `node` in API-server mode, logging at info as in production.
+fn start_agent(world: &World, name: &str, node: &Node, extra: &[&str]) -> Result<Agent> {
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "interceptor-{name}-{}.kubeconfig",
+        std::process::id()
+    ));
+    world.api.write_kubeconfig(&kubeconfig)?;
+    let mut args: Vec<String> = [
+        "--log-level",
+        "info",
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &free_port().to_string(),
+        "--cgroup-root",
+        &node.kubepods.display().to_string(),
+        "--node",
+        NODE,
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--metadata-addr",
+        &world.upstream.addr().to_string(),
+        "--sts-endpoint",
+        &world.sts.endpoint(),
+        "--base-role-arn",
+        BASE_ARN,
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    // The agent's guard detaches and removes what it pinned there.
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/interceptor-test-{}-{name}",
+        std::process::id()
+    ));
+    let mut agent = Agent::run(&args, &pin_dir, free_port(), &AGENT_ENV);
+    agent.wait_ready(Duration::from_secs(30));
+    Ok(agent)
+}
+
+/// Scenario 1: warm credential requests from several pods at once through the real
+/// redirect, against the floor server through the same redirect.
+fn warm_requests(
+    world: &World,
+    load_pods: &[Pod],
+    floor_pods: &[Pod],
+    body_bytes: usize,
+    report: &mut Report,
+) -> Result<()> {
+    let sizes = &world.sizes;
+    let mut details = serde_json::Map::new();
+    for (mode, requests) in [
+        ("keepalive", sizes.keepalive_requests),
+        ("new", sizes.new_requests),
+    ] {
+        let args = http_args(sizes.threads, mode, requests, requests / 20);
+        let (mut ours, mut floor) = (Pooled::default(), Pooled::default());
+        for _ in 0..sizes.rounds {
+            floor.add_round(run_strings(&places(floor_pods), &args)?);
+            ours.add_round(run_strings(&places(load_pods), &args)?);
+        }
+        floor.check(&format!("floor {mode}"))?;
+        ours.check(&format!("agent {mode}"))?;
+        let label = if mode == "new" {
+            "new connection per request"
+        } else {
+            "keep-alive"
+        };
+        for (name, q) in QUANTILES {
+            report.add(Figure {
+                scenario: "1",
+                measure: format!("{label}: {name} latency"),
+                ours: quantile(&ours.latencies_ns, q) as f64 / 1000.0,
+                baseline: Some(quantile(&floor.latencies_ns, q) as f64 / 1000.0),
+                unit: "us",
+                target: (name == "p99").then_some(Target::RatioAtMost(2.0)),
+            });
+        }
+        report.add(Figure {
+            scenario: "1",
+            measure: format!("{label}: throughput"),
+            ours: ours.throughput(),
+            baseline: Some(floor.throughput()),
+            unit: "req/s",
+            target: Some(Target::RatioAtLeast(0.5)),
+        });
+        details.insert(
+            mode.into(),
+            json!({
+                "agent": percentiles_us(&ours.latencies_ns),
+                "floor": percentiles_us(&floor.latencies_ns),
+                "agent_rps": ours.throughput(),
+                "floor_rps": floor.throughput(),
+            }),
+        );
+    }
+    details.insert(
+        "setup".into(),
+        json!({
+            "pods": sizes.pods, "threads_per_pod": sizes.threads, "rounds": sizes.rounds,
+            "keepalive_requests_per_thread": sizes.keepalive_requests,
+            "new_requests_per_thread": sizes.new_requests, "body_bytes": body_bytes,
+        }),
+    );
+    report
+        .details
+        .insert("1_warm_requests".into(), details.into());
+    Ok(())
+}
+
+/// Scenario 3: the same redirect to the floor done by an iptables DNAT rule in each pod's
+/// namespace (clients in a cgroup our programs are not attached to) instead of our
+/// programs; new connection per request.
+fn redirect_vs_iptables(
+    world: &World,
+    node: &Node,
+    pods: &[Pod],
+    floor: SocketAddrV4,
+    report: &mut Report,
+) -> Result<()> {
+    let sizes = &world.sizes;
+    let outside = node.outside_cgroup("system.slice/bench-iptables.service");
+    let _rules: Vec<Dnat<'_>> = pods.iter().map(|pod| Dnat::install(pod, floor)).collect();
+    let unhooked: Vec<Place<'_>> = pods
+        .iter()
+        .map(|pod| Place::Unhooked(&outside, pod))
+        .collect();
+    let args = http_args(
+        sizes.threads,
+        "new",
+        sizes.new_requests,
+        sizes.new_requests / 20,
+    );
+    let (mut ebpf, mut dnat) = (Pooled::default(), Pooled::default());
+    for _ in 0..sizes.rounds {
+        dnat.add_round(run_strings(&unhooked, &args)?);
+        ebpf.add_round(run_strings(&places(pods), &args)?);
+    }
+    dnat.check("iptables DNAT")?;
+    ebpf.check("eBPF redirect")?;
+    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+        report.add(Figure {
+            scenario: "3",
+            measure: format!("new connection {name}: eBPF vs iptables DNAT"),
+            ours: quantile(&ebpf.latencies_ns, q) as f64 / 1000.0,
+            baseline: Some(quantile(&dnat.latencies_ns, q) as f64 / 1000.0),
+            unit: "us",
+            target: (name == "p50").then_some(Target::RatioAtMost(1.0)),
+        });
+    }
+    report.add(Figure {
+        scenario: "3",
+        measure: "new connection throughput: eBPF vs DNAT".into(),
+        ours: ebpf.throughput(),
+        baseline: Some(dnat.throughput()),
+        unit: "req/s",
+        target: None,
+    });
+    report.details.insert(
+        "3_redirect_vs_iptables".into(),
+        json!({
+            "ebpf": percentiles_us(&ebpf.latencies_ns),
+            "iptables": percentiles_us(&dnat.latencies_ns),
+            "ebpf_rps": ebpf.throughput(),
+            "iptables_rps": dnat.throughput(),
+        }),
+    );
+    Ok(())
+}
+
+/// Scenario 2: connect()+close to a listener on a pod's own loopback, from the pod's
+/// cgroup (our programs run and let it pass) and from a cgroup outside the attached tree
+/// in the same network namespace (no program runs).
+fn hook_cost(world: &World, node: &Node, pod: &Pod, report: &mut Report) -> Result<()> {
+    let outside = node.outside_cgroup("system.slice/bench-connect.service");
+    let count = world.sizes.connects.to_string();
+    let args = ["connect", count.as_str()];
+    let (mut hooked, mut unhooked) = (Pooled::default(), Pooled::default());
+    // More, shorter rounds than elsewhere: this difference is small and drift is not.
+    for _ in 0..world.sizes.rounds * 3 {
+        unhooked.add_round(run_all(&[Place::Unhooked(&outside, pod)], &args)?);
+        hooked.add_round(run_all(&[Place::Pod(pod)], &args)?);
+    }
+    hooked.check("connect from the pod's cgroup")?;
+    unhooked.check("connect from outside")?;
+    report.add(Figure {
+        scenario: "2",
+        measure: "connect()+close, unrelated listener: p50".into(),
+        ours: quantile(&hooked.latencies_ns, 0.5) as f64 / 1000.0,
+        baseline: Some(quantile(&unhooked.latencies_ns, 0.5) as f64 / 1000.0),
+        unit: "us",
+        target: Some(Target::RatioAtMost(1.03)),
+    });
+    // The mean is not a figure: a few connects wait out a SYN retransmission (1 s) when
+    // the listener's backlog overflows, in both conditions alike.
+    report.add(Figure {
+        scenario: "2",
+        measure: "connect()+close, unrelated listener: p90".into(),
+        ours: quantile(&hooked.latencies_ns, 0.9) as f64 / 1000.0,
+        baseline: Some(quantile(&unhooked.latencies_ns, 0.9) as f64 / 1000.0),
+        unit: "us",
+        target: None,
+    });
+    report.details.insert(
+        "2_hook_cost".into(),
+        json!({
+            "hooked": percentiles_us(&hooked.latencies_ns),
+            "unhooked": percentiles_us(&unhooked.latencies_ns),
+            "connects_per_round": world.sizes.connects,
+        }),
+    );
+    Ok(())
+}
+
+/// A counter of the agent's `/metrics` (`interceptor_counter{event=..,source="credentials"}`).
+fn credentials_counter(agent: &Agent, event: &str) -> Result<u64> {
+    let (_, metrics) = agent.admin_get("/metrics").context("agent /metrics")?;
+    let prefix = format!("interceptor_counter{{event=\"{event}\",source=\"credentials\"}}");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+        .with_context(|| format!("no {prefix} in the agent's metrics"))
+}
+
+/// What scenario 4 saw for one agent.
+struct FirstRequests {
+    /// From the pod's appearance in the API server to its first credential, sorted.
+    to_credential_ns: Vec<u64>,
+    /// The first successful request's own latency, sorted.
+    request_ns: Vec<u64>,
+    from_cache: f64,
+    assume_calls: u64,
+}
+
+/// Pods appear in the API server; after a container start they ask for credentials.
+async fn first_requests(
+    world: &World,
+    node: &Node,
+    agent: &Agent,
+    tag: &str,
+) -> Result<FirstRequests> {
+    let sizes = &world.sizes;
+    let pods: Vec<Pod> = (0..sizes.first_pods).map(|_| node.pod()).collect();
+    let (hits, assume) = (
+        credentials_counter(agent, "hits")?,
+        world.sts.count("AssumeRole"),
+    );
+    let appeared = Instant::now();
+    for (index, pod) in pods.iter().enumerate() {
+        world
+            .api
+            .add_pod(api_pod(&pod.uid, &format!("{tag}-{index}"), ROLE));
+    }
+    tokio::time::sleep(sizes.container_start).await;
+    let started = appeared.elapsed();
+    let path = credentials_path(ROLE);
+    let loads = run_all(&places(&pods), &["first", METADATA, &path, "10000"])?;
+    let mut to_credential_ns = Vec::new();
+    let mut request_ns = Vec::new();
+    for load in &loads {
+        if load.ok != 1 {
+            bail!("{tag}: a pod got no credentials: {:?}", load.first_error);
+        }
+        to_credential_ns.push((started + load.since_start).as_nanos() as u64);
+        request_ns.extend(load.latencies_ns.first());
+    }
+    to_credential_ns.sort_unstable();
+    request_ns.sort_unstable();
+    let hits = credentials_counter(agent, "hits")? - hits;
+    for index in 0..pods.len() {
+        world.api.delete_pod(NAMESPACE, &format!("{tag}-{index}"));
+    }
+    Ok(FirstRequests {
+        to_credential_ns,
+        request_ns,
+        from_cache: hits as f64 / pods.len() as f64,
+        assume_calls: world.sts.count("AssumeRole") - assume,
+    })
+}
+
+/// Scenarios 4 and 5, then stops the agents: time to first credential with and without
+/// prefetch under a slow STS; STS calls for many pods asking at once.
+async fn first_credentials(
+    world: &World,
+    node: &Node,
+    agent: Agent,
+    report: &mut Report,
+) -> Result<()> {
+    let sizes = &world.sizes;
+    world.sts.set_delay(sizes.sts_delay);
+    let with = first_requests(world, node, &agent, "prefetched").await?;
+    drop(agent);
+    let agent = start_agent(world, "bench-noprefetch", node, &["--no-prefetch"])?;
+    let without = first_requests(world, node, &agent, "cold").await?;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    for (name, q) in [("p50", 0.5), ("max", 1.0)] {
+        report.add(Figure {
+            scenario: "4",
+            measure: format!("pod appears -> first credential, {name}"),
+            ours: ms(quantile(&with.to_credential_ns, q)),
+            baseline: Some(ms(quantile(&without.to_credential_ns, q))),
+            unit: "ms",
+            target: None,
+        });
+    }
+    report.add(Figure {
+        scenario: "4",
+        measure: "first request's own latency, p50".into(),
+        ours: ms(quantile(&with.request_ns, 0.5)),
+        baseline: Some(ms(quantile(&without.request_ns, 0.5))),
+        unit: "ms",
+        target: None,
+    });
+    report.add(Figure {
+        scenario: "4",
+        measure: "first requests served from cache (prefetch)".into(),
+        ours: with.from_cache,
+        baseline: Some(without.from_cache),
+        unit: "frac",
+        target: Some(Target::ValueAtLeast(1.0)),
+    });
+    report.details.insert(
+        "4_first_credential".into(),
+        json!({
+            "pods": sizes.first_pods,
+            "sts_delay_ms": sizes.sts_delay.as_millis() as u64,
+            "container_start_ms": sizes.container_start.as_millis() as u64,
+            "prefetch": {"to_credential_ms": with.to_credential_ns.iter().map(|ns| ms(*ns)).collect::<Vec<_>>(),
+                         "from_cache": with.from_cache, "assume_role_calls": with.assume_calls},
+            "no_prefetch": {"to_credential_ms": without.to_credential_ns.iter().map(|ns| ms(*ns)).collect::<Vec<_>>(),
+                            "from_cache": without.from_cache, "assume_role_calls": without.assume_calls},
+        }),
+    );
+
+    // Scenario 5 on the agent without prefetch, STS still slow: every pod's requests
+    // arrive at once for a key nobody fetched yet, so single flight is what saves STS.
+    let pods: Vec<Pod> = (0..sizes.economy_pods).map(|_| node.pod()).collect();
+    for (index, pod) in pods.iter().enumerate() {
+        let role = format!("economy-{}", index % sizes.economy_roles);
+        world
+            .api
+            .add_pod(api_pod(&pod.uid, &format!("economy-{index}"), &role));
+    }
+    tokio::time::sleep(sizes.container_start).await;
+    let assume = world.sts.count("AssumeRole");
+    let window = Instant::now();
+    let children: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(index, pod)| {
+            let role = format!("economy-{}", index % sizes.economy_roles);
+            let args = [
+                "http".to_owned(),
+                METADATA.to_owned(),
+                credentials_path(&role),
+                "new".to_owned(),
+                sizes.threads.to_string(),
+                (sizes.economy_requests / sizes.threads as u64)
+                    .max(1)
+                    .to_string(),
+                "0".to_owned(),
+            ];
+            (pod, args)
+        })
+        .collect();
+    // Each pod asks for its own role: one client per pod, all at once.
+    let mut pooled = Pooled::default();
+    let mut loads = Vec::new();
+    std::thread::scope(|scope| -> Result<()> {
+        let runs: Vec<_> = children
+            .iter()
+            .map(|(pod, args)| scope.spawn(move || run_strings(&[Place::Pod(pod)], args)))
+            .collect();
+        for run in runs {
+            loads.extend(run.join().expect("client thread")?);
+        }
+        Ok(())
+    })?;
+    pooled.add_round(loads);
+    pooled.check("economy requests")?;
+    let calls = world.sts.count("AssumeRole") - assume;
+    report.add(Figure {
+        scenario: "5",
+        measure: format!(
+            "AssumeRole calls / cache keys ({} pods x {} req, {} roles)",
+            sizes.economy_pods,
+            pooled.ok / sizes.economy_pods as u64,
+            sizes.economy_roles
+        ),
+        ours: calls as f64,
+        baseline: Some(sizes.economy_pods as f64),
+        unit: "calls",
+        target: Some(Target::RatioAtMost(1.0)),
+    });
+    report.details.insert(
+        "5_sts_economy".into(),
+        json!({
+            "pods": sizes.economy_pods, "roles": sizes.economy_roles, "requests": pooled.ok,
+            "assume_role_calls": calls, "cache_keys": sizes.economy_pods,
+            "window_ms": window.elapsed().as_millis() as u64,
+            "note": "sessions are per pod (<namespace>.<pod>), so a key is a pod, not a role",
+        }),
+    );
+    for index in 0..pods.len() {
+        world.api.delete_pod(NAMESPACE, &format!("economy-{index}"));
+    }
+    world.sts.set_delay(Duration::ZERO);
+    drop(agent);
+    Ok(())
+}
+
+/// CPU time (user + system) and resident memory of a process.
+fn usage(pid: u32) -> Result<(Duration, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("/proc/PID/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based, man proc).
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(key)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0u64)
+    };
+    Ok((
+        Duration::from_secs_f64(ticks as f64 / per_second as f64),
+        kib("VmRSS:"),
+        kib("VmHWM:"),
+    ))
+}
+
+/// Scenario 6: a fresh agent per level of idle pods (and then namespaces) in the API
+/// server; its memory once they are prefetched and after serving a fixed load, and the
+/// CPU time that load cost.
+async fn footprint(
+    world: &World,
+    node: &Node,
+    load_pods: &[Pod],
+    report: &mut Report,
+) -> Result<()> {
+    let sizes = &world.sizes;
+    let mut idle = 0usize;
+    let mut levels: Vec<(String, usize, usize)> = sizes
+        .footprint_levels
+        .iter()
+        .map(|pods| (format!("{pods} pods"), *pods, 0))
+        .collect();
+    let top = *sizes.footprint_levels.last().unwrap_or(&0);
+    levels.push((
+        format!("{top} pods, {} namespaces", sizes.namespaces),
+        top,
+        sizes.namespaces,
+    ));
+    let mut baseline: Option<(f64, f64)> = None;
+    let mut details = Vec::new();
+    for (index, (label, pods, namespaces)) in levels.into_iter().enumerate() {
+        while idle < pods {
+            let uid = format!("00000000-0000-4000-8000-{idle:012}");
+            let role = format!("idle-{}", idle % 10);
+            world
+                .api
+                .add_pod(api_pod(&uid, &format!("idle-{idle}"), &role));
+            idle += 1;
+        }
+        if namespaces > 0 && world.api.namespace("ns-0").is_none() {
+            for n in 0..namespaces {
+                world.api.add_namespace(new_namespace(&format!("ns-{n}")));
+            }
+        }
+        let assume = world.sts.count("AssumeRole");
+        let agent = start_agent(world, &format!("bench-footprint-{index}"), node, &[])?;
+        // Every pod with a role is prefetched: wait for those calls before measuring.
+        let expected = (pods + load_pods.len()) as u64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while credentials_counter(&agent, "sts_calls")? < expected {
+            if Instant::now() > deadline {
+                bail!(
+                    "{label}: prefetch did not finish ({} STS calls)",
+                    world.sts.count("AssumeRole") - assume
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (cpu_before, rss_idle, _) = usage(agent.pid())?;
+        let per_client =
+            (sizes.footprint_requests / (load_pods.len() * sizes.threads) as u64).max(1);
+        let loads = run_strings(
+            &places(load_pods),
+            &http_args(sizes.threads, "new", per_client, 0),
+        )?;
+        let mut pooled = Pooled::default();
+        pooled.add_round(loads);
+        pooled.check(&format!("footprint load, {label}"))?;
+        let (cpu_after, rss, peak) = usage(agent.pid())?;
+        let cpu_per_10k = (cpu_after - cpu_before).as_secs_f64() * 10_000.0 / pooled.ok as f64;
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let (rss_base, cpu_base) = *baseline.get_or_insert((mib(rss), cpu_per_10k));
+        let limited = pods >= 250;
+        report.add(Figure {
+            scenario: "6",
+            measure: format!("agent RSS after load, {label}"),
+            ours: mib(rss),
+            baseline: Some(rss_base),
+            unit: "MiB",
+            target: limited.then_some(Target::ValueAtMost(32.0)),
+        });
+        report.add(Figure {
+            scenario: "6",
+            measure: format!("agent CPU s per 10k requests, {label}"),
+            ours: cpu_per_10k,
+            baseline: Some(cpu_base),
+            unit: "s",
+            target: None,
+        });
+        details.push(json!({
+            "level": label, "pods": pods + load_pods.len(), "namespaces": namespaces + 1,
+            "rss_idle_mib": mib(rss_idle), "rss_mib": mib(rss), "peak_mib": mib(peak),
+            "cpu_s": (cpu_after - cpu_before).as_secs_f64(), "requests": pooled.ok,
+        }));
+        drop(agent);
+    }
+    report.details.insert("6_footprint".into(), json!(details));
+    Ok(())
+}
