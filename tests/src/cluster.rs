@@ -44,6 +44,14 @@ pub struct Peers<'a> {
     pub sts: &'a str,
 }
 
+/// How [`start_agent`] runs the agent: its `run` arguments, pin directory and proxy
+/// port, for tests that start it again themselves (a restart with the same flags).
+pub struct AgentSetup {
+    pub args: Vec<String>,
+    pub pin_dir: PathBuf,
+    pub app_port: u16,
+}
+
 /// The real agent on `node`: pods from `peers.api`, roles assumed at `peers.sts`, the
 /// node's own metadata service faked by `peers.upstream`, its own AWS credentials from
 /// `env`, plus `extra` flags; started in `own_pod` when given (exempted by its UID).
@@ -56,6 +64,27 @@ pub async fn start_agent(
     env: &[(&str, &str)],
     own_pod: Option<&Pod>,
 ) -> (Agent, u16) {
+    let setup = agent_setup(name, node, peers, extra, own_pod);
+    let mut agent = Agent::run_in(
+        own_pod.map(|pod| &pod.container),
+        &setup.args,
+        &setup.pin_dir,
+        free_port(),
+        env,
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    (agent, setup.app_port)
+}
+
+/// The arguments, pin directory and proxy port [`start_agent`] uses (it writes the
+/// kubeconfig for `peers.api`).
+pub fn agent_setup(
+    name: &str,
+    node: &Node,
+    peers: Peers<'_>,
+    extra: &[&str],
+    own_pod: Option<&Pod>,
+) -> AgentSetup {
     let Peers {
         api: server,
         upstream,
@@ -91,13 +120,9 @@ pub async fn start_agent(
     if let Some(pod) = own_pod {
         args.extend(["--pod-uid".to_owned(), pod.uid.clone()]);
     }
-    let mut agent = Agent::run_in(
-        own_pod.map(|pod| &pod.container),
-        &args,
-        &pin_dir,
-        free_port(),
-        env,
-    );
-    agent.wait_ready(Duration::from_secs(30));
-    (agent, app_port)
+    AgentSetup {
+        args,
+        pin_dir,
+        app_port,
+    }
 }
