@@ -155,6 +155,55 @@ async fn concurrent_requests_make_one_call_per_key() {
     assert_eq!(proxy.count("AssumeRole"), 4);
 }
 
+/// STS slower than `request_wait`: the request is answered "unavailable, still trying"
+/// rather than held past the SDKs' timeout, the one call goes on, and the next request is
+/// a hit without another call.
+#[tokio::test]
+async fn a_slow_sts_call_outlives_the_request_that_started_it() {
+    let moto = MotoServer::start();
+    let proxy = StsProxy::start(moto.addr()).await;
+    proxy.set_delay(Duration::from_secs(2));
+    let cache = cache(
+        &proxy,
+        Settings {
+            request_wait: Duration::from_millis(300),
+            ..Settings::default()
+        },
+    )
+    .await;
+    match cache.get(&request("role-a", "web")).await {
+        Err(error @ CredentialsError::Unavailable { .. }) => {
+            let text = error.to_string();
+            assert!(
+                text.contains("role-a") && text.contains("still trying"),
+                "{text}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(counter(&cache, "waited_out"), 1);
+    // The call started by the first request completes in the background: a later
+    // request is a hit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let hits = counter(&cache, "hits");
+        if cache.get(&request("role-a", "web")).await.is_ok() {
+            assert!(counter(&cache, "hits") > hits, "served from memory");
+            break;
+        }
+    }
+    assert_eq!(
+        proxy.count("AssumeRole"),
+        1,
+        "one call served both requests"
+    );
+}
+
 fn counter(cache: &CredentialCache, name: &str) -> u64 {
     cache
         .stats()
@@ -230,6 +279,8 @@ async fn outages_serve_cached_credentials_and_report_the_rest() {
             serve_floor: Duration::from_secs(899),
             stale_floor: Duration::from_secs(60),
             error_hold: Duration::from_secs(2),
+            // Each call's own retries are under test: requests wait for them.
+            request_wait: Duration::from_secs(30),
             ..Settings::default()
         },
     )
@@ -290,6 +341,8 @@ async fn throttling_backs_off_and_recovers_with_bounded_calls() {
             min_refresh_interval: Duration::ZERO,
             retry_base: Duration::from_millis(300),
             error_hold: Duration::ZERO,
+            // Each call's own retries are under test: requests wait for them.
+            request_wait: Duration::from_secs(30),
             ..Settings::default()
         },
     )
