@@ -1,0 +1,530 @@
+//! Faults of the agent's peers that `outages.rs` does not reach, end to end with the real
+//! agent and pods: the agent starting while the API server is down, everything that
+//! changed while it was down (annotation, deletion, new pod, namespace narrowed) caught up
+//! through a 410 relist, and STS refusing, failing under a pod's request loop and
+//! answering slower than the SDKs wait. Every answer a pod gets is checked to carry
+//! neither the node's credentials nor its role.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use interceptor_tests::{
+    Node, Pod,
+    agent::{Agent, free_port},
+    apiserver::{FakeApiServer, new_namespace, wait_for},
+    clients::{boto3, in_pod, raw},
+    cluster::{AGENT_ENV, Peers, agent_setup, api_pod, start_agent},
+    fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
+    moto::MotoServer,
+    peers::venv,
+    pins::Pins,
+    require_root,
+    sts_proxy::{Fault, StsProxy},
+};
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
+
+/// One request from `pod` (a blocking client; the test's runtime keeps serving).
+fn get(pod: &Pod, path: &str) -> (u16, String) {
+    let (status, body) = tokio::task::block_in_place(|| raw(pod, "GET", path, &[]));
+    assert!(
+        !body.contains(NODE_ACCESS_KEY) && !body.contains(NODE_ROLE),
+        "the node's identity reached a pod: {body}"
+    );
+    (status, body.trim().to_owned())
+}
+
+fn access_key(body: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(body).expect("credentials JSON");
+    value["AccessKeyId"]
+        .as_str()
+        .expect("AccessKeyId")
+        .to_owned()
+}
+
+/// Asks until `check` holds (bounded); the last answer otherwise.
+async fn ask_until(
+    pod: &Pod,
+    path: &str,
+    within: Duration,
+    check: impl Fn(&(u16, String)) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = get(pod, path);
+        if check(&answer) || Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn assert_upstream_untouched(upstream: &FakeImds) {
+    assert!(
+        upstream
+            .requests()
+            .iter()
+            .all(|request| !request.contains("security-credentials")),
+        "the node's metadata service was asked for credentials: {:?}",
+        upstream.requests()
+    );
+}
+
+/// Whether the agent's `/debug/store` (`--debug`) holds credentials for `role`.
+fn holds_credentials(agent: &Agent, role: &str) -> bool {
+    let (_, store) = agent.admin_get("/debug/store").expect("debug store");
+    let store: serde_json::Value = serde_json::from_str(&store).expect("debug store JSON");
+    store["credentials"]
+        .as_array()
+        .expect("credentials in the debug store")
+        .iter()
+        .any(|entry| {
+            entry["role"]
+                .as_str()
+                .is_some_and(|arn| arn == format!("{BASE_ARN}{role}"))
+                && !entry["expires"].is_null()
+        })
+}
+
+/// A Prometheus sample of the agent's `/metrics`, by its name with labels.
+fn sample(agent: &Agent, name: &str) -> f64 {
+    let (_, text) = agent.admin_get("/metrics").expect("metrics");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// AssumeRole calls the proxy saw for `role`.
+fn calls_for(sts: &StsProxy, role: &str) -> usize {
+    let arn = format!("{BASE_ARN}{role}");
+    sts.assumed_roles()
+        .iter()
+        .filter(|assumed| **assumed == arn)
+        .count()
+}
+
+/// The agent crashes and comes back while the API server is down: it knows no pod, so it
+/// refuses every pod (the one with a role and the one that would get the configured
+/// default alike), says it is not ready, and serves both their decisions once the API
+/// server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_see() {
+    if !require_root("an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_see") {
+        return;
+    }
+    let node = Node::new();
+    let (pod_a, pod_u) = (node.pod(), node.pod());
+    let server = FakeApiServer::start().await;
+    server.add_namespace(new_namespace("team"));
+    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
+    server.add_pod(api_pod(&pod_u.uid, "team", "app-u", None));
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let name = "faults-restart";
+    let setup = agent_setup(
+        name,
+        &node,
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
+        &[
+            "--base-role-arn",
+            BASE_ARN,
+            "--default-role",
+            "default-role",
+        ],
+        None,
+    );
+    // The same directory the agents pin in: detached on drop, panics included.
+    let pins = Pins::new(name);
+    assert_eq!(pins.0, setup.pin_dir);
+    let start = || Agent::run(&setup.args, &setup.pin_dir, free_port(), &AGENT_ENV);
+
+    let mut first = start();
+    first.wait_ready(Duration::from_secs(30));
+    assert_eq!(get(&pod_a, CREDS), (200, "role-a".to_owned()));
+    assert_eq!(get(&pod_u, CREDS), (200, "default-role".to_owned()));
+
+    server.stop().await;
+    first.kill();
+    first.leave_programs();
+    let mut agent = start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(agent.admin_get("/healthz"), Some((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never came up:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = agent.admin_get("/readyz").expect("readyz");
+    assert_eq!(status, 503, "not ready without the API server");
+    let refused_metric = "interceptor_caller_refusals_total{reason=\"unknown_pod\"}";
+    let refused_before = sample(&agent, refused_metric);
+    let probes = [
+        (&pod_a, CREDS.to_owned()),
+        (&pod_a, format!("{CREDS}role-a")),
+        (&pod_u, CREDS.to_owned()),
+        (&pod_u, format!("{CREDS}default-role")),
+    ];
+    for (pod, path) in &probes {
+        let (status, body) = get(pod, path);
+        assert!(
+            status != 200 && !body.contains("role-a") && !body.contains("default-role"),
+            "a pod the agent cannot see yet is refused, not given a role: {path} -> {status} {body}\n{}",
+            agent.log_text()
+        );
+    }
+    assert_eq!(
+        sample(&agent, refused_metric) - refused_before,
+        probes.len() as f64,
+        "each request was refused as an unknown pod"
+    );
+
+    server.restart().await;
+    agent.wait_ready(Duration::from_secs(30));
+    for (pod, role) in [(&pod_a, "role-a"), (&pod_u, "default-role")] {
+        let answer = ask_until(pod, CREDS, Duration::from_secs(10), |answer| {
+            answer.0 == 200
+        })
+        .await;
+        assert_eq!(answer, (200, role.to_owned()), "{}", agent.log_text());
+        let (status, body) = get(pod, &format!("{CREDS}{role}"));
+        assert_eq!(status, 200, "{body}");
+        access_key(&body);
+    }
+    assert_upstream_untouched(&upstream);
+}
+
+/// While the API server is down, pod a's role annotation changes, pod c is deleted, pod b
+/// is created and pod d's namespace narrows its allowed roles, and the watch history is
+/// compacted. The agent keeps serving what it knew; once the server is back its watches
+/// get 410, it re-lists, and every one of those changes takes effect: none is lost in
+/// the gap, the deleted pod's credentials are forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry() {
+    if !require_root("what_changed_while_the_api_server_was_down_is_caught_up_through_expiry") {
+        return;
+    }
+    let node = Node::new();
+    let (pod_a, pod_b, pod_c, pod_d) = (node.pod(), node.pod(), node.pod(), node.pod());
+    let server = FakeApiServer::start().await;
+    // With --namespace-restrictions a namespace allows only the roles it lists.
+    let mut team = new_namespace("team");
+    team.metadata.annotations = Some(BTreeMap::from([(
+        "iam.amazonaws.com/allowed-roles".to_owned(),
+        r#"["role-*"]"#.to_owned(),
+    )]));
+    server.add_namespace(team);
+    let mut locked = new_namespace("locked");
+    locked.metadata.annotations = Some(BTreeMap::from([(
+        "iam.amazonaws.com/allowed-roles".to_owned(),
+        r#"["role-d"]"#.to_owned(),
+    )]));
+    server.add_namespace(locked);
+    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
+    server.add_pod(api_pod(&pod_c.uid, "team", "app-c", Some("role-c")));
+    server.add_pod(api_pod(&pod_d.uid, "locked", "app-d", Some("role-d")));
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "faults-catch-up",
+        &node,
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
+        &[
+            "--base-role-arn",
+            BASE_ARN,
+            "--namespace-restrictions",
+            "--debug",
+        ],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    for (pod, role) in [(&pod_a, "role-a"), (&pod_c, "role-c"), (&pod_d, "role-d")] {
+        let (status, body) = get(pod, &format!("{CREDS}{role}"));
+        assert_eq!(status, 200, "{role}: {body}");
+        access_key(&body);
+    }
+    assert!(holds_credentials(&agent, "role-c"));
+
+    server.stop().await;
+    server.update_pod("team", "app-a", |pod| {
+        pod.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert("iam.amazonaws.com/role".to_owned(), "role-x".to_owned());
+    });
+    server.delete_pod("team", "app-c");
+    server.add_pod(api_pod(&pod_b.uid, "team", "app-b", Some("role-b")));
+    server.update_namespace("locked", |namespace| {
+        namespace
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(
+                "iam.amazonaws.com/allowed-roles".to_owned(),
+                r#"["role-z"]"#.to_owned(),
+            );
+    });
+    server.compact();
+    // Nothing of that is visible yet: the known pod keeps its last decision.
+    assert_eq!(get(&pod_a, CREDS), (200, "role-a".to_owned()));
+
+    let expired_before = server.expired_count();
+    server.restart().await;
+    let expired = wait_for(
+        "a watch resumed from before the compaction gets 410",
+        Duration::from_secs(30),
+        || {
+            let expired = server.expired_count();
+            if expired > expired_before {
+                Ok(expired)
+            } else {
+                Err(format!("{:?}", server.requests()))
+            }
+        },
+    )
+    .await;
+    eprintln!("{} watches expired", expired - expired_before);
+
+    let within = Duration::from_secs(20);
+    let answer = ask_until(&pod_a, CREDS, within, |answer| answer.1 == "role-x").await;
+    assert_eq!(
+        answer,
+        (200, "role-x".to_owned()),
+        "the annotation changed during the outage\n{}",
+        agent.log_text()
+    );
+    let (status, body) = get(&pod_a, &format!("{CREDS}role-a"));
+    assert_eq!(status, 404, "the old role is no longer served: {body}");
+    let answer = ask_until(&pod_b, CREDS, within, |answer| answer.0 == 200).await;
+    assert_eq!(
+        answer,
+        (200, "role-b".to_owned()),
+        "the pod created during the outage"
+    );
+    let answer = ask_until(&pod_c, CREDS, within, |answer| answer.0 != 200).await;
+    assert!(
+        matches!(answer.0, 403 | 404),
+        "the pod deleted during the outage is refused: {answer:?}"
+    );
+    let (status, body) = get(&pod_c, &format!("{CREDS}role-c"));
+    assert!(matches!(status, 403 | 404), "{status} {body}");
+    let answer = ask_until(&pod_d, CREDS, within, |answer| answer.0 != 200).await;
+    assert_eq!(
+        answer.0, 404,
+        "the namespace narrowed during the outage: {answer:?}"
+    );
+    let (status, body) = get(&pod_d, &format!("{CREDS}role-d"));
+    assert_eq!(status, 404, "{body}");
+
+    wait_for(
+        "the deleted pod's credentials forgotten",
+        Duration::from_secs(10),
+        || {
+            if holds_credentials(&agent, "role-c") {
+                Err(agent.admin_get("/debug/store").unwrap_or_default().1)
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("decision changed") && log.contains(&format!("role {BASE_ARN}role-x")),
+        "the change is logged:\n{log}"
+    );
+    assert!(
+        server
+            .events()
+            .iter()
+            .any(|event| event["regarding"]["name"] == "app-d"
+                && event["reason"] == "RoleNotAllowed"),
+        "an Event on the refused pod: {:?}",
+        server.events()
+    );
+    assert_upstream_untouched(&upstream);
+}
+
+/// STS refuses a role, then is down while a pod asks in a tight loop, then answers slower
+/// than the SDKs' 1 s metadata timeout. The refused pod gets EC2's
+/// `AssumeRoleUnauthorizedAccess` and an Event, without the agent asking STS again per
+/// request; the looping pod gets 503 every time while STS sees a small fraction of its
+/// requests; a cached pod is served throughout; with STS slow, boto3 in a pod created
+/// meanwhile gets its role because prefetch fetched it when the pod appeared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
+    if !require_root("sts_refusing_failing_under_load_and_slow_with_a_real_sdk") {
+        return;
+    }
+    let node = Node::new();
+    let (pod_a, pod_r, pod_u, pod_s) = (node.pod(), node.pod(), node.pod(), node.pod());
+    let server = FakeApiServer::start().await;
+    server.add_namespace(new_namespace("team"));
+    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
+    let moto = MotoServer::start_on(node.address, &[]);
+    let sts = StsProxy::start(moto.addr()).await;
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "faults-sts",
+        &node,
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &sts.endpoint(),
+        },
+        &["--base-role-arn", BASE_ARN, "--debug"],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    let role_a = format!("{CREDS}role-a");
+    let (status, body) = get(&pod_a, &role_a);
+    assert_eq!(status, 200, "{body}");
+    let key_a = access_key(&body);
+    let assert_a_served = |fault: &str| {
+        let (status, body) = get(&pod_a, &role_a);
+        assert_eq!(status, 200, "the cached pod is served ({fault}): {body}");
+        assert_eq!(access_key(&body), key_a, "from the cache ({fault})");
+    };
+
+    // Refused: a clear answer, an Event, and no call per request.
+    sts.set_fault(Fault::Deny);
+    server.add_pod(api_pod(&pod_r.uid, "team", "app-r", Some("role-r")));
+    let answer = ask_until(&pod_r, CREDS, Duration::from_secs(10), |answer| {
+        answer.0 == 200
+    })
+    .await;
+    assert_eq!(answer, (200, "role-r".to_owned()), "the pod is known");
+    for _ in 0..10 {
+        let (status, body) = get(&pod_r, &format!("{CREDS}role-r"));
+        let document: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|_| panic!("an EC2 credentials document: {status} {body}"));
+        assert_eq!(
+            document["Code"], "AssumeRoleUnauthorizedAccess",
+            "{status} {body}"
+        );
+        assert!(
+            document.get("AccessKeyId").is_none()
+                && document["Message"]
+                    .as_str()
+                    .is_some_and(|message| message.contains("AccessDenied")),
+            "says why, holds no key: {body}"
+        );
+    }
+    let refused_calls = calls_for(&sts, "role-r");
+    assert!(
+        (1..=3).contains(&refused_calls),
+        "{refused_calls} AssumeRole calls for a refused role and 10 requests"
+    );
+    let event = wait_for(
+        "the AssumeRoleFailed event",
+        Duration::from_secs(10),
+        || {
+            let events = server.events();
+            events
+                .iter()
+                .find(|event| {
+                    event["reason"] == "AssumeRoleFailed" && event["regarding"]["name"] == "app-r"
+                })
+                .cloned()
+                .ok_or_else(|| format!("{events:?}"))
+        },
+    )
+    .await;
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("AccessDenied") && note.contains("role-r"),
+        "{note}"
+    );
+    assert_a_served("refused");
+
+    // Down while a pod with nothing cached asks in a loop: 503 each time, few STS calls.
+    sts.set_fault(Fault::Unavailable);
+    server.add_pod(api_pod(&pod_u.uid, "team", "app-u", Some("role-u")));
+    let answer = ask_until(&pod_u, CREDS, Duration::from_secs(10), |answer| {
+        answer.0 == 200
+    })
+    .await;
+    assert_eq!(answer, (200, "role-u".to_owned()), "the pod is known");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/creds_loop.py");
+    let (python, script) = (
+        venv().join("bin/python").display().to_string(),
+        script.display().to_string(),
+    );
+    let calls_before = calls_for(&sts, "role-u");
+    let out = tokio::task::block_in_place(|| in_pod(&pod_u, &python, &[&script, "8"]));
+    let calls = calls_for(&sts, "role-u") - calls_before;
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.len() >= 20, "the loop ran: {out}");
+    assert!(
+        lines.iter().all(|line| *line == "fail creds 503"),
+        "every request while STS is down is a 503: {out}"
+    );
+    eprintln!(
+        "STS down: {} requests, {calls} AssumeRole calls",
+        lines.len()
+    );
+    assert!(
+        calls * 4 <= lines.len(),
+        "{calls} AssumeRole calls for {} requests: a storm",
+        lines.len()
+    );
+    assert_a_served("unavailable");
+
+    sts.set_fault(Fault::None);
+    let answer = ask_until(
+        &pod_u,
+        &format!("{CREDS}role-u"),
+        Duration::from_secs(30),
+        |answer| answer.0 == 200,
+    )
+    .await;
+    assert_eq!(answer.0, 200, "served once STS is back: {answer:?}");
+    access_key(&answer.1);
+
+    // Slower than the SDKs wait: prefetch takes the latency before the pod asks.
+    sts.set_delay(Duration::from_secs(2));
+    server.add_pod(api_pod(&pod_s.uid, "team", "app-s", Some("role-s")));
+    wait_for("prefetch stored role-s", Duration::from_secs(20), || {
+        if holds_credentials(&agent, "role-s") {
+            Ok(())
+        } else {
+            Err(agent.admin_get("/debug/store").unwrap_or_default().1)
+        }
+    })
+    .await;
+    // The clients check their identity with moto directly (not through the slow proxy).
+    let endpoint = moto.endpoint();
+    let (new_pod, cached_pod) =
+        tokio::task::block_in_place(|| (boto3(&pod_s, &endpoint), boto3(&pod_a, &endpoint)));
+    assert_eq!(
+        new_pod,
+        "arn:aws:sts::123456789012:assumed-role/role-s/team.app-s",
+        "boto3 (1 s metadata timeout) in the new pod\n{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        cached_pod,
+        "arn:aws:sts::123456789012:assumed-role/role-a/team.app-a"
+    );
+    assert!(
+        !new_pod.contains(NODE_ROLE) && !cached_pod.contains(NODE_ROLE),
+        "{new_pod} {cached_pod}"
+    );
+    assert_upstream_untouched(&upstream);
+}
