@@ -202,7 +202,7 @@ mod programs {
             // never accepted, e.g. while the agent was down) must not be inherited: a
             // process sharing the address (hostNetwork pods) could otherwise reuse the port
             // and be served as the earlier caller.
-            let _ = CONNS.remove(&key);
+            let _ = CONNS.remove(key);
             count(stat::UNRECORDED);
             return;
         };
