@@ -417,12 +417,21 @@ async fn follow_pods(
             ..
         } = resolver.decide(&caller)
         {
-            credentials.prefetch(RoleRequest {
+            credentials.prefetch(&RoleRequest {
                 role_arn: arn.to_string(),
                 external_id,
                 session_name: session_name(&pod.namespace, &pod.name),
             });
         }
+    };
+    // Keys of pods no longer on the node are forgotten (their refreshers stop).
+    let sweep = || {
+        let live: BTreeSet<String> = pods
+            .pods()
+            .iter()
+            .map(|pod| session_name(&pod.namespace, &pod.name))
+            .collect();
+        credentials.retain(|key| live.contains(&key.request.session_name));
     };
     // Subscribe first, then cover what the store already holds: no pod is missed. The
     // decisions need the namespaces' restrictions, so the first pass waits for both
@@ -438,14 +447,11 @@ async fn follow_pods(
             Ok(PodChange::Applied(pod)) => prefetch(&pod),
             Ok(PodChange::Deleted(pod)) => {
                 resolver.index().forget_pod(&pod.uid);
-                let live: BTreeSet<String> = pods
-                    .pods()
-                    .iter()
-                    .map(|pod| session_name(&pod.namespace, &pod.name))
-                    .collect();
-                credentials.retain(|key| live.contains(&key.request.session_name));
+                sweep();
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Changes were missed, deletions among them.
+                sweep();
                 for pod in pods.pods() {
                     prefetch(&pod);
                 }

@@ -99,7 +99,7 @@ async fn prefetch_makes_the_first_request_a_hit() {
     let moto = MotoServer::start();
     let proxy = StsProxy::start(moto.addr()).await;
     let cache = cache(&proxy, Settings::default()).await;
-    cache.prefetch(request("role-a", "new-pod"));
+    cache.prefetch(&request("role-a", "new-pod"));
     interceptor_tests::apiserver::wait_for("the prefetch", Duration::from_secs(10), || match proxy
         .count("AssumeRole")
     {
@@ -116,10 +116,49 @@ async fn prefetch_makes_the_first_request_a_hit() {
     );
     assert_eq!(proxy.count("AssumeRole"), 1);
     // Prefetching what is cached costs nothing.
-    cache.prefetch(request("role-a", "new-pod"));
+    cache.prefetch(&request("role-a", "new-pod"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(cache.stats().prefetches.load(Ordering::Relaxed), 1);
     assert_eq!(proxy.count("AssumeRole"), 1);
+}
+
+/// Prefetches beyond the concurrency limit queue; a pod deleted while its prefetch is
+/// queued must not have its key cached again (nor a refresher calling STS for it until
+/// the agent restarts). Found by the churn test: keys of deleted pods reappeared.
+#[tokio::test]
+async fn queued_prefetches_of_deleted_pods_cache_nothing() {
+    let moto = MotoServer::start();
+    let proxy = StsProxy::start(moto.addr()).await;
+    proxy.set_delay(Duration::from_millis(300));
+    let cache = cache(&proxy, Settings::default()).await;
+    let queued = 3 * interceptor::credentials::PREFETCH_CONCURRENCY;
+    let pods: Vec<String> = (0..queued).map(|i| format!("gone-{i}")).collect();
+    for pod in &pods {
+        cache.prefetch(&request("role-a", pod));
+    }
+    // Every pod is deleted while the first prefetches are waiting for STS.
+    let limit = interceptor::credentials::PREFETCH_CONCURRENCY as u64;
+    interceptor_tests::apiserver::wait_for("the first prefetches", Duration::from_secs(5), || {
+        match proxy.count("AssumeRole") {
+            n if n == limit => Ok(()),
+            n => Err(format!("{n} calls")),
+        }
+    })
+    .await;
+    let deleted = |key: &interceptor::credentials::Key| !key.request.session_name.contains("gone-");
+    cache.retain(deleted);
+    assert_eq!(cache.len(), 0, "forgotten at once");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        cache.len(),
+        0,
+        "no prefetch cached a deleted pod's key again"
+    );
+    assert_eq!(
+        proxy.count("AssumeRole"),
+        limit,
+        "only the prefetches already under way when the pods went called STS"
+    );
 }
 
 #[tokio::test]

@@ -347,8 +347,8 @@ impl CredentialCache {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(current);
         }
-        let (cache, owned) = (Arc::clone(self), request.clone());
-        let call = tokio::spawn(async move { cache.get_waiting(&owned).await });
+        let (cache, owned) = (Arc::clone(self), Arc::clone(&slot));
+        let call = tokio::spawn(async move { cache.get_waiting(&key, &owned).await });
         match tokio::time::timeout(self.settings.request_wait, call).await {
             Ok(Ok(result)) => result,
             Ok(Err(join_error)) => Err(CredentialsError::Unavailable {
@@ -370,37 +370,37 @@ impl CredentialCache {
     }
 
     /// [`get`](Self::get) without the bound on the wait (prefetch, and the call a
-    /// request leaves running).
+    /// request leaves running), for the slot the caller looked up: looking it up again
+    /// here would cache the key anew if it was forgotten meanwhile (its pod deleted).
     async fn get_waiting(
         self: &Arc<Self>,
-        request: &RoleRequest,
+        key: &Key,
+        slot: &Arc<Slot>,
     ) -> Result<Arc<Credentials>, CredentialsError> {
-        let key = self.key(request);
-        let slot = self.slot(&key);
-        if let Some(current) = self.fresh(&slot) {
+        if let Some(current) = self.fresh(slot) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(current);
         }
         let _fetching = slot.fetching.lock().await;
-        if let Some(current) = self.fresh(&slot) {
+        if let Some(current) = self.fresh(slot) {
             // Fetched by whoever held the lock before us.
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(current);
         }
         if let Some(error) = slot.recent_failure(self.settings.error_hold) {
             self.stats.held.fetch_add(1, Ordering::Relaxed);
-            return self.fallback(&slot, error);
+            return self.fallback(slot, error);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        match self.fetch(&key).await {
+        match self.fetch(key).await {
             Ok(fresh) => {
                 slot.store(Arc::clone(&fresh));
-                self.ensure_refresher(&key, &slot);
+                self.ensure_refresher(key, slot);
                 Ok(fresh)
             }
             Err(error) => {
                 slot.record_failure(&error);
-                self.fallback(&slot, error)
+                self.fallback(slot, error)
             }
         }
     }
@@ -459,8 +459,10 @@ impl CredentialCache {
 
     /// Starts fetching in the background (a pod with a role appeared), so its first
     /// request is served from memory. Already cached keys cost nothing.
-    pub fn prefetch(self: &Arc<Self>, request: RoleRequest) {
-        if self.fresh(&self.slot(&self.key(&request))).is_some() {
+    pub fn prefetch(self: &Arc<Self>, request: &RoleRequest) {
+        let key = self.key(request);
+        let slot = self.slot(&key);
+        if self.fresh(&slot).is_some() {
             return;
         }
         self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
@@ -468,7 +470,12 @@ impl CredentialCache {
         tokio::spawn(async move {
             // The semaphore is never closed; without a permit the prefetch still runs.
             let _permit = prefetching.acquire_owned().await.ok();
-            if let Err(error) = cache.get_waiting(&request).await {
+            // Queued behind other prefetches, the pod may have gone meanwhile: nothing to
+            // fetch (and no STS call, no refresher) for a key that was forgotten.
+            if !cache.wanted(&key, &slot) {
+                return;
+            }
+            if let Err(error) = cache.get_waiting(&key, &slot).await {
                 tracing::warn!(%error, "prefetch failed");
             }
         });

@@ -22,7 +22,8 @@ use std::{
 };
 
 pub use cache::{
-    CacheStats, CredentialCache, Key, MAX_SESSION, MIN_SESSION, SDK_REFRESH_WINDOW, Settings,
+    CacheStats, CredentialCache, Key, MAX_SESSION, MIN_SESSION, PREFETCH_CONCURRENCY,
+    SDK_REFRESH_WINDOW, Settings,
 };
 pub use session::session_name;
 pub use sts::{StsConfig, StsError, endpoint_url, sts_client};
