@@ -76,7 +76,7 @@ pub fn imds_route(data: &[u8]) {
                 "{path:?}"
             );
             assert!(is_version(segments[0]), "{path:?}");
-            assert_eq!(segments.get(4), Some(&name.as_str()), "{path:?}");
+            assert_eq!(segments.get(4), Some(&name), "{path:?}");
         }
         Route::CredentialsList | Route::Info => {
             assert!(get, "{method} {path:?}");

@@ -28,12 +28,12 @@ use interceptor::{
     cgroupfs,
     config::{RunArgs, RunConfig},
     credentials::{
-        CredentialCache, CredentialsError, RoleRequest, Settings, StsConfig, session_name,
-        sts_client,
+        CredentialCache, Credentials, CredentialsError, RoleRequest, Settings, StsConfig,
+        session_name, sts_client,
     },
     ebpf::{self, Attributed, Datapath},
     identity::index::{CgroupIndex, Limits},
-    imds::{self, CredentialsFailure, RoleAnswer, Served, ServerConfig, upstream::Upstream},
+    imds::{self, CredentialsFailure, RoleAnswer, ServerConfig, upstream::Upstream},
     k8s::{self, EventSink, NamespaceStore, PodChange, PodStore, events},
     metrics::Metrics,
     optout::OptOuts,
@@ -89,8 +89,8 @@ impl imds::Backend for AgentBackend {
         }
     }
 
-    fn binding(&self, caller: &Caller) -> String {
-        caller.uid.clone()
+    fn binding<'a>(&self, caller: &'a Caller) -> &'a str {
+        &caller.uid
     }
 
     async fn role(&self, caller: &Caller) -> RoleAnswer {
@@ -128,7 +128,11 @@ impl imds::Backend for AgentBackend {
         }
     }
 
-    async fn credentials(&self, caller: &Caller, arn: &str) -> Result<Served, CredentialsFailure> {
+    async fn credentials(
+        &self,
+        caller: &Caller,
+        arn: &str,
+    ) -> Result<Arc<Credentials>, CredentialsFailure> {
         let Some((pod, request)) = self
             .request(caller)
             .filter(|(_, request)| request.role_arn == arn)
@@ -145,13 +149,7 @@ impl imds::Backend for AgentBackend {
             .with_label_values(&[outcome])
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(credentials) => Ok(Served {
-                access_key_id: credentials.access_key_id.clone(),
-                secret_access_key: credentials.secret_access_key.clone(),
-                token: credentials.session_token.clone(),
-                expiration: credentials.expiration,
-                last_updated: credentials.issued,
-            }),
+            Ok(credentials) => Ok(credentials),
             Err(error @ CredentialsError::Refused { .. }) => {
                 let CredentialsError::Refused { code, message, .. } = &error else {
                     unreachable!()
@@ -446,7 +444,7 @@ async fn follow_pods(
         match changes.recv().await {
             Ok(PodChange::Applied(pod)) => prefetch(&pod),
             Ok(PodChange::Deleted(pod)) => {
-                resolver.index().forget_pod(&pod.uid);
+                resolver.forget_pod(&pod.uid);
                 sweep();
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
@@ -729,8 +727,9 @@ struct StandaloneBackend {
 }
 
 struct ServiceCaller {
-    cgroup_id: u64,
     path: String,
+    /// What its IMDSv2 tokens are bound to: its cgroup.
+    token_binding: String,
 }
 
 impl StandaloneBackend {
@@ -750,8 +749,8 @@ impl imds::Backend for StandaloneBackend {
     async fn caller(&self, record: Attributed) -> Option<ServiceCaller> {
         match self.index.resolve(record.cgroup_id, record.pid) {
             Some(resolved) => Some(ServiceCaller {
-                cgroup_id: resolved.cgroup_id,
                 path: resolved.path.clone(),
+                token_binding: format!("cgroup-{}", resolved.cgroup_id),
             }),
             None => {
                 self.metrics
@@ -763,8 +762,8 @@ impl imds::Backend for StandaloneBackend {
         }
     }
 
-    fn binding(&self, caller: &ServiceCaller) -> String {
-        format!("cgroup-{}", caller.cgroup_id)
+    fn binding<'a>(&self, caller: &'a ServiceCaller) -> &'a str {
+        &caller.token_binding
     }
 
     async fn role(&self, caller: &ServiceCaller) -> RoleAnswer {
@@ -787,7 +786,7 @@ impl imds::Backend for StandaloneBackend {
         &self,
         caller: &ServiceCaller,
         arn: &str,
-    ) -> Result<Served, CredentialsFailure> {
+    ) -> Result<Arc<Credentials>, CredentialsFailure> {
         let Some(binding) = self
             .binding(caller)
             .filter(|binding| binding.role.to_string() == arn)
@@ -800,13 +799,7 @@ impl imds::Backend for StandaloneBackend {
             session_name: binding.name.clone(),
         };
         match self.credentials.get(&request).await {
-            Ok(credentials) => Ok(Served {
-                access_key_id: credentials.access_key_id.clone(),
-                secret_access_key: credentials.secret_access_key.clone(),
-                token: credentials.session_token.clone(),
-                expiration: credentials.expiration,
-                last_updated: credentials.issued,
-            }),
+            Ok(credentials) => Ok(credentials),
             Err(CredentialsError::Refused { code, message, .. }) => {
                 tracing::warn!(
                     binding = binding.name,

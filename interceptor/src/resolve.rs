@@ -98,9 +98,36 @@ pub struct Resolver {
     events: EventSink,
     /// Compiled namespace policies by name, with the resourceVersion they came from.
     compiled: Mutex<HashMap<String, (String, Arc<NamespacePolicy>)>>,
-    /// Each pod's last decision, so that a change (its annotation, its namespace's
-    /// restrictions) is logged when it takes effect.
-    last: Mutex<HashMap<String, String>>,
+    /// Each pod's last outcome and what it was decided from: reused while neither the
+    /// pod nor its namespace's policy changed (deciding parses the ARN and runs the
+    /// namespace's patterns: once per change, not per request), and a change is logged
+    /// when it takes effect.
+    last: Mutex<HashMap<String, Memo>>,
+}
+
+/// A pod's last outcome, and the pod and namespace policy it was decided from (the
+/// stores replace both on any change, so pointer equality means "unchanged").
+struct Memo {
+    pod: Arc<PodInfo>,
+    policy: Option<Arc<NamespacePolicy>>,
+    outcome: Outcome,
+}
+
+#[derive(PartialEq)]
+enum Outcome {
+    NodeIdentity,
+    Decided(Decision),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NodeIdentity => f.write_str("node identity"),
+            Self::Decided(Decision::Role { arn, .. }) => write!(f, "role {arn}"),
+            Self::Decided(Decision::NoRole) => f.write_str("no role"),
+            Self::Decided(Decision::Denied(reason)) => write!(f, "refused: {reason}"),
+        }
+    }
 }
 
 impl Resolver {
@@ -180,19 +207,17 @@ impl Resolver {
 
     fn namespace_policy(&self, namespace: &str) -> Arc<NamespacePolicy> {
         let info = self.namespaces.get(namespace);
-        let version = info
-            .as_ref()
-            .map(|ns| ns.resource_version.clone())
-            .unwrap_or_default();
+        let version = info.as_ref().map_or("", |ns| ns.resource_version.as_str());
         let mut compiled = self
             .compiled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((seen, policy)) = compiled.get(namespace)
-            && *seen == version
+            && seen == version
         {
             return Arc::clone(policy);
         }
+        let version = version.to_owned();
         let empty = Default::default();
         let annotations = info.as_ref().map_or(&empty, |ns| &ns.annotations);
         let policy = Arc::new(NamespacePolicy::from_annotations(
@@ -210,14 +235,18 @@ impl Resolver {
             return Verdict::Gone;
         };
         if self.keeps_node_identity(&pod) {
-            self.note(&pod, "node identity".to_owned());
+            self.remember(&pod, None, Outcome::NodeIdentity);
             return Verdict::NodeIdentity { pod };
         }
-        let decision = crate::policy::decide(
-            &pod.annotations,
-            &self.namespace_policy(&pod.namespace),
-            &self.policy,
-        );
+        let policy = self.namespace_policy(&pod.namespace);
+        let decision = match self.recall(&pod, &policy) {
+            Some(decision) => decision,
+            None => {
+                let decision = crate::policy::decide(&pod.annotations, &policy, &self.policy);
+                self.remember(&pod, Some(policy), Outcome::Decided(decision.clone()));
+                decision
+            }
+        };
         if let Decision::Denied(reason) = &decision
             && self
                 .events
@@ -226,34 +255,59 @@ impl Resolver {
         {
             tracing::warn!(pod = %pod.key(), %reason, "role refused");
         }
-        self.note(
-            &pod,
-            match &decision {
-                Decision::Role { arn, .. } => format!("role {arn}"),
-                Decision::NoRole => "no role".to_owned(),
-                Decision::Denied(reason) => format!("refused: {reason}"),
-            },
-        );
         Verdict::Decided { pod, decision }
     }
 
-    /// Logs a pod's decision when it differs from the last one made for it. Entries of
+    /// The decision made for this very pod object under this very namespace policy.
+    fn recall(&self, pod: &Arc<PodInfo>, policy: &Arc<NamespacePolicy>) -> Option<Decision> {
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let memo = last.get(&pod.uid)?;
+        let same = Arc::ptr_eq(&memo.pod, pod)
+            && memo
+                .policy
+                .as_ref()
+                .is_some_and(|seen| Arc::ptr_eq(seen, policy));
+        match &memo.outcome {
+            Outcome::Decided(decision) if same => Some(decision.clone()),
+            _ => None,
+        }
+    }
+
+    /// Stores a pod's outcome, logging it when it differs from the last one. Entries of
     /// pods that are gone are dropped whenever the map outgrows the pods on the node.
-    fn note(&self, pod: &PodInfo, now: String) {
+    fn remember(&self, pod: &Arc<PodInfo>, policy: Option<Arc<NamespacePolicy>>, now: Outcome) {
         let mut last = self
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(before) = last.get(&pod.uid) {
-            if *before == now {
-                return;
-            }
-            tracing::info!(pod = %pod.key(), from = %before, to = %now, "decision changed");
+        if let Some(before) = last.get(&pod.uid)
+            && before.outcome != now
+        {
+            tracing::info!(pod = %pod.key(), from = %before.outcome, to = %now, "decision changed");
         }
-        last.insert(pod.uid.clone(), now);
+        last.insert(
+            pod.uid.clone(),
+            Memo {
+                pod: Arc::clone(pod),
+                policy,
+                outcome: now,
+            },
+        );
         if last.len() > 2 * self.pods.len() + 64 {
             last.retain(|uid, _| matches!(self.pods.get(uid), Lookup::Found(_)));
         }
+    }
+
+    /// Forgets a deleted pod: its cgroups and its last decision.
+    pub fn forget_pod(&self, uid: &str) {
+        self.index.forget_pod(uid);
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(uid);
     }
 
     /// Forgets what is cached about namespaces that are gone (call periodically).

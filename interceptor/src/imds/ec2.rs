@@ -68,28 +68,27 @@ pub struct CredentialsDocument<'a> {
 
 /// `GET .../security-credentials/<role>`.
 pub fn credentials(document: &CredentialsDocument<'_>) -> Response<Body> {
-    let body = format!(
-        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"Type\" : \"AWS-HMAC\",\n  \
-         \"AccessKeyId\" : {},\n  \"SecretAccessKey\" : {},\n  \"Token\" : {},\n  \"Expiration\" : \"{}\"\n}}",
-        timestamp(document.last_updated),
-        json_string(document.access_key_id),
-        json_string(document.secret_access_key),
-        json_string(document.token),
-        timestamp(document.expiration),
+    let mut body = Document::new(
+        document.access_key_id.len() + document.secret_access_key.len() + document.token.len(),
     );
-    text(body)
+    body.text("Code", "Success");
+    body.time("LastUpdated", document.last_updated);
+    body.text("Type", "AWS-HMAC");
+    body.text("AccessKeyId", document.access_key_id);
+    body.text("SecretAccessKey", document.secret_access_key);
+    body.text("Token", document.token);
+    body.time("Expiration", document.expiration);
+    text(body.finish())
 }
 
 /// What EC2 answers for an instance profile whose role cannot be assumed: a 200 whose
 /// `Code` is not `Success`, which every SDK reports as a credentials error.
 pub fn credentials_failure(code: &str, message: &str, last_updated: SystemTime) -> Response<Body> {
-    let body = format!(
-        "{{\n  \"Code\" : {},\n  \"Message\" : {},\n  \"LastUpdated\" : \"{}\"\n}}",
-        json_string(code),
-        json_string(message),
-        timestamp(last_updated),
-    );
-    text(body)
+    let mut body = Document::new(code.len() + message.len());
+    body.text("Code", code);
+    body.text("Message", message);
+    body.time("LastUpdated", last_updated);
+    text(body.finish())
 }
 
 /// `GET .../iam/info`.
@@ -98,33 +97,78 @@ pub fn info(
     instance_profile_id: &str,
     last_updated: SystemTime,
 ) -> Response<Body> {
-    let body = format!(
-        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"InstanceProfileArn\" : {},\n  \
-         \"InstanceProfileId\" : {}\n}}",
-        timestamp(last_updated),
-        json_string(instance_profile_arn),
-        json_string(instance_profile_id),
-    );
-    text(body)
+    let mut body = Document::new(instance_profile_arn.len() + instance_profile_id.len());
+    body.text("Code", "Success");
+    body.time("LastUpdated", last_updated);
+    body.text("InstanceProfileArn", instance_profile_arn);
+    body.text("InstanceProfileId", instance_profile_id);
+    text(body.finish())
 }
 
-fn json_string(value: &str) -> String {
-    serde_json::Value::String(value.to_owned()).to_string()
+/// A JSON object laid out as EC2 lays it out (`{`, one `  "Key" : value` per line, `}`),
+/// written into one buffer: a document costs one allocation, however many fields.
+struct Document(Vec<u8>);
+
+impl Document {
+    /// `values`: the summed length of the string values, so the buffer never grows
+    /// (the rest is keys, quotes, times and escapes: 256 bytes are plenty).
+    fn new(values: usize) -> Self {
+        let mut buffer = Vec::with_capacity(values + 256);
+        buffer.push(b'{');
+        Self(buffer)
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.0.len() > 1 {
+            self.0.push(b',');
+        }
+        self.0.extend_from_slice(b"\n  \"");
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\" : ");
+    }
+
+    /// A JSON string, escaped as serde_json escapes.
+    fn text(&mut self, key: &str, value: &str) {
+        self.key(key);
+        serde_json::to_writer(&mut self.0, value).expect("writing JSON to memory");
+    }
+
+    fn time(&mut self, key: &str, at: SystemTime) {
+        self.key(key);
+        self.0.push(b'"');
+        write_timestamp(&mut self.0, at);
+        self.0.push(b'"');
+    }
+
+    fn finish(mut self) -> Bytes {
+        self.0.extend_from_slice(b"\n}");
+        Bytes::from(self.0)
+    }
 }
 
 /// `2024-05-17T15:09:54Z`, as EC2 writes times.
 pub fn timestamp(at: SystemTime) -> String {
+    let mut out = Vec::with_capacity(22);
+    write_timestamp(&mut out, at);
+    String::from_utf8(out).expect("timestamps are ASCII")
+}
+
+/// [`timestamp`], appended to `out`.
+fn write_timestamp(out: &mut Vec<u8>, at: SystemTime) {
+    use std::io::Write as _;
     let seconds = at
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs());
     let (days, rest) = (seconds / 86_400, seconds % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
-    format!(
+    write!(
+        out,
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
         rest / 3600,
         rest % 3600 / 60,
         rest % 60
     )
+    .expect("writing to memory");
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
@@ -198,6 +242,49 @@ mod tests {
                 "Token",
                 "Expiration"
             ]
+        );
+    }
+
+    fn body(response: Response<Body>) -> String {
+        let bytes =
+            futures::executor::block_on(http_body_util::BodyExt::collect(response.into_body()))
+                .unwrap()
+                .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// Byte for byte in EC2's layout: key order, spacing, escapes, no final newline.
+    #[test]
+    fn documents_are_laid_out_as_ec2_lays_them_out() {
+        let at = UNIX_EPOCH + Duration::from_secs(1_495_033_794);
+        let document = body(credentials(&CredentialsDocument {
+            access_key_id: "ASIAEXAMPLE",
+            secret_access_key: "se\"cret\\",
+            token: "to\nken",
+            expiration: at + Duration::from_secs(3600),
+            last_updated: at,
+        }));
+        assert_eq!(
+            document,
+            "{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"2017-05-17T15:09:54Z\",\n  \
+             \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : \"ASIAEXAMPLE\",\n  \
+             \"SecretAccessKey\" : \"se\\\"cret\\\\\",\n  \"Token\" : \"to\\nken\",\n  \
+             \"Expiration\" : \"2017-05-17T16:09:54Z\"\n}"
+        );
+        assert_eq!(
+            body(credentials_failure(
+                "AssumeRoleUnauthorizedAccess",
+                "no",
+                at
+            )),
+            "{\n  \"Code\" : \"AssumeRoleUnauthorizedAccess\",\n  \"Message\" : \"no\",\n  \
+             \"LastUpdated\" : \"2017-05-17T15:09:54Z\"\n}"
+        );
+        assert_eq!(
+            body(info("arn:aws:iam::1:instance-profile/r", "AIPA1", at)),
+            "{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"2017-05-17T15:09:54Z\",\n  \
+             \"InstanceProfileArn\" : \"arn:aws:iam::1:instance-profile/r\",\n  \
+             \"InstanceProfileId\" : \"AIPA1\"\n}"
         );
     }
 

@@ -5,26 +5,26 @@
 //! be read differently by us and by the upstream service (encoded characters, `.` or `..`
 //! segments, empty segments) are never forwarded and never matched: they are refused.
 
-/// A classified request.
+/// A classified request, borrowing from the path (classifying allocates nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     /// `PUT /latest/api/token`: mint an IMDSv2 token.
     Token,
     /// `GET /<version>/meta-data/iam/security-credentials/`: the role name.
     CredentialsList,
     /// `GET /<version>/meta-data/iam/security-credentials/<name>`.
-    Credentials(String),
+    Credentials(&'a str),
     /// `GET /<version>/meta-data/iam/info`.
     Info,
     /// Any other well-formed GET path: forwarded only if the allow-list matches it.
-    Passthrough(String),
+    Passthrough(&'a str),
     /// A path that is not well formed (see the module docs): 404, never forwarded.
     Malformed,
     /// A method EC2 does not accept here.
     MethodNotAllowed,
 }
 
-impl Route {
+impl Route<'_> {
     /// Low-cardinality label for metrics.
     pub fn class(&self) -> &'static str {
         match self {
@@ -75,14 +75,24 @@ fn well_formed(path: &str) -> bool {
             .all(|segment| !matches!(segment, "" | "." | ".."))
 }
 
+/// Segments looked at: every route answered here has at most 5, so a path with more
+/// than this many is only ever matched by the `..` patterns (or passed through).
+const SEGMENTS: usize = 8;
+
 /// Classifies `method path` (path without the query string).
-pub fn classify(method: &http::Method, path: &str) -> Route {
+pub fn classify<'a>(method: &http::Method, path: &'a str) -> Route<'a> {
     if !well_formed(path) {
         return Route::Malformed;
     }
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // The first SEGMENTS segments, on the stack; more are counted as SEGMENTS (see above).
+    let mut segments = [""; SEGMENTS];
+    let mut count = 0;
+    for segment in path.trim_start_matches('/').split('/').take(SEGMENTS) {
+        segments[count] = segment;
+        count += 1;
+    }
     let is_get = *method == http::Method::GET || *method == http::Method::HEAD;
-    match (segments.as_slice(), is_get) {
+    match (&segments[..count], is_get) {
         (["latest", "api", "token"], _) if *method == http::Method::PUT => Route::Token,
         (["latest", "api", "token"], _) => Route::MethodNotAllowed,
         (_, false) => Route::MethodNotAllowed,
@@ -95,7 +105,7 @@ pub fn classify(method: &http::Method, path: &str) -> Route {
         ([version, "meta-data", "iam", "security-credentials", name], true)
             if is_version(version) =>
         {
-            Route::Credentials((*name).to_owned())
+            Route::Credentials(name)
         }
         (
             [version, "meta-data", "iam", "info"] | [version, "meta-data", "iam", "info", ""],
@@ -108,7 +118,7 @@ pub fn classify(method: &http::Method, path: &str) -> Route {
         {
             Route::Malformed
         }
-        (_, true) => Route::Passthrough(path.to_owned()),
+        (_, true) => Route::Passthrough(path),
     }
 }
 
@@ -135,11 +145,11 @@ mod tests {
         );
         assert_eq!(
             get("/latest/meta-data/iam/security-credentials/role-a"),
-            Route::Credentials("role-a".into())
+            Route::Credentials("role-a")
         );
         assert_eq!(
             get("/2012-01-12/meta-data/iam/security-credentials/role-a"),
-            Route::Credentials("role-a".into())
+            Route::Credentials("role-a")
         );
         assert_eq!(get("/latest/meta-data/iam/info"), Route::Info);
         assert_eq!(
@@ -154,9 +164,11 @@ mod tests {
         let get = |path| classify(&Method::GET, path);
         assert_eq!(
             get("/latest/meta-data/placement/availability-zone"),
-            Route::Passthrough("/latest/meta-data/placement/availability-zone".into())
+            Route::Passthrough("/latest/meta-data/placement/availability-zone")
         );
-        assert_eq!(get("/"), Route::Passthrough("/".into()));
+        assert_eq!(get("/"), Route::Passthrough("/"));
+        let deep = "/latest/meta-data/a/b/c/d/e/f/g/h/i";
+        assert_eq!(get(deep), Route::Passthrough(deep));
         assert_eq!(
             get("/latest/dynamic/instance-identity/document").class(),
             "passthrough"
@@ -179,6 +191,8 @@ mod tests {
             "latest/meta-data",
             "",
             "/latest/meta-data/iam/security-credentials/a b",
+            // Deeper than the segments classify looks at.
+            "/latest/meta-data/iam/security-credentials/role/a/b/c/d/e/f",
         ] {
             assert_eq!(get(path), Route::Malformed, "{path:?}");
         }

@@ -29,6 +29,7 @@ use super::{
     upstream::Upstream,
 };
 use crate::{
+    credentials::Credentials,
     ebpf::{Attributed, Attribution},
     metrics::{Metrics, OpenGauge, RequestTimer},
 };
@@ -42,16 +43,6 @@ pub enum RoleAnswer {
     NoRole,
     /// Refused by policy (reason logged and posted as an Event by the backend): 404.
     Denied,
-}
-
-/// Credentials to serve.
-#[derive(Debug, Clone)]
-pub struct Served {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub token: String,
-    pub expiration: SystemTime,
-    pub last_updated: SystemTime,
 }
 
 /// Why credentials could not be served.
@@ -70,13 +61,13 @@ pub trait Backend: Send + Sync + 'static {
     /// The caller behind a kernel record; `None` refuses the connection (403).
     fn caller(&self, record: Attributed) -> impl Future<Output = Option<Self::Caller>> + Send;
     /// What IMDSv2 tokens are bound to (stable for the caller's lifetime).
-    fn binding(&self, caller: &Self::Caller) -> String;
+    fn binding<'a>(&self, caller: &'a Self::Caller) -> &'a str;
     fn role(&self, caller: &Self::Caller) -> impl Future<Output = RoleAnswer> + Send;
     fn credentials(
         &self,
         caller: &Self::Caller,
         arn: &str,
-    ) -> impl Future<Output = Result<Served, CredentialsFailure>> + Send;
+    ) -> impl Future<Output = Result<Arc<Credentials>, CredentialsFailure>> + Send;
 }
 
 /// Limits and switches of the server.
@@ -306,7 +297,7 @@ impl<B: Backend> Server<B> {
     async fn respond(
         &self,
         caller: &B::Caller,
-        route: Route,
+        route: Route<'_>,
         request: &Request<Incoming>,
     ) -> Response<Body> {
         let headers = request.headers();
@@ -320,12 +311,12 @@ impl<B: Backend> Server<B> {
             let Some(ttl) = parse_ttl(headers.get(TTL_HEADER).map(|value| value.as_bytes())) else {
                 return ec2::error(StatusCode::BAD_REQUEST);
             };
-            return ec2::token(self.tokens.mint(&binding, ttl, now), ttl.as_secs());
+            return ec2::token(self.tokens.mint(binding, ttl, now), ttl.as_secs());
         }
         match headers.get(TOKEN_HEADER) {
             Some(token) => {
                 let token = token.to_str().unwrap_or("");
-                if let Err(error) = self.tokens.verify(token, &binding, now) {
+                if let Err(error) = self.tokens.verify(token, binding, now) {
                     tracing::debug!(%error, "IMDSv2 token refused");
                     return ec2::error(StatusCode::UNAUTHORIZED);
                 }
@@ -345,9 +336,9 @@ impl<B: Backend> Server<B> {
                         Ok(served) => ec2::credentials(&CredentialsDocument {
                             access_key_id: &served.access_key_id,
                             secret_access_key: &served.secret_access_key,
-                            token: &served.token,
+                            token: &served.session_token,
                             expiration: served.expiration,
-                            last_updated: served.last_updated,
+                            last_updated: served.last_updated(),
                         }),
                         Err(CredentialsFailure::Refused { code, message }) => {
                             ec2::credentials_failure(&code, &message, now)
@@ -371,7 +362,7 @@ impl<B: Backend> Server<B> {
                     .config
                     .allow_route
                     .as_ref()
-                    .is_some_and(|allow| allow.is_match(&path));
+                    .is_some_and(|allow| allow.is_match(path));
                 if !allowed {
                     return ec2::error(StatusCode::NOT_FOUND);
                 }
@@ -380,7 +371,7 @@ impl<B: Backend> Server<B> {
                 } else {
                     Method::GET
                 };
-                match self.upstream.forward(&method, &path).await {
+                match self.upstream.forward(&method, path).await {
                     Ok(response) => response,
                     Err(error) => {
                         tracing::warn!(%error, path, "passthrough failed");
