@@ -16,11 +16,13 @@ use anyhow::{Context, Result, bail};
 use crate::run::{self, output, workspace_root};
 
 /// Commands the tests and the agent's tooling need, and the Debian package providing each.
-const DEBIAN_PACKAGES: [(&str, &str); 4] = [
+const DEBIAN_PACKAGES: [(&str, &str); 5] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("capsh", "libcap2-bin"),
+    // cargo xtask bench's per-request profile (perf stat, allocator uprobes).
+    ("perf", "linux-perf"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -8,6 +8,7 @@
 mod floor;
 mod iptables;
 mod load;
+mod profile;
 mod report;
 
 use std::{
@@ -35,6 +36,7 @@ use crate::{
     floor::Floor,
     iptables::Dnat,
     load::{Load, Place, Pooled, run_all},
+    profile::{Counts, Probes, Record, Stat},
     report::{Figure, QUANTILES, Report, Target, percentiles_us, quantile},
 };
 
@@ -126,6 +128,15 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            floor::SERVE_FLAG if let (Some(host), Some(bytes)) = (args.next(), args.next()) => {
+                return match floor::serve(&host, &bytes) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("floor server: {error:#}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             "--quick" => options.quick = true,
             "--out" if let Some(path) = args.next() => options.out = PathBuf::from(path),
             _ => {
@@ -138,8 +149,8 @@ fn main() -> ExitCode {
         eprintln!("bench: must run as root (it loads eBPF programs, creates netns and cgroups)");
         return ExitCode::FAILURE;
     }
-    // Two workers, as many as the agent's runtime has on these machines: the floor server
-    // runs here.
+    // The bench's own helpers (API server, STS forwarder, fake metadata service); the
+    // floor server runs in a process of its own.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -200,7 +211,7 @@ async fn run(options: &Options) -> Result<()> {
     {
         let floor_node = Node::new();
         let floor_pods: Vec<Pod> = (0..world.sizes.pods).map(|_| floor_node.pod()).collect();
-        let floor = Floor::start(floor_node.address, body_bytes).await;
+        let floor = Floor::start(floor_node.address, body_bytes)?;
         let pins = Pins::new("bench-floor");
         let SocketAddr::V4(floor_addr) = floor.addr else {
             bail!("the floor listens on IPv4");
@@ -223,6 +234,15 @@ async fn run(options: &Options) -> Result<()> {
         warm_requests(&world, &load_pods, &floor_pods, body_bytes, &mut report)?;
         redirect_vs_iptables(&world, &floor_node, &floor_pods, floor_addr, &mut report)?;
         hook_cost(&world, &floor_node, &floor_pods[0], &mut report)?;
+        // Last: its new connections leave the pods' ports in TIME_WAIT towards the floor,
+        // which slows the port search of later redirected connects (scenario 3 measured
+        // 30x its own latency when it ran after this).
+        per_request_cost(
+            &world,
+            (agent.pid(), floor.pid()),
+            (&load_pods, &floor_pods),
+            &mut report,
+        )?;
         drop(datapath);
     }
 
@@ -400,6 +420,104 @@ fn warm_requests(
     report
         .details
         .insert("1_warm_requests".into(), details.into());
+    Ok(())
+}
+
+/// Scenario 7: what the agent spends per warm request (system calls, futex calls among
+/// them, context switches, CPU time, allocator calls), counted by `perf stat` attached to
+/// it, against the floor server (a process of its own) serving the same requests.
+/// No target: these are the profile behind scenario 1's latencies (docs/performance.md).
+fn per_request_cost(
+    world: &World,
+    (agent_pid, floor_pid): (u32, u32),
+    (load_pods, floor_pods): (&[Pod], &[Pod]),
+    report: &mut Report,
+) -> Result<()> {
+    let sizes = &world.sizes;
+    let mut probes = None;
+    let mut details = serde_json::Map::new();
+    for (mode, requests) in [
+        ("keepalive", sizes.keepalive_requests),
+        ("new", sizes.new_requests),
+    ] {
+        let args = http_args(sizes.threads, mode, requests, 0);
+        let (mut ours, mut floor) = (Counts::default(), Counts::default());
+        // Costs first, without the uprobes (each costs a trap), then allocations; one
+        // round each (these are counts, not times).
+        for counting_allocations in [false, true] {
+            if counting_allocations && probes.is_none() {
+                probes = Some(Probes::add(agent_pid)?);
+            }
+            for (pid, pods, counts) in [
+                (floor_pid, floor_pods, &mut floor),
+                (agent_pid, load_pods, &mut ours),
+            ] {
+                let stat = if counting_allocations {
+                    Stat::allocations(pid)?
+                } else {
+                    Stat::costs(pid)?
+                };
+                let loads = run_strings(&places(pods), &args)?;
+                let counted = stat.finish()?;
+                if let Some(load) = loads.iter().find(|load| load.errors > 0) {
+                    bail!("profiled requests failed: {:?}", load.first_error);
+                }
+                counts.add(counted.per(loads.iter().map(|load| load.ok).sum()));
+            }
+        }
+        // Where the agent's allocations come from, on request (docs/performance.md).
+        if let Some(dir) = std::env::var_os("INTERCEPTOR_BENCH_RECORD") {
+            let out = Path::new(&dir).join(format!("allocations-{mode}.perf.data"));
+            let record = Record::attach(agent_pid, &out)?;
+            run_strings(&places(load_pods), &args)?;
+            record.finish()?;
+            println!("allocation stacks recorded in {}", out.display());
+        }
+        let label = if mode == "new" {
+            "new connection"
+        } else {
+            "keep-alive"
+        };
+        for (measure, unit, ours, floor) in [
+            ("system calls", "/req", ours.syscalls, floor.syscalls),
+            ("futex calls", "/req", ours.futex, floor.futex),
+            (
+                "context switches",
+                "/req",
+                ours.context_switches,
+                floor.context_switches,
+            ),
+            (
+                "allocator calls",
+                "/req",
+                ours.allocations,
+                floor.allocations,
+            ),
+            (
+                "CPU time",
+                "us/req",
+                ours.cpu_ms * 1000.0,
+                floor.cpu_ms * 1000.0,
+            ),
+        ] {
+            report.add(Figure {
+                scenario: "7",
+                measure: format!("{label}: {measure}"),
+                ours,
+                baseline: Some(floor),
+                unit,
+                target: None,
+            });
+        }
+        details.insert(
+            mode.into(),
+            json!({ "agent": ours.json(), "floor": floor.json(),
+                    "requests_per_round": requests * (sizes.threads * load_pods.len()) as u64 }),
+        );
+    }
+    report
+        .details
+        .insert("7_per_request_cost".into(), details.into());
     Ok(())
 }
 
