@@ -147,12 +147,13 @@ fn spawn_accept_loop(listener: TcpListener, attribution: Arc<Attribution>, seen:
                 let (read, mut write) = stream.into_split();
                 let mut tag = String::new();
                 let _ = BufReader::new(read).read_line(&mut tag).await;
-                let _ = write.write_all(b"ok\n").await;
+                // Recorded before the reply: a client that has its reply may count on it.
                 seen.lock()
                     .unwrap()
                     .entry(tag.trim().to_owned())
                     .or_default()
                     .push(attributed);
+                let _ = write.write_all(b"ok\n").await;
             });
         }
     });
