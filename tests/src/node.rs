@@ -123,7 +123,15 @@ impl Node {
         let subnet = 10 + ((std::process::id() * 31 + n) % 240) as u8;
         let address = Ipv4Addr::new(10, 213, subnet, 1);
         let bridge = Link(format!("{name}b"));
-        cmd::run("ip", &["link", "add", &bridge.0, "type", "bridge"]);
+        // A bridge without an address of its own takes the lowest of its ports' and
+        // changes it when that port goes: the other pods would then hold a stale ARP entry
+        // for the node and lose it for up to a minute (as a CNI bridge whose address is
+        // set does not). Locally administered, one per subnet.
+        let mac = format!("02:00:0a:d5:{subnet:02x}:01");
+        cmd::run(
+            "ip",
+            &["link", "add", &bridge.0, "address", &mac, "type", "bridge"],
+        );
         cmd::run(
             "ip",
             &["addr", "add", &format!("{address}/24"), "dev", &bridge.0],
@@ -155,6 +163,11 @@ impl Node {
             top,
             kubepods,
         }
+    }
+
+    /// The node's link-layer address (the bridge's), as pods resolve it.
+    pub fn mac(&self) -> String {
+        link_address(&self.bridge.0)
     }
 
     /// The test's top cgroup (the "node"), which holds `kubepods.slice` and anything else
@@ -229,7 +242,7 @@ impl Node {
             container_id,
             container,
             pod_slice,
-            _veth: veth,
+            veth,
             netns,
         }
     }
@@ -269,6 +282,13 @@ impl Default for Node {
     }
 }
 
+fn link_address(link: &str) -> String {
+    fs::read_to_string(format!("/sys/class/net/{link}/address"))
+        .unwrap_or_else(|error| panic!("the address of {link}: {error}"))
+        .trim()
+        .to_owned()
+}
+
 fn uuid_like(seed: &str) -> String {
     let digits: String = seed.chars().filter(char::is_ascii_digit).collect();
     let hex = format!("{digits:0>32}");
@@ -302,12 +322,17 @@ pub struct Pod {
     // Drop order: processes and cgroups, then the veth, then the netns.
     pub container: Cgroup,
     pub pod_slice: Cgroup,
-    /// Held for its `Drop`: removes the host end of the pair.
-    _veth: Link,
+    /// The node's end of the pair (on the bridge), removed on drop.
+    veth: Link,
     pub netns: Netns,
 }
 
 impl Pod {
+    /// The link-layer address of the node's end of the pod's veth pair.
+    pub fn node_side_mac(&self) -> String {
+        link_address(&self.veth.0)
+    }
+
     /// `program args` run inside the pod's container cgroup and network namespace.
     pub fn command(&self, program: &str, args: &[&str]) -> Command {
         in_cgroup(&self.container, Some(&self.netns), program, args)
