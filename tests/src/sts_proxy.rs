@@ -1,5 +1,5 @@
 //! A forwarder in front of moto that counts STS calls by `Action` and injects faults
-//! (delay, 503, throttling, AccessDenied) switchable at run time.
+//! (delay, 503, throttling, AccessDenied, short-lived credentials) switchable at run time.
 
 use std::{
     collections::HashMap,
@@ -36,6 +36,8 @@ struct State {
     assume_times: Vec<Instant>,
     fault: Option<Fault>,
     delay: Duration,
+    /// AssumeRole answers carry credentials expiring this long after the answer.
+    expires_in: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -114,6 +116,13 @@ impl StsProxy {
     pub fn set_delay(&self, delay: Duration) {
         self.state.lock().unwrap().delay = delay;
     }
+
+    /// From now on AssumeRole's credentials expire `expires_in` after STS answered
+    /// (moto's are valid for the whole session asked for): what a test needs to reach an
+    /// expiry within seconds. `None` passes moto's expiry through.
+    pub fn set_expires_in(&self, expires_in: Option<Duration>) {
+        self.state.lock().unwrap().expires_in = expires_in;
+    }
 }
 
 async fn forward(
@@ -130,7 +139,7 @@ async fn forward(
     let role_arn = form_urlencoded::parse(&body)
         .find(|(key, _)| key == "RoleArn")
         .map(|(_, value)| value.into_owned());
-    let (fault, delay) = {
+    let (fault, delay, expires_in) = {
         let mut state = state.lock().unwrap();
         *state.counts.entry(action.clone()).or_default() += 1;
         if action == "AssumeRole" {
@@ -145,7 +154,7 @@ async fn forward(
             }
             fault => fault,
         };
-        (fault, state.delay)
+        (fault, state.delay, state.expires_in)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -168,7 +177,23 @@ async fn forward(
     tokio::spawn(connection);
     let upstream_request = Request::from_parts(parts, Full::new(body));
     let response = sender.send_request(upstream_request).await?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
+    let (mut parts, body) = response.into_parts();
+    let mut body = body.collect().await?.to_bytes();
+    if let Some(expires_in) = expires_in.filter(|_| action == "AssumeRole") {
+        let expiration =
+            interceptor::imds::ec2::timestamp(std::time::SystemTime::now() + expires_in);
+        body = Bytes::from(replace_element(&body, "Expiration", &expiration));
+        // hyper sets the new length.
+        parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    }
     Ok(Response::from_parts(parts, Full::new(body)))
+}
+
+/// `xml` with the text of its first `<name>` element replaced by `text`.
+fn replace_element(xml: &[u8], name: &str, text: &str) -> String {
+    let xml = String::from_utf8_lossy(xml);
+    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+    let start = xml.find(&open).expect("the element in STS's answer") + open.len();
+    let end = start + xml[start..].find(&close).expect("the element closed");
+    format!("{}{text}{}", &xml[..start], &xml[end..])
 }

@@ -528,3 +528,130 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
     );
     assert_upstream_untouched(&upstream);
 }
+
+/// While STS is down, a pod keeps getting its cached credentials until shortly before
+/// they expire (the agent's stale floor, 2 min), then a 503; never credentials closer to
+/// their expiry, never the node's. STS hands out credentials that expire 10 s past that
+/// floor, so the whole course runs in seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expiry() {
+    if !require_root("cached_credentials_flow_through_an_sts_outage_until_shortly_before_expiry") {
+        return;
+    }
+    /// `Settings::stale_floor`.
+    const STALE_FLOOR: Duration = Duration::from_secs(120);
+    const MARGIN: Duration = Duration::from_secs(10);
+    let node = Node::new();
+    let pod = node.pod();
+    let server = FakeApiServer::start().await;
+    server.add_namespace(new_namespace("team"));
+    server.add_pod(api_pod(&pod.uid, "team", "app-e", Some("role-e")));
+    let moto = MotoServer::start_on(node.address, &[]);
+    let sts = StsProxy::start(moto.addr()).await;
+    sts.set_expires_in(Some(STALE_FLOOR + MARGIN));
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "faults-expiry",
+        &node,
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &sts.endpoint(),
+        },
+        &["--base-role-arn", BASE_ARN],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    let path = format!("{CREDS}role-e");
+    let document = |body: &str| -> (String, String) {
+        let value: serde_json::Value = serde_json::from_str(body).expect("credentials JSON");
+        (
+            value["AccessKeyId"]
+                .as_str()
+                .expect("AccessKeyId")
+                .to_owned(),
+            value["Expiration"].as_str().expect("Expiration").to_owned(),
+        )
+    };
+    let answer = ask_until(&pod, &path, Duration::from_secs(10), |answer| {
+        answer.0 == 200
+    })
+    .await;
+    assert_eq!(answer.0, 200, "served while STS answers: {answer:?}");
+    let (key, expiration) = document(&answer.1);
+
+    sts.set_fault(Fault::Unavailable);
+    // Timestamps are in one fixed format, so comparing them as strings compares times.
+    let at = |time: std::time::SystemTime| interceptor::imds::ec2::timestamp(time);
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while started.elapsed() < MARGIN * 3 {
+        let sent = std::time::SystemTime::now();
+        let (status, body) = get(&pod, &path);
+        let received = std::time::SystemTime::now();
+        let since = started.elapsed();
+        match status {
+            200 => {
+                assert_eq!(
+                    document(&body),
+                    (key.clone(), expiration.clone()),
+                    "only the cached credentials while STS is down ({since:?})"
+                );
+                assert!(
+                    at(sent + STALE_FLOOR - Duration::from_secs(1)) <= expiration,
+                    "served at {} with less than {STALE_FLOOR:?} left to {expiration}",
+                    at(sent)
+                );
+            }
+            503 => assert!(
+                at(received + STALE_FLOOR + Duration::from_secs(2)) >= expiration,
+                "refused at {} with more than {STALE_FLOOR:?} left to {expiration}: {body}",
+                at(received)
+            ),
+            _ => panic!("{status} {body} while STS is down"),
+        }
+        seen.push((since, status));
+        if seen
+            .iter()
+            .rev()
+            .take(3)
+            .filter(|(_, status)| *status == 503)
+            .count()
+            == 3
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let statuses: Vec<u16> = seen.iter().map(|(_, status)| *status).collect();
+    let served = statuses.iter().take_while(|status| **status == 200).count();
+    assert!(
+        served >= 4 && statuses[served..].iter().all(|status| *status == 503),
+        "cached credentials first, then 503 for good: {seen:?}"
+    );
+    assert!(
+        statuses.len() > served,
+        "the credentials were still served {:?} into the outage: {seen:?}",
+        started.elapsed()
+    );
+    assert!(
+        sample(
+            &agent,
+            r#"interceptor_counter{event="stale_served",source="credentials"}"#
+        ) >= served as f64,
+        "every cached answer of the outage is counted"
+    );
+    eprintln!("STS down: {served} cached answers, then 503 ({seen:?})");
+
+    // STS back: new credentials at once.
+    sts.set_fault(Fault::None);
+    sts.set_expires_in(None);
+    let answer = ask_until(&pod, &path, Duration::from_secs(15), |answer| {
+        answer.0 == 200
+    })
+    .await;
+    assert_eq!(answer.0, 200, "served once STS is back: {answer:?}");
+    assert_ne!(document(&answer.1).0, key, "new credentials from STS");
+    assert_upstream_untouched(&upstream);
+}
