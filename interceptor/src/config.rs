@@ -7,9 +7,10 @@
 //! is reported with what is wrong and exits 64 (EX_USAGE).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -466,7 +467,19 @@ mod tests {
         ])
         .validate(&env)
         .unwrap();
-        assert_eq!(config.node, "node-a");
+        let Mode::Kubernetes(kube) = &config.mode else {
+            panic!("not the Kubernetes mode: {:?}", config.mode);
+        };
+        assert_eq!(kube.node, "node-a");
+        assert!(kube.prefetch);
+        assert_eq!(kube.unknown_pod_wait, std::time::Duration::from_millis(500));
+        assert_eq!(kube.startup_taint, crate::k8s::node::STARTUP_TAINT);
+        assert_eq!(config.admin.addr.port(), 8182);
+        assert!(!config.admin.debug);
+        assert_eq!(config.upstream, "169.254.169.254:80".parse().unwrap());
+        assert_eq!(config.datapath.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(config.session_ttl, std::time::Duration::from_secs(3600));
+        assert!(!config.server.imdsv2_required && config.server.allow_route.is_none());
         assert_eq!(config.policy.default_role.as_deref(), Some("app"));
         let label = |args: &[&str], env: &Env| run(args).validate(env).unwrap_err().metric_label();
         assert_eq!(
@@ -530,17 +543,24 @@ mod tests {
             (ENV_HOST_IP.into(), "10.0.0.7".into()),
             (ENV_NODE_NAME.into(), "node-a".into()),
         ]);
-        let limits = run(&[]).validate(&env).unwrap().proxy_limits;
+        let limits = run(&[]).validate(&env).unwrap().server;
         assert_eq!(
-            limits,
-            ProxyLimits {
-                header_read_timeout: Duration::from_secs(5),
-                request_timeout: Duration::from_secs(10),
-                connection_max_age: Duration::from_secs(300),
-                max_header_bytes: 16 * 1024,
-                max_connections: 1024,
-                max_connections_per_cgroup: 64,
-            }
+            (
+                limits.header_read_timeout,
+                limits.request_timeout,
+                limits.connection_max_age,
+                limits.max_header_bytes,
+                limits.max_connections,
+                limits.max_connections_per_cgroup,
+            ),
+            (
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+                Duration::from_secs(300),
+                16 * 1024,
+                1024,
+                64,
+            )
         );
         let limits = run(&[
             "--header-read-timeout",
@@ -552,7 +572,7 @@ mod tests {
         ])
         .validate(&env)
         .unwrap()
-        .proxy_limits;
+        .server;
         assert_eq!(limits.header_read_timeout, Duration::from_secs(2));
         assert_eq!(limits.max_connections_per_cgroup, 100);
         for (args, flag) in [
@@ -597,6 +617,29 @@ mod tests {
     }
 
     #[test]
+    fn bindings_select_standalone_mode_without_a_node() {
+        let env = Env::from([(ENV_HOST_IP.into(), "10.0.0.7".into())]);
+        let config = run(&["--bindings", "/etc/interceptor/bindings.yaml"])
+            .validate(&env)
+            .unwrap();
+        match config.mode {
+            Mode::Standalone { bindings } => {
+                assert_eq!(bindings, PathBuf::from("/etc/interceptor/bindings.yaml"))
+            }
+            other => panic!("not standalone: {other:?}"),
+        }
+        assert_eq!(config.datapath.cgroup_root, None);
+        let config = run(&["--no-prefetch", "--node", "n", "--pod-uid", " "])
+            .validate(&env)
+            .unwrap();
+        let Mode::Kubernetes(kube) = config.mode else {
+            panic!("not the Kubernetes mode");
+        };
+        assert!(!kube.prefetch);
+        assert_eq!(config.pod_uid, None, "a blank POD_UID is no UID");
+    }
+
+    #[test]
     fn ipv6_proxy_only_when_configured() {
         let env = Env::from([
             (ENV_HOST_IP.into(), "10.0.0.7".into()),
@@ -608,34 +651,81 @@ mod tests {
     }
 }
 
-/// `interceptor run`'s settings, validated.
+/// `interceptor run`'s settings, validated completely: the only thing the agent reads
+/// (flags and environment are never looked at again after [`RunArgs::validate`]).
 #[derive(Debug, Clone)]
-pub struct RunConfig {
-    pub redirect: Redirect,
-    pub node: String,
+pub struct AgentConfig {
+    pub datapath: DatapathConfig,
+    /// The real metadata service (`--metadata-addr`): passthrough and discovery.
+    pub upstream: SocketAddr,
+    pub admin: AdminConfig,
+    /// The metadata proxy's switches and limits (docs/imds.md, "Limits").
+    pub server: crate::imds::ServerConfig,
     pub policy: crate::policy::PolicyConfig,
-    pub allow_route: Option<regex::Regex>,
-    pub proxy_limits: ProxyLimits,
-    pub region: Option<String>,
+    pub discover: Discover,
+    pub sts: crate::credentials::StsConfig,
+    /// STS session duration of the credentials served (`--iam-role-session-ttl`).
+    pub session_ttl: Duration,
+    /// The agent's own pod UID: its cgroups are exempted at start.
     pub pod_uid: Option<String>,
-    /// Standalone mode's bindings file.
-    pub bindings: Option<PathBuf>,
+    pub mode: Mode,
+}
+
+/// Where and how the kernel programs are attached.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub pin_dir: PathBuf,
+    /// `--cgroup-root`; `None`: the kubelet's pods cgroup (Kubernetes) or the whole cgroup2
+    /// mount (standalone), found at start.
+    pub cgroup_root: Option<PathBuf>,
+    pub redirect: Redirect,
+    pub reload: bool,
+}
+
+/// The admin server (`/healthz`, `/readyz`, `/metrics`, `/debug/store`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    pub debug: bool,
+}
+
+/// What is taken from the node's instance profile at start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Discover {
+    pub base_arn: bool,
+    pub default_role: bool,
+}
+
+/// Who the callers are: pods of this node, or services bound by a file.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Kubernetes(KubeConfig),
+    /// `--bindings`: cgroup path patterns bound to roles, reloaded when the file changes.
+    Standalone {
+        bindings: PathBuf,
+    },
+}
+
+/// The Kubernetes mode's settings.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    pub node: String,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_identity_namespaces: BTreeSet<String>,
+    pub unknown_pod_wait: Duration,
+    pub startup_taint: String,
+    /// Assume a pod's role when it appears (off: `--no-prefetch`).
+    pub prefetch: bool,
 }
 
 impl RunArgs {
-    pub fn validate(&self, env: &Env) -> Result<RunConfig, ConfigError> {
+    pub fn validate(&self, env: &Env) -> Result<AgentConfig, ConfigError> {
         let redirect = self.attach.redirect(env)?;
         let node = self
             .node
             .clone()
             .or_else(|| env.get(ENV_NODE_NAME).cloned())
             .filter(|node| !node.trim().is_empty());
-        // Standalone mode watches no node.
-        let node = match (node, &self.bindings) {
-            (Some(node), _) => node,
-            (None, Some(_)) => String::new(),
-            (None, None) => return Err(ConfigError::NoNode),
-        };
         let allow_route = self
             .allow_route_regexp
             .as_ref()
@@ -669,15 +759,13 @@ impl RunArgs {
             crate::policy::resolve_role(default, &policy).map_err(ConfigError::BadDefaultRole)?;
         }
         let ttl = self.iam_role_session_ttl;
-        if ttl < std::time::Duration::from_secs(900)
-            || ttl > std::time::Duration::from_secs(12 * 3600)
-        {
+        if ttl < Duration::from_secs(900) || ttl > Duration::from_secs(12 * 3600) {
             return Err(ConfigError::BadSessionTtl(ttl));
         }
-        if self.unknown_pod_wait >= std::time::Duration::from_millis(900) {
+        if self.unknown_pod_wait >= Duration::from_millis(900) {
             return Err(ConfigError::BadUnknownPodWait(self.unknown_pod_wait));
         }
-        let proxy_limits = self.proxy_limits()?;
+        self.check_limits()?;
         if self.metrics_port == self.attach.app_port {
             return Err(ConfigError::MetricsOnAppPort(self.metrics_port));
         }
@@ -688,37 +776,67 @@ impl RunArgs {
         if self.use_regional_sts_endpoint && region.is_none() {
             return Err(ConfigError::RegionalWithoutRegion);
         }
-        Ok(RunConfig {
-            redirect,
-            node,
+        // Standalone mode watches no node.
+        let mode = match (&self.bindings, node) {
+            (Some(bindings), _) => Mode::Standalone {
+                bindings: bindings.clone(),
+            },
+            (None, Some(node)) => Mode::Kubernetes(KubeConfig {
+                node,
+                kubeconfig: self.kubeconfig.clone(),
+                node_identity_namespaces: self.node_identity_namespaces.iter().cloned().collect(),
+                unknown_pod_wait: self.unknown_pod_wait,
+                startup_taint: self.startup_taint.clone(),
+                prefetch: !self.no_prefetch,
+            }),
+            (None, None) => return Err(ConfigError::NoNode),
+        };
+        Ok(AgentConfig {
+            datapath: DatapathConfig {
+                pin_dir: self.attach.pins.bpf_pin_dir.clone(),
+                cgroup_root: self.attach.cgroup_root.clone(),
+                redirect,
+                reload: self.attach.reload,
+            },
+            upstream: self.attach.metadata_addr,
+            admin: AdminConfig {
+                addr: SocketAddr::from(([0, 0, 0, 0], self.metrics_port)),
+                debug: self.debug,
+            },
+            server: crate::imds::ServerConfig {
+                imdsv2_required: self.imdsv2_required,
+                allow_route,
+                header_read_timeout: self.header_read_timeout,
+                request_timeout: self.request_timeout,
+                connection_max_age: self.connection_max_age,
+                max_header_bytes: self.max_header_bytes,
+                max_connections: self.max_connections,
+                max_connections_per_cgroup: self.max_connections_per_cgroup,
+            },
             policy,
-            allow_route,
-            proxy_limits,
-            region,
+            discover: Discover {
+                base_arn: self.auto_discover_base_arn,
+                default_role: self.auto_discover_default_role,
+            },
+            sts: crate::credentials::StsConfig {
+                endpoint: self.sts_endpoint.clone(),
+                region,
+                regional: self.use_regional_sts_endpoint,
+                intermediate_role: self.assume_role_arn.clone(),
+                agent_credentials: None,
+            },
+            session_ttl: ttl,
             pod_uid: self
                 .pod_uid
                 .clone()
                 .or_else(|| env.get(ENV_POD_UID).cloned())
                 .filter(|uid| !uid.trim().is_empty()),
-            bindings: self.bindings.clone(),
+            mode,
         })
     }
-}
 
-/// What a client of the metadata proxy may hold, validated (docs/imds.md, "Limits").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProxyLimits {
-    pub header_read_timeout: std::time::Duration,
-    pub request_timeout: std::time::Duration,
-    pub connection_max_age: std::time::Duration,
-    pub max_header_bytes: usize,
-    pub max_connections: usize,
-    pub max_connections_per_cgroup: usize,
-}
-
-impl RunArgs {
-    fn proxy_limits(&self) -> Result<ProxyLimits, ConfigError> {
-        use std::time::Duration;
+    /// The proxy limits' bounds (docs/imds.md, "Limits").
+    fn check_limits(&self) -> Result<(), ConfigError> {
         let check = |ok: bool, flag: &'static str, value: String, allowed: &'static str| {
             if ok {
                 Ok(())
@@ -779,14 +897,6 @@ impl RunArgs {
             "max-connections-per-cgroup",
             self.max_connections_per_cgroup.to_string(),
             "from 1 to --max-connections",
-        )?;
-        Ok(ProxyLimits {
-            header_read_timeout: self.header_read_timeout,
-            request_timeout: self.request_timeout,
-            connection_max_age: self.connection_max_age,
-            max_header_bytes: self.max_header_bytes,
-            max_connections: self.max_connections,
-            max_connections_per_cgroup: self.max_connections_per_cgroup,
-        })
+        )
     }
 }

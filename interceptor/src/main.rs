@@ -1,12 +1,11 @@
-//! The `interceptor` binary: CLI dispatch; `agent` wires the library's modules for `run`.
-
-mod agent;
+//! The `interceptor` binary: CLI dispatch. `run` is the library's [`interceptor::app`].
 
 use std::{collections::BTreeMap, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use interceptor::{
+    app::{self, App},
     cgroupfs,
     config::{self, AttachArgs, Cli, Command, LogFormat, PinArgs, StatusArgs},
     ebpf,
@@ -81,7 +80,7 @@ fn attach(args: &AttachArgs, env: &config::Env) -> Result<ExitCode> {
 fn run(args: &config::RunArgs, env: &config::Env) -> Result<ExitCode> {
     let config = args.validate(env)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(agent::run(args, config))?;
+    runtime.block_on(async { App::build(config).await?.run(app::shutdown_signal()).await })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,7 +8,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Requests by route class and status code.
     pub requests: IntCounterVec,
@@ -22,20 +22,23 @@ pub struct Metrics {
     pub proxy_connections: IntGauge,
     /// Proxy connections closed unserved, by reason (`cgroup_limit`).
     pub connection_refusals: IntCounterVec,
-    /// Role decisions by outcome (role, no_role, denied reason).
-    pub decisions: IntCounterVec,
-    /// STS AssumeRole latency.
-    pub sts_seconds: HistogramVec,
+    /// Requests authorized, by outcome (role, no_role, a denial's reason, ...): one per
+    /// request that asks for a role, not per decision (decisions are reused while the pod
+    /// and its namespace do not change).
+    pub authorizations: IntCounterVec,
+    /// Time to obtain a grant's credentials, from memory or from STS, by outcome.
+    pub credentials_seconds: HistogramVec,
     /// Point-in-time values refreshed at scrape: pods, cgroups, cache keys, map entries.
     pub tracked: IntGaugeVec,
-    /// Counters owned by others, copied at scrape (cache hits, kernel events, ...).
-    pub copied: IntGaugeVec,
-    pub build_info: IntGaugeVec,
+    /// The credentials cache's totals (hits, STS calls, ...), advanced at scrape.
+    pub credentials_events: IntCounterVec,
+    /// The kernel programs' totals (redirected, refused, ...), advanced at scrape.
+    pub kernel_events: IntCounterVec,
     pub ready: IntGauge,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let registry =
             Registry::new_custom(Some("interceptor".into()), None).expect("valid prefix");
         let requests = IntCounterVec::new(
@@ -79,13 +82,22 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
-        let decisions = IntCounterVec::new(
-            Opts::new("decisions_total", "Role decisions by outcome"),
+        let authorizations = IntCounterVec::new(
+            Opts::new(
+                "authorizations_total",
+                "Requests for a role, by outcome (role, no_role, a denial's reason)",
+            ),
             &["outcome"],
         )
         .expect("valid metric");
-        let sts_seconds = HistogramVec::new(
-            HistogramOpts::new("sts_request_duration_seconds", "STS AssumeRole latency"),
+        let credentials_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "credentials_duration_seconds",
+                "Time to obtain a caller's credentials (from memory or STS), by outcome",
+            )
+            .buckets(vec![
+                0.00001, 0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
             &["outcome"],
         )
         .expect("valid metric");
@@ -97,12 +109,20 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
-        let copied = IntGaugeVec::new(
+        let credentials_events = IntCounterVec::new(
             Opts::new(
-                "counter",
-                "Totals kept by other components: credentials cache and kernel programs",
+                "credentials_events_total",
+                "Credentials cache events (hits, misses, prefetches, sts_calls, ...)",
             ),
-            &["source", "event"],
+            &["event"],
+        )
+        .expect("valid metric");
+        let kernel_events = IntCounterVec::new(
+            Opts::new(
+                "kernel_events_total",
+                "Kernel program events (redirected, exempt, refused, recorded, unrecorded)",
+            ),
+            &["event"],
         )
         .expect("valid metric");
         let build_info =
@@ -117,10 +137,11 @@ impl Metrics {
             Box::new(caller_refusals.clone()),
             Box::new(proxy_connections.clone()),
             Box::new(connection_refusals.clone()),
-            Box::new(decisions.clone()),
-            Box::new(sts_seconds.clone()),
+            Box::new(authorizations.clone()),
+            Box::new(credentials_seconds.clone()),
             Box::new(tracked.clone()),
-            Box::new(copied.clone()),
+            Box::new(credentials_events.clone()),
+            Box::new(kernel_events.clone()),
             Box::new(build_info.clone()),
             Box::new(ready.clone()),
         ] {
@@ -142,38 +163,43 @@ impl Metrics {
             caller_refusals,
             proxy_connections,
             connection_refusals,
-            decisions,
-            sts_seconds,
+            authorizations,
+            credentials_seconds,
             tracked,
-            copied,
-            build_info,
+            credentials_events,
+            kernel_events,
             ready,
         }
     }
 
+    /// Advances `counter{event}` to `total`, a cumulative count kept elsewhere. A total
+    /// below what was exported (its owner restarted counting) is ignored until it
+    /// passes it again: counters never go down.
+    pub(crate) fn advance(&self, counter: &IntCounterVec, event: &str, total: u64) {
+        let counter = counter.with_label_values(&[event]);
+        let exported = counter.get();
+        if total > exported {
+            counter.inc_by(total - exported);
+        }
+    }
+
     /// The text exposition of every metric.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut buffer = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
         String::from_utf8(buffer).unwrap_or_default()
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Records a request's latency when dropped (covers every return path).
-pub struct RequestTimer<'a> {
+pub(crate) struct RequestTimer<'a> {
     metrics: &'a Metrics,
     route: &'static str,
     started: std::time::Instant,
 }
 
 impl<'a> RequestTimer<'a> {
-    pub fn start(metrics: &'a Metrics, route: &'static str) -> Self {
+    pub(crate) fn start(metrics: &'a Metrics, route: &'static str) -> Self {
         Self {
             metrics,
             route,
@@ -192,10 +218,10 @@ impl Drop for RequestTimer<'_> {
 }
 
 /// Counts one open connection in a gauge until dropped (covers every return path).
-pub struct OpenGauge(IntGauge);
+pub(crate) struct OpenGauge(IntGauge);
 
 impl OpenGauge {
-    pub fn new(gauge: &IntGauge) -> Self {
+    pub(crate) fn new(gauge: &IntGauge) -> Self {
         gauge.inc();
         Self(gauge.clone())
     }
@@ -204,5 +230,27 @@ impl OpenGauge {
 impl Drop for OpenGauge {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_kept_elsewhere_are_exported_as_counters() {
+        let metrics = Metrics::new();
+        metrics.advance(&metrics.credentials_events, "hits", 5);
+        metrics.advance(&metrics.credentials_events, "hits", 7);
+        metrics.advance(&metrics.credentials_events, "hits", 3);
+        let text = metrics.encode();
+        assert!(
+            text.contains("# TYPE interceptor_credentials_events_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_credentials_events_total{event=\"hits\"} 7"),
+            "{text}"
+        );
     }
 }

@@ -14,10 +14,11 @@ use std::{
 };
 
 use crate::{
+    credentials::{RoleRequest, session_name},
     ebpf::Attributed,
-    identity::index::{CgroupIndex, Resolved},
+    identity::index::CgroupIndex,
     k8s::{EventSink, Lookup, NamespaceStore, PodInfo, PodStore},
-    policy::{Decision, NamespacePolicy, PolicyConfig},
+    policy::{Decision, DenyReason, NamespacePolicy, PolicyConfig, RoleSource},
 };
 
 /// Annotation on a pod asking to keep the node's own identity (CNI and CSI agents...).
@@ -51,25 +52,56 @@ impl Refusal {
     }
 }
 
-/// An attributed connection's caller.
+/// An attributed connection's caller: a pod of this node, known by its UID (what its
+/// IMDSv2 tokens are bound to).
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub uid: String,
-    pub cgroup: Arc<Resolved>,
-    pub pid: u32,
 }
 
-impl Caller {
-    /// A caller known only by its pod (prefetch, `/debug/store`): no connection behind it.
-    pub fn for_pod(uid: &str) -> Self {
-        Self {
-            uid: uid.to_owned(),
-            cgroup: Arc::new(Resolved {
-                cgroup_id: 0,
-                path: String::new(),
-                identity: Err("no connection".into()),
-            }),
-            pid: 0,
+/// What a pod may have right now, as decided from its and its namespace's annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The role and the STS request for it (built once per decision, shared after).
+    Role {
+        request: RoleRequest,
+        source: RoleSource,
+    },
+    /// No annotation (or an empty one) and no default role.
+    NoRole,
+    Denied(DenyReason),
+    /// The pod keeps the node's identity: it should not have been redirected (its cgroups
+    /// are in the kernel's exempt map once the agent has seen them); refused meanwhile.
+    NodeIdentity,
+}
+
+impl Outcome {
+    fn of(decision: Decision, pod: &PodInfo) -> Self {
+        match decision {
+            Decision::Role {
+                arn,
+                external_id,
+                source,
+            } => Self::Role {
+                request: RoleRequest {
+                    role_arn: arn.to_string().into(),
+                    external_id: external_id.map(Into::into),
+                    session_name: session_name(&pod.namespace, &pod.name).into(),
+                },
+                source,
+            },
+            Decision::NoRole => Self::NoRole,
+            Decision::Denied(reason) => Self::Denied(reason),
+        }
+    }
+
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Role { .. } => "role",
+            Self::NoRole => "no_role",
+            Self::Denied(reason) => reason.metric_label(),
+            Self::NodeIdentity => "node_identity",
         }
     }
 }
@@ -79,11 +111,8 @@ impl Caller {
 pub enum Verdict {
     Decided {
         pod: Arc<PodInfo>,
-        decision: Decision,
+        outcome: Outcome,
     },
-    /// The pod keeps the node's identity: it should not have been redirected (its cgroups
-    /// are in the kernel's exempt map once the agent has seen them); refused meanwhile.
-    NodeIdentity { pod: Arc<PodInfo> },
     /// Deleted since the connection was attributed.
     Gone,
 }
@@ -113,19 +142,13 @@ struct Memo {
     outcome: Outcome,
 }
 
-#[derive(PartialEq)]
-enum Outcome {
-    NodeIdentity,
-    Decided(Decision),
-}
-
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NodeIdentity => f.write_str("node identity"),
-            Self::Decided(Decision::Role { arn, .. }) => write!(f, "role {arn}"),
-            Self::Decided(Decision::NoRole) => f.write_str("no role"),
-            Self::Decided(Decision::Denied(reason)) => write!(f, "refused: {reason}"),
+            Self::Role { request, .. } => write!(f, "role {}", request.role_arn),
+            Self::NoRole => f.write_str("no role"),
+            Self::Denied(reason) => write!(f, "refused: {reason}"),
         }
     }
 }
@@ -153,10 +176,6 @@ impl Resolver {
         }
     }
 
-    pub fn policy(&self) -> &PolicyConfig {
-        &self.policy
-    }
-
     pub fn index(&self) -> &Arc<CgroupIndex> {
         &self.index
     }
@@ -179,11 +198,7 @@ impl Resolver {
             }
         };
         match self.pods.wait_for(&uid, self.unknown_pod_wait).await {
-            Lookup::Found(_) => Ok(Caller {
-                uid,
-                cgroup,
-                pid: record.pid,
-            }),
+            Lookup::Found(_) => Ok(Caller { uid }),
             Lookup::Deleted => Err(Refusal::DeletedPod { uid }),
             Lookup::Unknown => Err(Refusal::UnknownPod { uid }),
         }
@@ -229,25 +244,30 @@ impl Resolver {
         policy
     }
 
-    /// The caller's role decision now. Denials are logged and posted as Events.
-    pub fn decide(&self, caller: &Caller) -> Verdict {
-        let Lookup::Found(pod) = self.pods.get(&caller.uid) else {
+    /// What the pod `uid` may have now: decided once per change of the pod or its
+    /// namespace's policy, recalled otherwise. Denials are logged and posted as Events.
+    pub fn decide(&self, uid: &str) -> Verdict {
+        let Lookup::Found(pod) = self.pods.get(uid) else {
             return Verdict::Gone;
         };
         if self.keeps_node_identity(&pod) {
             self.remember(&pod, None, Outcome::NodeIdentity);
-            return Verdict::NodeIdentity { pod };
+            return Verdict::Decided {
+                pod,
+                outcome: Outcome::NodeIdentity,
+            };
         }
         let policy = self.namespace_policy(&pod.namespace);
-        let decision = match self.recall(&pod, &policy) {
-            Some(decision) => decision,
+        let outcome = match self.recall(&pod, &policy) {
+            Some(outcome) => outcome,
             None => {
                 let decision = crate::policy::decide(&pod.annotations, &policy, &self.policy);
-                self.remember(&pod, Some(policy), Outcome::Decided(decision.clone()));
-                decision
+                let outcome = Outcome::of(decision, &pod);
+                self.remember(&pod, Some(policy), outcome.clone());
+                outcome
             }
         };
-        if let Decision::Denied(reason) = &decision
+        if let Outcome::Denied(reason) = &outcome
             && self
                 .events
                 .warn(&pod, reason.event_reason(), reason.to_string())
@@ -255,11 +275,11 @@ impl Resolver {
         {
             tracing::warn!(pod = %pod.key(), %reason, "role refused");
         }
-        Verdict::Decided { pod, decision }
+        Verdict::Decided { pod, outcome }
     }
 
-    /// The decision made for this very pod object under this very namespace policy.
-    fn recall(&self, pod: &Arc<PodInfo>, policy: &Arc<NamespacePolicy>) -> Option<Decision> {
+    /// The outcome decided for this very pod object under this very namespace policy.
+    fn recall(&self, pod: &Arc<PodInfo>, policy: &Arc<NamespacePolicy>) -> Option<Outcome> {
         let last = self
             .last
             .lock()
@@ -271,7 +291,8 @@ impl Resolver {
                 .as_ref()
                 .is_some_and(|seen| Arc::ptr_eq(seen, policy));
         match &memo.outcome {
-            Outcome::Decided(decision) if same => Some(decision.clone()),
+            Outcome::NodeIdentity => None,
+            outcome if same => Some(outcome.clone()),
             _ => None,
         }
     }

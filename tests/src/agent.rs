@@ -199,6 +199,12 @@ impl Agent {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, and the exit status once the agent has exited.
+    pub fn terminate_status(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait for the agent")
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

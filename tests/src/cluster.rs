@@ -126,3 +126,52 @@ pub fn agent_setup(
         app_port,
     }
 }
+
+/// A standalone-mode bindings file binding each `(name, pod, role)` by the pod's
+/// container cgroup path; returns its path.
+pub fn bindings_file(file_name: &str, services: &[(&str, &Pod, &str)]) -> PathBuf {
+    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
+    let mut text = String::from("bindings:\n");
+    for (name, pod, role) in services {
+        let path = pod.container.path.strip_prefix(&mount).unwrap();
+        text.push_str(&format!(
+            "  - name: {name}\n    cgroup: /{}\n    role: {role}\n",
+            path.display()
+        ));
+    }
+    let file = std::env::temp_dir().join(format!(
+        "interceptor-{file_name}-{}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// `run` arguments of a standalone-mode agent on `node` (only the node's own cgroup
+/// tree), bindings from `bindings`, roles under account 123456789012 assumed at `sts`.
+pub fn standalone_args(
+    node: &Node,
+    bindings: &std::path::Path,
+    upstream: &FakeImds,
+    sts: &str,
+) -> Vec<String> {
+    [
+        "--bindings",
+        &bindings.display().to_string(),
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &free_port().to_string(),
+        "--cgroup-root",
+        &node.cgroup_top().display().to_string(),
+        "--metadata-addr",
+        &upstream.addr().to_string(),
+        "--sts-endpoint",
+        sts,
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect()
+}

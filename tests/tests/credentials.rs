@@ -40,9 +40,9 @@ async fn cache(proxy: &StsProxy, settings: Settings) -> Arc<CredentialCache> {
 
 fn request(role: &str, pod: &str) -> RoleRequest {
     RoleRequest {
-        role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+        role_arn: format!("arn:aws:iam::123456789012:role/{role}").into(),
         external_id: None,
-        session_name: session_name("team-a", pod),
+        session_name: session_name("team-a", pod).into(),
     }
 }
 

@@ -15,8 +15,8 @@ use interceptor::{
     identity::index::{CgroupIndex, Limits},
     k8s::{self, EventSink, NamespaceStore, PodStore, events},
     optout::OptOuts,
-    policy::{BaseArn, Decision, PolicyConfig},
-    resolve::{Resolver, Verdict},
+    policy::{BaseArn, PolicyConfig},
+    resolve::{Outcome, Resolver, Verdict},
 };
 use interceptor_tests::{
     Node, Pod,
@@ -71,19 +71,22 @@ fn summary(verdict: &Verdict) -> String {
     match verdict {
         Verdict::Decided {
             pod,
-            decision: Decision::Role { arn, .. },
-        } => format!("{} role {arn}", pod.key()),
+            outcome: Outcome::Role { request, .. },
+        } => format!("{} role {}", pod.key(), request.role_arn),
         Verdict::Decided {
             pod,
-            decision: Decision::NoRole,
+            outcome: Outcome::NoRole,
         } => format!("{} no-role", pod.key()),
         Verdict::Decided {
             pod,
-            decision: Decision::Denied(reason),
+            outcome: Outcome::Denied(reason),
         } => {
             format!("{} denied {}", pod.key(), reason.metric_label())
         }
-        Verdict::NodeIdentity { pod } => format!("{} node-identity", pod.key()),
+        Verdict::Decided {
+            pod,
+            outcome: Outcome::NodeIdentity,
+        } => format!("{} node-identity", pod.key()),
         Verdict::Gone => "gone".into(),
     }
 }
@@ -103,7 +106,7 @@ fn serve(
                 let answer = match record {
                     None => "unattributed".to_owned(),
                     Some(record) => match resolver.caller(record).await {
-                        Ok(caller) => summary(&resolver.decide(&caller)),
+                        Ok(caller) => summary(&resolver.decide(&caller.uid)),
                         Err(refusal) => format!("refused {}", refusal.metric_label()),
                     },
                 };

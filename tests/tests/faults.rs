@@ -638,7 +638,7 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
     assert!(
         sample(
             &agent,
-            r#"interceptor_counter{event="stale_served",source="credentials"}"#
+            r#"interceptor_credentials_events_total{event="stale_served"}"#
         ) >= served as f64,
         "every cached answer of the outage is counted"
     );

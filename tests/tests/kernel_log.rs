@@ -8,7 +8,15 @@ use std::{
 };
 
 use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
-use interceptor_tests::{Node, pins::Pins, probe, require_root};
+use interceptor_tests::{
+    Node,
+    agent::{Agent, free_port},
+    clients, cluster,
+    fake_imds::FakeImds,
+    moto::MotoServer,
+    pins::Pins,
+    probe, require_root,
+};
 use tracing::{Event, Subscriber, field::Visit};
 use tracing_subscriber::{Layer, layer::Context, prelude::*};
 
@@ -92,4 +100,52 @@ fn kernel_log_reaches_tracing_only_when_enabled() {
         drop(datapath);
         drop(pins);
     }
+}
+
+/// The agent itself forwards the programs' records: with `interceptor::kernel=debug` (the
+/// test agent's `--log-level info,interceptor=debug` includes it), its stderr shows the
+/// record of a pod's redirected connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_logs_the_programs_records_when_asked() {
+    if !require_root("the_agent_logs_the_programs_records_when_asked") {
+        return;
+    }
+    let node = Node::new();
+    let pod = std::sync::Arc::new(node.pod());
+    let file = cluster::bindings_file("kernel-log", &[("logged", &pod, "role-l")]);
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(std::net::IpAddr::from([127, 0, 0, 1])).await;
+    let args = cluster::standalone_args(&node, &file, &upstream, &moto.endpoint());
+    let pins = Pins::new("kernel-log-agent");
+    let mut agent = Agent::run(&args, &pins.0, free_port(), &cluster::AGENT_ENV);
+    agent.wait_ready(Duration::from_secs(30));
+    let asked = pod.clone();
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        clients::raw(
+            &asked,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/",
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, body.trim()),
+        (200, "role-l"),
+        "redirected and answered"
+    );
+    let record = format!(
+        "imds connect redirected to the proxy: cgroup {}",
+        pod.container.id()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.log_text().contains(&record) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains(&record) && log.contains("interceptor::kernel"),
+        "no program record for the pod's connection ({record:?}) in the agent's log:\n{log}"
+    );
 }

@@ -171,10 +171,10 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     };
     // Pods with roles were prefetched when the watch delivered them, so their requests
     // were answered from memory: one AssumeRole per pod, not per request.
-    assert!(value(r#"interceptor_counter{event="prefetches",source="credentials"}"#) >= 2);
-    assert!(value(r#"interceptor_counter{event="hits",source="credentials"}"#) >= 2);
+    assert!(value(r#"interceptor_credentials_events_total{event="prefetches"}"#) >= 2);
+    assert!(value(r#"interceptor_credentials_events_total{event="hits"}"#) >= 2);
     assert_eq!(
-        value(r#"interceptor_counter{event="sts_calls",source="credentials"}"#),
+        value(r#"interceptor_credentials_events_total{event="sts_calls"}"#),
         2
     );
     let (_, store) = agent.admin_get("/debug/store").expect("debug store");

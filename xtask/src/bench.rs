@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: setup, the eBPF object, the agent and the bench binaries in
 //! release mode, then the benchmark on a simulated node (tests/src/bin/bench/). It prints
-//! a table and writes the figures as JSON (default `target/bench/report.json`).
+//! a table and writes the figures as JSON (default `bench/report.json` in the target
+//! directory).
 
 use std::path::PathBuf;
 
@@ -14,9 +15,9 @@ pub struct BenchOptions {
     /// Smaller counts: well under two minutes instead of a few.
     #[arg(long)]
     pub quick: bool,
-    /// Where the JSON report goes.
-    #[arg(long, default_value = "target/bench/report.json")]
-    pub out: PathBuf,
+    /// Where the JSON report goes (default: `bench/report.json` in the target directory).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<()> {
@@ -39,12 +40,12 @@ pub fn run(options: &BenchOptions) -> Result<()> {
             .env("INTERCEPTOR_EBPF_OBJECT", &object),
     )?;
     let root = run::workspace_root();
-    let out = if options.out.is_absolute() {
-        options.out.clone()
-    } else {
-        root.join(&options.out)
+    let out = match &options.out {
+        Some(out) if out.is_absolute() => out.clone(),
+        Some(out) => root.join(out),
+        None => run::target_dir().join("bench/report.json"),
     };
-    let mut bench = std::process::Command::new(root.join("target/release/bench"));
+    let mut bench = std::process::Command::new(run::target_dir().join("release/bench"));
     if options.quick {
         bench.arg("--quick");
     }
@@ -52,7 +53,10 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         bench
             .arg("--out")
             .arg(out)
-            .env("INTERCEPTOR_BIN", root.join("target/release/interceptor"))
+            .env(
+                "INTERCEPTOR_BIN",
+                run::target_dir().join("release/interceptor"),
+            )
             .env(
                 "INTERCEPTOR_PY_VENV",
                 setup::peers_dir("venv", &setup::python_requirements())?,

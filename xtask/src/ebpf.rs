@@ -1,11 +1,12 @@
-//! `cargo xtask build-ebpf`: the kernel programs, built with nightly for bpfel-unknown-none.
+//! `cargo xtask build-ebpf`: the kernel programs, built with the pinned nightly
+//! ([`run::NIGHTLY`]) for bpfel-unknown-none.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::run::{self, workspace_root};
+use crate::{run, setup};
 
 pub const TARGET: &str = "bpfel-unknown-none";
 /// BTF in the object lets bpftool show the maps' key and value types.
@@ -22,7 +23,10 @@ pub struct BuildOptions {
 /// (see `interceptor/build.rs`, which finds it by the same rule).
 pub fn build(options: &BuildOptions) -> Result<PathBuf> {
     let profile = if options.debug { "dev" } else { "release" };
-    let mut cmd = run::cargo(Some("nightly"));
+    // The pinned toolchain and its bpf-linker (cheap checks when present).
+    setup::run(true)?;
+    let mut cmd = run::cargo(Some(run::NIGHTLY));
+    cmd.env("PATH", setup::path_with_bpf_linker()?);
     cmd.args([
         "build",
         "--package",
@@ -52,8 +56,7 @@ pub fn build(options: &BuildOptions) -> Result<PathBuf> {
 }
 
 pub fn object_path(profile_dir: &str) -> PathBuf {
-    workspace_root()
-        .join("target")
+    run::target_dir()
         .join(TARGET)
         .join(profile_dir)
         .join("interceptor-ebpf")

@@ -49,7 +49,7 @@ pub fn run(options: &FuzzOptions) -> Result<()> {
         fs::create_dir_all(&artifacts)?;
         let seeds = fuzz_dir.join("corpus").join(target);
         let regressions = fuzz_dir.join("regressions").join(target);
-        let mut cmd = run::cargo(Some("nightly"));
+        let mut cmd = run::cargo(Some(run::NIGHTLY));
         // From the crate the targets fuzz: cargo fuzz finds them in its `fuzz/`.
         cmd.current_dir(run::workspace_root().join("interceptor"))
             .args(["fuzz", "run"])

@@ -7,6 +7,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+/// The toolchain that builds the eBPF programs (and runs nightly-only tools: rustfmt with
+/// this repository's options, cargo fuzz). Pinned: a machine's undated `nightly` may be
+/// another version or absent, and bpf-linker must be linked against this toolchain's
+/// own libLLVM. `cargo xtask setup` installs it with rustup.
+pub const NIGHTLY: &str = "nightly-2026-05-20";
+
 /// The workspace root (the parent of `xtask/`).
 pub fn workspace_root() -> PathBuf {
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -63,6 +69,23 @@ pub fn describe(cmd: &Command) -> String {
         line.push_str(&arg.to_string_lossy());
     }
     line
+}
+
+/// The target directory, as cargo sees it (`CARGO_TARGET_DIR`, `build.target-dir`, or
+/// `<workspace>/target`): asked of `cargo metadata` once.
+pub fn target_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        output(
+            cargo(None)
+                .args(["metadata", "--format-version", "1", "--no-deps"])
+                .stdin(Stdio::null()),
+        )
+        .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+        .and_then(|metadata| metadata["target_directory"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| workspace_root().join("target"))
+    })
+    .clone()
 }
 
 pub fn is_root() -> bool {

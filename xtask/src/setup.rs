@@ -2,8 +2,9 @@
 //! own files. Idempotent: each step checks first and is skipped when already satisfied.
 //!
 //! The steps follow the measured recipe for these machines (Debian 12, root, registries
-//! only): Debian packages, `rust-src` for the nightly toolchain, `bpf-linker` linked
-//! against the nightly's own libLLVM, and the Python and npm test peers.
+//! only): Debian packages, the pinned nightly toolchain with `rust-src` (installed by
+//! rustup), `bpf-linker` linked against that toolchain's own libLLVM, and the Python and
+//! npm test peers.
 
 use std::{
     env, fs,
@@ -28,7 +29,7 @@ const DEBIAN_PACKAGES: [(&str, &str); 5] = [
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run(build_only: bool) -> Result<()> {
-    nightly_rust_src()?;
+    pinned_nightly()?;
     bpf_linker()?;
     if build_only {
         return Ok(());
@@ -66,49 +67,53 @@ fn debian_packages() -> Result<()> {
     )
 }
 
-fn nightly_rust_src() -> Result<()> {
-    let Some(installed) = output(Command::new("rustup").args([
+/// The pinned nightly ([`run::NIGHTLY`]) with the components the eBPF build and the
+/// checks need, installed by rustup when missing.
+fn pinned_nightly() -> Result<()> {
+    const COMPONENTS: [&str; 3] = ["rust-src", "rustfmt", "clippy"];
+    let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        run::NIGHTLY,
         "--installed",
-    ])) else {
-        bail!(
-            "no nightly toolchain: the eBPF build needs rustup's nightly (see ../shared/TOOLCHAIN.md)"
-        );
-    };
-    if installed.lines().any(|line| line.starts_with("rust-src")) {
+    ]))
+    .unwrap_or_default();
+    let has = |component: &str| installed.lines().any(|line| line.starts_with(component));
+    if COMPONENTS.iter().all(|component| has(component)) {
         return Ok(());
     }
-    run::status(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))
+    if output(Command::new("rustup").arg("--version")).is_none() {
+        bail!(
+            "no rustup: the eBPF build needs rustup to install {}",
+            run::NIGHTLY
+        );
+    }
+    let mut install = Command::new("rustup");
+    install.args(["toolchain", "install", run::NIGHTLY, "--profile", "minimal"]);
+    for component in COMPONENTS {
+        install.args(["--component", component]);
+    }
+    run::status(&mut install)
 }
 
-/// bpf-linker must be built against an LLVM whose major version matches the nightly
-/// rustc's; Debian's LLVM is older. The nightly ships its own libLLVM, so a prefix
-/// directory of symlinks to it stands in for an LLVM install. The directory is named
-/// after the exact library so a new nightly gets a new prefix (and a rebuild).
+/// bpf-linker must be built against an LLVM whose major version matches the pinned
+/// nightly rustc's; Debian's LLVM is older. The nightly ships its own libLLVM, so a
+/// prefix directory of symlinks to it stands in for an LLVM install. The linker is
+/// installed into a directory of its own, named after that exact library (so another
+/// toolchain never finds it, and a new pin gets a new linker), which
+/// [`path_with_bpf_linker`] puts first on the eBPF build's PATH.
 fn bpf_linker() -> Result<()> {
-    if let Some(version) = output(Command::new("bpf-linker").arg("--version"))
+    let (libllvm, lib_dir) = pinned_libllvm()?;
+    let root = linker_root(&libllvm);
+    let linker = root.join("bin/bpf-linker");
+    if let Some(version) = output(Command::new(&linker).arg("--version"))
         && version.contains(BPF_LINKER_VERSION)
-        && linker_llvm_matches()
+        // Its RUNPATH points into the prefix: if the toolchain was removed, it cannot run.
+        && output(Command::new(&linker).arg("--help")).is_some()
     {
         return Ok(());
     }
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("rustc +nightly --print sysroot")?;
-    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
-    let libllvm = fs::read_dir(&lib_dir)?
-        .filter_map(|entry| entry.ok())
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .find(|name| name.starts_with("libLLVM.so."))
-        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
     let major = llvm_major()?;
     let prefix = data_dir().join(format!(
         "llvm-{}",
@@ -132,6 +137,8 @@ fn bpf_linker() -> Result<()> {
                 "--version",
                 BPF_LINKER_VERSION,
             ])
+            .arg("--root")
+            .arg(&root)
             .args([
                 "--no-default-features",
                 "--features",
@@ -142,22 +149,46 @@ fn bpf_linker() -> Result<()> {
     )
 }
 
-/// The LLVM major version of the nightly rustc (`LLVM version: 22.1.4` -> 22).
+/// The pinned toolchain's libLLVM file name and the directory holding it.
+fn pinned_libllvm() -> Result<(String, PathBuf)> {
+    let toolchain = format!("+{}", run::NIGHTLY);
+    let sysroot = output(Command::new("rustc").args([toolchain.as_str(), "--print", "sysroot"]))
+        .with_context(|| format!("rustc {toolchain} --print sysroot"))?;
+    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
+    let libllvm = fs::read_dir(&lib_dir)?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    Ok((libllvm, lib_dir))
+}
+
+fn linker_root(libllvm: &str) -> PathBuf {
+    data_dir().join(format!(
+        "bpf-linker-{BPF_LINKER_VERSION}-{}",
+        libllvm.trim_start_matches("libLLVM.so.")
+    ))
+}
+
+/// PATH with the pinned toolchain's bpf-linker first.
+pub fn path_with_bpf_linker() -> Result<std::ffi::OsString> {
+    let (libllvm, _) = pinned_libllvm()?;
+    let mut paths = vec![linker_root(&libllvm).join("bin")];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    Ok(env::join_paths(paths)?)
+}
+
+/// The LLVM major version of the pinned rustc (`LLVM version: 22.1.4` -> 22).
 fn llvm_major() -> Result<String> {
-    let verbose =
-        output(Command::new("rustc").args(["+nightly", "-vV"])).context("rustc +nightly -vV")?;
+    let toolchain = format!("+{}", run::NIGHTLY);
+    let verbose = output(Command::new("rustc").args([toolchain.as_str(), "-vV"]))
+        .with_context(|| format!("rustc {toolchain} -vV"))?;
     verbose
         .lines()
         .find_map(|line| line.strip_prefix("LLVM version: "))
         .and_then(|version| version.split('.').next())
         .map(str::to_owned)
-        .context("rustc +nightly -vV printed no LLVM version")
-}
-
-/// bpf-linker's RUNPATH points into the prefix directory: if the nightly was replaced, the
-/// library it names is gone and the linker must be rebuilt.
-fn linker_llvm_matches() -> bool {
-    output(Command::new("bpf-linker").arg("--help")).is_some()
+        .context("rustc -vV printed no LLVM version")
 }
 
 fn data_dir() -> PathBuf {

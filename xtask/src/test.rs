@@ -33,7 +33,7 @@ pub fn run(options: &TestOptions) -> Result<()> {
     let object = ebpf::build(&ebpf::BuildOptions::default())?;
     // The kernel crate builds for another target: checked on its own.
     run::status(
-        run::cargo(Some("nightly"))
+        run::cargo(Some(run::NIGHTLY))
             .args([
                 "clippy",
                 "--package",
@@ -53,7 +53,7 @@ pub fn run(options: &TestOptions) -> Result<()> {
             .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", ebpf::RUSTFLAGS),
     )?;
     // rustfmt.toml uses options that only nightly's rustfmt has.
-    run::status(run::cargo(Some("nightly")).args(["fmt", "--all", "--check"]))?;
+    run::status(run::cargo(Some(run::NIGHTLY)).args(["fmt", "--all", "--check"]))?;
     run::status(
         run::cargo(None)
             .args([
@@ -71,7 +71,7 @@ pub fn run(options: &TestOptions) -> Result<()> {
             .args(["build", "--package", "interceptor", "--bins"])
             .env("INTERCEPTOR_EBPF_OBJECT", &object),
     )?;
-    let agent = run::workspace_root().join("target/debug/interceptor");
+    let agent = run::target_dir().join("debug/interceptor");
     let venv = setup::peers_dir("venv", &setup::python_requirements())?;
     let js = setup::peers_dir("js", &setup::js_package())?;
     let mut test = run::cargo(None);
@@ -161,7 +161,7 @@ pub fn demo() -> Result<()> {
             .env("INTERCEPTOR_EBPF_OBJECT", &object)
             .env(
                 "INTERCEPTOR_BIN",
-                run::workspace_root().join("target/debug/interceptor"),
+                run::target_dir().join("debug/interceptor"),
             )
             .env(
                 "INTERCEPTOR_PY_VENV",

@@ -352,13 +352,13 @@ impl CredentialCache {
         match tokio::time::timeout(self.settings.request_wait, call).await {
             Ok(Ok(result)) => result,
             Ok(Err(join_error)) => Err(CredentialsError::Unavailable {
-                role: request.role_arn.clone(),
+                role: request.role_arn.to_string(),
                 reason: format!("the STS call ended abnormally: {join_error}"),
             }),
             Err(_) => {
                 self.stats.waited_out.fetch_add(1, Ordering::Relaxed);
                 let error = CredentialsError::Unavailable {
-                    role: request.role_arn.clone(),
+                    role: request.role_arn.to_string(),
                     reason: format!(
                         "STS has not answered within {:?}; still trying",
                         self.settings.request_wait
@@ -443,7 +443,7 @@ impl CredentialCache {
                 StsError::Transient { .. } => &self.stats.sts_unavailable,
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            let role = key.request.role_arn.clone();
+            let role = key.request.role_arn.to_string();
             match error {
                 StsError::Refused { code, message } => CredentialsError::Refused {
                     role,

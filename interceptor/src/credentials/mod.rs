@@ -18,6 +18,7 @@ mod sts;
 
 use std::{
     fmt,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -28,12 +29,14 @@ pub use cache::{
 pub use session::session_name;
 pub use sts::{StsConfig, StsError, endpoint_url, sts_client};
 
-/// What a pod's role is assumed with.
+/// What a pod's role is assumed with. The strings are shared (`Arc<str>`): a request is
+/// built once per decision and cloned per metadata request and cache lookup without
+/// allocating.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RoleRequest {
-    pub role_arn: String,
-    pub external_id: Option<String>,
-    pub session_name: String,
+    pub role_arn: Arc<str>,
+    pub external_id: Option<Arc<str>>,
+    pub session_name: Arc<str>,
 }
 
 /// Temporary credentials. `Debug` never shows the secret or the token.

@@ -94,18 +94,18 @@ pub fn endpoint_url(config: &StsConfig) -> Option<String> {
 }
 
 /// One AssumeRole call.
-pub async fn assume_role(
+pub(super) async fn assume_role(
     client: &Client,
     request: &RoleRequest,
     duration: Duration,
 ) -> Result<Credentials, StsError> {
     let mut call = client
         .assume_role()
-        .role_arn(&request.role_arn)
-        .role_session_name(&request.session_name)
+        .role_arn(&*request.role_arn)
+        .role_session_name(&*request.session_name)
         .duration_seconds(i32::try_from(duration.as_secs()).unwrap_or(3600));
     if let Some(external_id) = &request.external_id {
-        call = call.external_id(external_id);
+        call = call.external_id(&**external_id);
     }
     let output = call.send().await.map_err(|error| {
         let raw = error.raw_response();

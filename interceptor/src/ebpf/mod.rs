@@ -92,7 +92,6 @@ pub enum Outcome {
 pub struct Datapath {
     outcome: Outcome,
     cgroup_id: u64,
-    config: ConfigMap,
     exempt: Arc<ExemptCgroups>,
     attribution: Arc<Attribution>,
     stats: Stats,
@@ -137,7 +136,6 @@ impl Datapath {
         let datapath = Self {
             outcome,
             cgroup_id,
-            config: ConfigMap::open(&options.pin_dir)?,
             exempt: Arc::new(ExemptCgroups::open(&options.pin_dir)?),
             attribution: Arc::new(Attribution::open(&options.pin_dir)?),
             stats: Stats::open(&options.pin_dir)?,
@@ -170,11 +168,6 @@ impl Datapath {
     /// The kernel's exempt cgroups, shared with whoever manages opt-outs.
     pub fn exempt(&self) -> Arc<ExemptCgroups> {
         Arc::clone(&self.exempt)
-    }
-
-    /// The configuration the kernel holds now.
-    pub fn kernel_config(&self) -> Result<RedirectConfig, Error> {
-        self.config.get()
     }
 
     /// The programs' event counters, summed over CPUs.

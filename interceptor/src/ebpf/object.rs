@@ -6,7 +6,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/in
 
 /// The embedded object, or [`Error::ObjectMissing`] for a build made before
 /// `cargo xtask build-ebpf`.
-pub fn object() -> Result<&'static [u8], Error> {
+pub(super) fn object() -> Result<&'static [u8], Error> {
     if OBJECT.is_empty() {
         return Err(Error::ObjectMissing);
     }

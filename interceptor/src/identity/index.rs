@@ -73,17 +73,14 @@ impl CgroupIndex {
     }
 
     /// For tests: read `<proc_root>/<pid>/cgroup` instead of `/proc`.
+    #[cfg(test)]
     pub fn with_proc_root(mut self, proc_root: PathBuf) -> Self {
         self.proc_root = proc_root;
         self
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.read().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<Resolved>>> {

@@ -7,4 +7,4 @@ pub mod server;
 pub mod token;
 pub mod upstream;
 
-pub use server::{Backend, CredentialsFailure, RoleAnswer, Server, ServerConfig};
+pub use server::{Authorization, Backend, CredentialsFailure, Grant, Server, ServerConfig};

@@ -30,19 +30,32 @@ use super::{
 };
 use crate::{
     credentials::Credentials,
+    drain::Drain,
     ebpf::{Attributed, Attribution},
     metrics::{Metrics, OpenGauge, RequestTimer},
 };
 
-/// The role a caller may have right now.
+/// What a caller may have for one request, decided once per request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RoleAnswer {
-    /// `name` is what IMDS lists (the last component of the ARN).
-    Role { arn: String, name: String },
+pub enum Authorization<G> {
+    /// A role: what the request may list, describe and fetch credentials for.
+    Role(G),
     /// No annotation and no default: 404, like an instance without a profile.
     NoRole,
     /// Refused by policy (reason logged and posted as an Event by the backend): 404.
     Denied,
+}
+
+/// A role granted to a caller for one request, carrying what fetching its credentials
+/// needs, so that the credentials are those of the very decision that was checked.
+pub trait Grant: Send + Sync {
+    /// The role's ARN.
+    fn arn(&self) -> &str;
+    /// What IMDS lists (the last component of the ARN).
+    fn role_name(&self) -> &str {
+        let arn = self.arn();
+        arn.rsplit('/').next().unwrap_or(arn)
+    }
 }
 
 /// Why credentials could not be served.
@@ -58,15 +71,18 @@ pub enum CredentialsFailure {
 /// What the server needs to know about callers.
 pub trait Backend: Send + Sync + 'static {
     type Caller: Send + Sync + 'static;
+    type Grant: Grant;
     /// The caller behind a kernel record; `None` refuses the connection (403).
     fn caller(&self, record: Attributed) -> impl Future<Output = Option<Self::Caller>> + Send;
     /// What IMDSv2 tokens are bound to (stable for the caller's lifetime).
     fn binding<'a>(&self, caller: &'a Self::Caller) -> &'a str;
-    fn role(&self, caller: &Self::Caller) -> impl Future<Output = RoleAnswer> + Send;
+    /// What the caller may have now: asked once per request, so that an annotation or
+    /// namespace change takes effect on the next request of an open connection.
+    fn authorize(&self, caller: &Self::Caller) -> Authorization<Self::Grant>;
+    /// The credentials of a grant.
     fn credentials(
         &self,
-        caller: &Self::Caller,
-        arn: &str,
+        grant: &Self::Grant,
     ) -> impl Future<Output = Result<Arc<Credentials>, CredentialsFailure>> + Send;
 }
 
@@ -132,21 +148,6 @@ impl Drop for CgroupSlot {
     }
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            imdsv2_required: false,
-            allow_route: None,
-            header_read_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(10),
-            connection_max_age: Duration::from_secs(300),
-            max_header_bytes: 16 * 1024,
-            max_connections: 1024,
-            max_connections_per_cgroup: 64,
-        }
-    }
-}
-
 pub struct Server<B: Backend> {
     backend: Arc<B>,
     attribution: Arc<Attribution>,
@@ -155,15 +156,17 @@ pub struct Server<B: Backend> {
     config: ServerConfig,
     metrics: Arc<Metrics>,
     open_per_cgroup: Arc<OpenPerCgroup>,
+    drain: Drain,
 }
 
 impl<B: Backend> Server<B> {
-    pub fn new(
+    pub(crate) fn new(
         backend: Arc<B>,
         attribution: Arc<Attribution>,
         upstream: Arc<Upstream>,
         config: ServerConfig,
         metrics: Arc<Metrics>,
+        drain: Drain,
     ) -> Self {
         Self {
             backend,
@@ -173,17 +176,27 @@ impl<B: Backend> Server<B> {
             config,
             metrics,
             open_per_cgroup: Arc::default(),
+            drain,
         }
     }
 
-    /// Serves `listener` until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Serves `listener` until the drain starts; then the listener is closed (new
+    /// connects are refused) and the open connections are finished under the drain.
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        let mut draining = std::pin::pin!(self.drain.signaled());
         loop {
-            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            let accepted = tokio::select! {
+                () = draining.as_mut() => return,
+                accepted = async {
+                    let permit = Arc::clone(&slots).acquire_owned().await;
+                    (permit, listener.accept().await)
+                } => accepted,
+            };
+            let (Ok(permit), accepted) = accepted else {
                 return;
             };
-            let (stream, peer) = match listener.accept().await {
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
@@ -192,7 +205,7 @@ impl<B: Backend> Server<B> {
                 }
             };
             let server = Arc::clone(&self);
-            tokio::spawn(async move {
+            self.drain.track(async move {
                 server.connection(stream, peer).await;
                 drop(permit);
             });
@@ -240,6 +253,7 @@ impl<B: Backend> Server<B> {
             Some(record) => self.backend.caller(record).await.map(Arc::new),
             None => None,
         };
+        let draining = self.drain.signaled();
         let service = service_fn(move |request: Request<Incoming>| {
             let server = Arc::clone(&self);
             let caller = caller.clone();
@@ -254,14 +268,16 @@ impl<B: Backend> Server<B> {
             .max_buf_size(max_header_bytes.max(8192));
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let mut connection = std::pin::pin!(connection);
-        if tokio::time::timeout(connection_max_age, connection.as_mut())
-            .await
-            .is_ok()
-        {
+        let ended = tokio::select! {
+            ended = tokio::time::timeout(connection_max_age, connection.as_mut()) => ended.is_ok(),
+            () = draining => false,
+        };
+        if ended {
             return;
         }
-        // Old enough: the request in flight gets its time, then the connection closes;
-        // a client that does not take its answers is dropped.
+        // Old enough, or draining: the request in flight gets its time, then the
+        // connection closes (an idle one at once); a client that does not take its
+        // answers is dropped.
         connection.as_mut().graceful_shutdown();
         let _ = tokio::time::timeout(request_timeout, connection).await;
     }
@@ -326,13 +342,13 @@ impl<B: Backend> Server<B> {
         }
         match route {
             Route::Token => unreachable!("answered above"),
-            Route::CredentialsList => match self.backend.role(caller).await {
-                RoleAnswer::Role { name, .. } => ec2::text(name),
-                RoleAnswer::NoRole | RoleAnswer::Denied => ec2::error(StatusCode::NOT_FOUND),
+            Route::CredentialsList => match self.backend.authorize(caller) {
+                Authorization::Role(grant) => ec2::text(grant.role_name().to_owned()),
+                Authorization::NoRole | Authorization::Denied => ec2::error(StatusCode::NOT_FOUND),
             },
-            Route::Credentials(asked) => match self.backend.role(caller).await {
-                RoleAnswer::Role { arn, name } if name == asked => {
-                    match self.backend.credentials(caller, &arn).await {
+            Route::Credentials(asked) => match self.backend.authorize(caller) {
+                Authorization::Role(grant) if grant.role_name() == asked => {
+                    match self.backend.credentials(&grant).await {
                         Ok(served) => ec2::credentials(&CredentialsDocument {
                             access_key_id: &served.access_key_id,
                             secret_access_key: &served.secret_access_key,
@@ -350,12 +366,12 @@ impl<B: Backend> Server<B> {
                 }
                 _ => ec2::error(StatusCode::NOT_FOUND),
             },
-            Route::Info => match self.backend.role(caller).await {
-                RoleAnswer::Role { arn, .. } => {
-                    let (profile_arn, profile_id) = instance_profile_of(&arn);
+            Route::Info => match self.backend.authorize(caller) {
+                Authorization::Role(grant) => {
+                    let (profile_arn, profile_id) = instance_profile_of(grant.arn());
                     ec2::info(&profile_arn, &profile_id, now)
                 }
-                RoleAnswer::NoRole | RoleAnswer::Denied => ec2::error(StatusCode::NOT_FOUND),
+                Authorization::NoRole | Authorization::Denied => ec2::error(StatusCode::NOT_FOUND),
             },
             Route::Passthrough(path) => {
                 let allowed = self

@@ -625,10 +625,10 @@ fn hook_cost(world: &World, node: &Node, pod: &Pod, report: &mut Report) -> Resu
     Ok(())
 }
 
-/// A counter of the agent's `/metrics` (`interceptor_counter{event=..,source="credentials"}`).
+/// A counter of the agent's `/metrics` (`interceptor_credentials_events_total{event=..}`).
 fn credentials_counter(agent: &Agent, event: &str) -> Result<u64> {
     let (_, metrics) = agent.admin_get("/metrics").context("agent /metrics")?;
-    let prefix = format!("interceptor_counter{{event=\"{event}\",source=\"credentials\"}}");
+    let prefix = format!("interceptor_credentials_events_total{{event=\"{event}\"}}");
     metrics
         .lines()
         .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())

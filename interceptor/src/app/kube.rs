@@ -1,0 +1,252 @@
+//! Kubernetes mode: callers are this node's pods. It plugs into the app the pod and
+//! namespace watches, the resolver (cgroup -> pod -> policy), and its tasks: opt-outs,
+//! prefetch and sweep, namespace pruning, and the startup taint's removal once ready.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Result;
+use tokio::task::JoinSet;
+
+use super::{Shared, admin, readiness::Latch};
+use crate::{
+    config::KubeConfig,
+    credentials::{Credentials, CredentialsError, RoleRequest},
+    ebpf::Attributed,
+    imds::{self, Authorization, CredentialsFailure},
+    k8s::{self, EventSink, NamespaceStore, PodInfo, PodStore, events},
+    metrics::Metrics,
+    optout::OptOuts,
+    policy::PolicyConfig,
+    resolve::{Caller, Outcome, Resolver, Verdict},
+};
+
+/// How often opt-outs (node-identity pods) are synced into the kernel's exempt map.
+const OPT_OUT_INTERVAL: Duration = Duration::from_secs(2);
+/// How often compiled policies of deleted namespaces are forgotten.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The metadata server's view of pods.
+pub(super) struct KubeBackend {
+    resolver: Arc<Resolver>,
+    shared: Arc<Shared>,
+    events: EventSink,
+}
+
+/// A pod's role for one request, and the request its credentials are fetched with.
+pub(super) struct PodGrant {
+    pod: Arc<PodInfo>,
+    request: RoleRequest,
+}
+
+impl imds::Grant for PodGrant {
+    fn arn(&self) -> &str {
+        &self.request.role_arn
+    }
+}
+
+impl imds::Backend for KubeBackend {
+    type Caller = Caller;
+    type Grant = PodGrant;
+
+    async fn caller(&self, record: Attributed) -> Option<Caller> {
+        match self.resolver.caller(record).await {
+            Ok(caller) => Some(caller),
+            Err(refusal) => {
+                self.shared
+                    .metrics
+                    .caller_refusals
+                    .with_label_values(&[refusal.metric_label()])
+                    .inc();
+                tracing::debug!(?refusal, cgroup_id = record.cgroup_id, "connection refused");
+                None
+            }
+        }
+    }
+
+    fn binding<'a>(&self, caller: &'a Caller) -> &'a str {
+        &caller.uid
+    }
+
+    fn authorize(&self, caller: &Caller) -> Authorization<PodGrant> {
+        let verdict = self.resolver.decide(&caller.uid);
+        let label = match &verdict {
+            Verdict::Decided { outcome, .. } => outcome.metric_label(),
+            Verdict::Gone => "gone",
+        };
+        self.shared
+            .metrics
+            .authorizations
+            .with_label_values(&[label])
+            .inc();
+        match verdict {
+            Verdict::Decided {
+                pod,
+                outcome: Outcome::Role { request, .. },
+            } => Authorization::Role(PodGrant { pod, request }),
+            Verdict::Decided {
+                outcome: Outcome::NoRole,
+                ..
+            } => Authorization::NoRole,
+            _ => Authorization::Denied,
+        }
+    }
+
+    async fn credentials(&self, grant: &PodGrant) -> Result<Arc<Credentials>, CredentialsFailure> {
+        let pod = &grant.pod;
+        match self.shared.credentials(&grant.request).await {
+            Ok(credentials) => Ok(credentials),
+            Err(error @ CredentialsError::Refused { .. }) => {
+                if self.events.warn(pod, "AssumeRoleFailed", error.to_string())
+                    == events::Posted::Sent
+                {
+                    tracing::warn!(pod = %pod.key(), %error, "STS refused the pod's role");
+                }
+                Err(super::refused(&error))
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.key(), %error, "no credentials to serve");
+                Err(CredentialsFailure::Unavailable)
+            }
+        }
+    }
+}
+
+/// What the Kubernetes mode plugs into the app.
+pub(super) struct Kube {
+    pub(super) backend: Arc<KubeBackend>,
+    pub(super) state: Arc<KubeState>,
+}
+
+/// Starts the watches and the mode's tasks (owned by `tasks`); `synced` is released
+/// once both stores have synced.
+pub(super) async fn start(
+    config: &KubeConfig,
+    policy: PolicyConfig,
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    synced: Latch,
+) -> Result<Kube> {
+    let client = k8s::client(config.kubeconfig.as_deref()).await?;
+    let (pods, namespaces) = (PodStore::new(), NamespaceStore::new());
+    tasks.spawn(k8s::pods::watch(
+        client.clone(),
+        config.node.clone(),
+        pods.clone(),
+    ));
+    tasks.spawn(k8s::namespaces::watch(client.clone(), namespaces.clone()));
+    let events = EventSink::new(
+        Some(client.clone()),
+        Some(config.node.clone()),
+        events::Limits::default(),
+    );
+    let resolver = Arc::new(Resolver::new(
+        shared.index.clone(),
+        pods.clone(),
+        namespaces.clone(),
+        policy,
+        config.node_identity_namespaces.clone(),
+        config.unknown_pod_wait,
+        events.clone(),
+    ));
+    tasks.spawn(
+        OptOuts::new(resolver.clone(), pods.clone(), shared.datapath.exempt())
+            .run(OPT_OUT_INTERVAL),
+    );
+    tasks.spawn(super::prefetch::follow_pods(
+        resolver.clone(),
+        pods.clone(),
+        namespaces.clone(),
+        shared.credentials.clone(),
+        config.prefetch,
+    ));
+    {
+        let resolver = resolver.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_INTERVAL);
+            loop {
+                tick.tick().await;
+                resolver.prune();
+            }
+        });
+    }
+    {
+        let (pods, namespaces) = (pods.clone(), namespaces.clone());
+        let (node, taint) = (config.node.clone(), config.startup_taint.clone());
+        tasks.spawn(async move {
+            pods.wait_synced().await;
+            namespaces.wait_synced().await;
+            tracing::info!("pod and namespace stores synced");
+            drop(synced);
+            // Programs attached, stores synced, listener bound: pods may come.
+            k8s::node::remove_taint_until_done(client, node, taint).await;
+        });
+    }
+    let backend = Arc::new(KubeBackend {
+        resolver: resolver.clone(),
+        shared: shared.clone(),
+        events,
+    });
+    let state = Arc::new(KubeState {
+        shared: shared.clone(),
+        resolver,
+        pods,
+        namespaces,
+    });
+    Ok(Kube { backend, state })
+}
+
+/// What the admin endpoints show in Kubernetes mode.
+pub(super) struct KubeState {
+    shared: Arc<Shared>,
+    resolver: Arc<Resolver>,
+    pods: Arc<PodStore>,
+    namespaces: Arc<NamespaceStore>,
+}
+
+impl admin::State for KubeState {
+    fn refresh(&self, metrics: &Metrics) {
+        let tracked = &metrics.tracked;
+        tracked
+            .with_label_values(&["pods"])
+            .set(self.pods.len() as i64);
+        tracked
+            .with_label_values(&["namespaces"])
+            .set(self.namespaces.len() as i64);
+        self.shared.refresh(metrics);
+    }
+
+    fn debug_store(&self) -> serde_json::Value {
+        let pods: Vec<serde_json::Value> = self
+            .pods
+            .pods()
+            .into_iter()
+            .map(|pod| {
+                let cgroups = self.shared.index.cgroups_of_pod(&pod.uid);
+                let decision = match self.resolver.decide(&pod.uid) {
+                    Verdict::Decided {
+                        outcome: Outcome::Role { request, source },
+                        ..
+                    } => format!("role {} ({source:?})", request.role_arn),
+                    Verdict::Decided {
+                        outcome: Outcome::NoRole,
+                        ..
+                    } => "no role".into(),
+                    Verdict::Decided {
+                        outcome: Outcome::Denied(reason),
+                        ..
+                    } => format!("denied: {reason}"),
+                    Verdict::Decided {
+                        outcome: Outcome::NodeIdentity,
+                        ..
+                    } => "node identity (exempt)".into(),
+                    Verdict::Gone => "gone".into(),
+                };
+                serde_json::json!({
+                    "pod": pod.key(), "uid": pod.uid, "host_network": pod.host_network,
+                    "cgroups": cgroups, "decision": decision,
+                })
+            })
+            .collect();
+        serde_json::json!({ "pods": pods, "credentials": self.shared.debug_credentials() })
+    }
+}

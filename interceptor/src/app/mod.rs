@@ -1,0 +1,364 @@
+//! The agent as a library: [`AgentConfig`] (validated from flags and environment by
+//! [`crate::config`]) -> [`App::build`] -> [`App::run`].
+//!
+//! Order matters for a fail-closed start: the proxy's listeners are bound first (so a
+//! redirected connection always has somewhere to go), then the programs are attached (or
+//! re-used), then the mode's identity source starts (the pod and namespace watches, or the
+//! bindings file). The two modes differ only in what they plug in: their
+//! [`imds::Backend`] and their tasks; serving, the admin server, the readiness latch,
+//! the drain and the ownership of tasks are this module's, once.
+//!
+//! On shutdown ([`App::run`]'s signal: SIGTERM or SIGINT in the binary) the agent turns
+//! not ready, stops accepting, lets requests in flight finish for at most
+//! `--request-timeout` plus a second, then stops its tasks and returns. The programs stay
+//! attached through their pins, so pods never reach the real metadata service between an
+//! agent's exit and its successor's start; `interceptor detach` is the explicit way to
+//! remove them.
+
+mod admin;
+mod discovery;
+mod kube;
+mod prefetch;
+mod readiness;
+mod standalone;
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use tokio::{net::TcpListener, task::JoinSet};
+
+use self::{admin::Admin, readiness::Readiness};
+pub use crate::config::AgentConfig;
+use crate::{
+    cgroupfs,
+    config::Mode,
+    credentials::{CredentialCache, Credentials, CredentialsError, RoleRequest, Settings},
+    drain::Drain,
+    ebpf::{self, Datapath},
+    identity::index::{CgroupIndex, Limits},
+    imds::{self, CredentialsFailure, ServerConfig, upstream::Upstream},
+    metrics::Metrics,
+};
+
+/// Time the drain gives beyond `--request-timeout`: a request in flight has that long to
+/// be answered (then 503), this is for writing the answer.
+const DRAIN_MARGIN: Duration = Duration::from_secs(1);
+
+/// What both modes share: the cgroup index, the kernel side, the credentials cache and
+/// the metrics.
+pub(crate) struct Shared {
+    index: Arc<CgroupIndex>,
+    datapath: Arc<Datapath>,
+    credentials: Arc<CredentialCache>,
+    metrics: Arc<Metrics>,
+    pin_dir: PathBuf,
+}
+
+impl Shared {
+    /// A grant's credentials, timed by outcome (`credentials_duration_seconds`: from
+    /// memory or from STS).
+    async fn credentials(
+        &self,
+        request: &RoleRequest,
+    ) -> Result<Arc<Credentials>, CredentialsError> {
+        let started = std::time::Instant::now();
+        let result = self.credentials.get(request).await;
+        let outcome = result
+            .as_ref()
+            .map_or_else(|error| error.metric_label(), |_| "ok");
+        self.metrics
+            .credentials_seconds
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The values both modes show at scrape: cgroups, cached keys, kernel map entries,
+    /// and the cache's and the programs' totals.
+    fn refresh(&self, metrics: &Metrics) {
+        let tracked = &metrics.tracked;
+        tracked
+            .with_label_values(&["cgroups"])
+            .set(self.index.len() as i64);
+        tracked
+            .with_label_values(&["credentials"])
+            .set(self.credentials.len() as i64);
+        if let Ok((pending, conns)) = ebpf::maps::occupancy(&self.pin_dir) {
+            tracked
+                .with_label_values(&["kernel_pending"])
+                .set(pending as i64);
+            tracked
+                .with_label_values(&["kernel_conns"])
+                .set(conns as i64);
+        }
+        tracked
+            .with_label_values(&["kernel_exempt"])
+            .set(self.datapath.exempt().list().len() as i64);
+        for (event, total) in self.credentials.stats().counters() {
+            metrics.advance(&metrics.credentials_events, event, total);
+        }
+        for (event, total) in self.datapath.counters() {
+            metrics.advance(&metrics.kernel_events, event, total);
+        }
+    }
+
+    /// Cached credentials' expiries (never the secrets), for `/debug/store`.
+    fn debug_credentials(&self) -> Vec<serde_json::Value> {
+        self.credentials
+            .expiries()
+            .into_iter()
+            .map(|(key, expiry)| {
+                serde_json::json!({
+                    "role": &*key.request.role_arn,
+                    "session": &*key.request.session_name,
+                    "external_id": key.request.external_id.is_some(),
+                    "expires": expiry.map(imds::ec2::timestamp),
+                })
+            })
+            .collect()
+    }
+}
+
+/// How a refusal by STS is answered: as EC2 answers an instance profile whose role
+/// cannot be assumed.
+fn refused(error: &CredentialsError) -> CredentialsFailure {
+    match error {
+        CredentialsError::Refused { code, message, .. } => CredentialsFailure::Refused {
+            code: "AssumeRoleUnauthorizedAccess".into(),
+            message: format!("{code}: {message}"),
+        },
+        CredentialsError::Unavailable { .. } => CredentialsFailure::Unavailable,
+    }
+}
+
+/// What the mode plugs in.
+enum Identity {
+    Kube(kube::Kube),
+    Standalone(Arc<standalone::StandaloneBackend>),
+}
+
+struct Listeners {
+    ipv4: TcpListener,
+    ipv6: Option<TcpListener>,
+    admin: TcpListener,
+}
+
+/// The wired agent, ready to serve.
+pub struct App {
+    listeners: Listeners,
+    server: ServerConfig,
+    debug: bool,
+    shared: Arc<Shared>,
+    upstream: Arc<Upstream>,
+    identity: Identity,
+    readiness: Readiness,
+    /// Released when the servers run.
+    serving: readiness::Latch,
+    /// Every task the agent runs besides the servers' connections; aborted at the end.
+    tasks: JoinSet<()>,
+    drain: Drain,
+}
+
+impl App {
+    /// Binds, attaches and starts the identity source: everything but serving.
+    pub async fn build(config: AgentConfig) -> Result<Self> {
+        let (readiness, serving) = Readiness::new();
+        let redirect = &config.datapath.redirect;
+        let proxy = redirect.proxy4.context("no IPv4 proxy address")?;
+        let ipv4 = TcpListener::bind(proxy)
+            .await
+            .with_context(|| format!("binding the metadata proxy on {proxy}"))?;
+        let ipv6 = match redirect.proxy6 {
+            Some(proxy6) => Some(
+                TcpListener::bind(proxy6)
+                    .await
+                    .with_context(|| format!("binding the IPv6 metadata proxy on {proxy6}"))?,
+            ),
+            None => None,
+        };
+        let admin = TcpListener::bind(config.admin.addr)
+            .await
+            .with_context(|| format!("binding the metrics port {}", config.admin.addr.port()))?;
+        let listeners = Listeners { ipv4, ipv6, admin };
+
+        let cgroup_root = match (&config.datapath.cgroup_root, &config.mode) {
+            (Some(path), _) => path.clone(),
+            // Standalone: every cgroup of the host, so any service can be bound.
+            (None, Mode::Standalone { .. }) => cgroupfs::cgroup2_mount()?,
+            (None, Mode::Kubernetes(_)) => cgroupfs::default_cgroup_root()?,
+        };
+        let kernel_log = tracing::enabled!(target: "interceptor::kernel", tracing::Level::DEBUG);
+        let mut datapath = Datapath::open(&ebpf::Options {
+            pin_dir: config.datapath.pin_dir.clone(),
+            cgroup_root: cgroup_root.clone(),
+            redirect: redirect.clone(),
+            reload: config.datapath.reload,
+            kernel_log,
+        })
+        .with_context(|| format!("attaching to {}", cgroup_root.display()))?;
+        if kernel_log {
+            datapath.spawn_kernel_log();
+        }
+        tracing::info!(outcome = ?datapath.outcome(), cgroup = %cgroup_root.display(), %proxy, "programs attached");
+        let datapath = Arc::new(datapath);
+
+        let index = Arc::new(CgroupIndex::new(
+            cgroupfs::cgroup2_mount()?,
+            cgroup_root,
+            Limits::default(),
+        ));
+        // In a pod, the agent's own cgroups are below the attach point: exempt them
+        // before it makes any metadata request of its own (discovery, its own AWS
+        // credentials). Its cgroup namespace hides its path, so they are found by its pod
+        // UID (downward API).
+        if let Some(uid) = &config.pod_uid {
+            index.walk(true);
+            let own = index.cgroups_of_pod(uid);
+            for id in &own {
+                datapath.exempt().insert(*id)?;
+            }
+            tracing::info!(pod_uid = %uid, cgroups = own.len(), "the agent's own pod is exempt");
+        }
+
+        let upstream = Arc::new(Upstream::new(config.upstream));
+        let mut policy = config.policy.clone();
+        discovery::apply(config.discover, &upstream, &mut policy).await?;
+
+        let sts = crate::credentials::sts_client(&config.sts).await;
+        // Session length, refresh point and serve floor derived together
+        // (docs/credentials.md).
+        let credentials = CredentialCache::new(sts, Settings::for_session(config.session_ttl));
+        let shared = Arc::new(Shared {
+            index,
+            datapath,
+            credentials,
+            metrics: Arc::new(Metrics::new()),
+            pin_dir: config.datapath.pin_dir.clone(),
+        });
+
+        let mut tasks = JoinSet::new();
+        let identity = match &config.mode {
+            Mode::Kubernetes(kube) => Identity::Kube(
+                kube::start(kube, policy, &shared, &mut tasks, serving.clone()).await?,
+            ),
+            Mode::Standalone { bindings } => {
+                Identity::Standalone(standalone::start(bindings, policy, &shared, &mut tasks)?)
+            }
+        };
+        Ok(Self {
+            listeners,
+            server: config.server,
+            debug: config.admin.debug,
+            shared,
+            upstream,
+            identity,
+            readiness,
+            serving,
+            tasks,
+            drain: Drain::new(),
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see the module docs).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Listeners { ipv4, ipv6, admin } = self.listeners;
+        let state: Arc<dyn admin::State> = match &self.identity {
+            Identity::Kube(kube) => {
+                let backend = kube.backend.clone();
+                serve(
+                    &mut self.tasks,
+                    backend,
+                    &self.shared,
+                    &self.upstream,
+                    &self.server,
+                    &self.drain,
+                    ipv4,
+                    ipv6,
+                );
+                kube.state.clone()
+            }
+            Identity::Standalone(backend) => {
+                serve(
+                    &mut self.tasks,
+                    backend.clone(),
+                    &self.shared,
+                    &self.upstream,
+                    &self.server,
+                    &self.drain,
+                    ipv4,
+                    ipv6,
+                );
+                self.shared.clone()
+            }
+        };
+        let admin_server = Arc::new(Admin::new(
+            self.readiness.clone(),
+            self.shared.metrics.clone(),
+            self.debug,
+            state,
+        ));
+        self.tasks.spawn(admin_server.serve(admin));
+        drop(self.serving);
+
+        shutdown.await;
+        self.readiness.drain();
+        let bound = self.server.request_timeout + DRAIN_MARGIN;
+        tracing::info!(
+            connections = self.drain.open(),
+            ?bound,
+            "draining: no new connections; requests in flight are answered"
+        );
+        let left = self.drain.wait(bound).await;
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "drain bound reached; closing what is left"
+            );
+        }
+        self.tasks.shutdown().await;
+        tracing::info!("stopped; the programs stay attached (interceptor detach removes them)");
+        Ok(())
+    }
+}
+
+/// Starts the metadata server on the proxy listeners.
+#[allow(clippy::too_many_arguments)]
+fn serve<B: imds::Backend>(
+    tasks: &mut JoinSet<()>,
+    backend: Arc<B>,
+    shared: &Shared,
+    upstream: &Arc<Upstream>,
+    config: &ServerConfig,
+    drain: &Drain,
+    ipv4: TcpListener,
+    ipv6: Option<TcpListener>,
+) {
+    let server = Arc::new(imds::Server::new(
+        backend,
+        shared.datapath.attribution(),
+        upstream.clone(),
+        config.clone(),
+        shared.metrics.clone(),
+        drain.clone(),
+    ));
+    if let Some(ipv6) = ipv6 {
+        tasks.spawn(Arc::clone(&server).serve(ipv6));
+    }
+    tasks.spawn(server.serve(ipv4));
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
