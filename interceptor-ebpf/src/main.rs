@@ -169,6 +169,10 @@ mod programs {
         }
         rewrite();
         count(stat::REDIRECTED);
+        debug!(
+            ctx,
+            "imds connect redirected to the proxy: cgroup {}", cgroup_id
+        );
         ALLOW
     }
 
