@@ -1,9 +1,9 @@
-# Build: the eBPF object (nightly + bpf-linker, by `cargo xtask`) and the agent.
+# Build: the pinned eBPF toolchain and bpf-linker (`cargo xtask setup`), then the agent,
+# whose build script builds the eBPF object.
 FROM rust:1-bookworm AS build
-RUN rustup toolchain install nightly --component rust-src --profile minimal
 WORKDIR /src
 COPY . .
-RUN cargo xtask setup --build-only && cargo xtask build-ebpf \
+RUN cargo xtask setup --build-only \
     && cargo build --release --package interceptor --bin interceptor
 
 # Run: the binary alone (rustls, no OpenSSL).

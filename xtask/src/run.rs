@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail};
 /// The toolchain that builds the eBPF programs (and runs nightly-only tools: rustfmt with
 /// this repository's options, cargo fuzz). Pinned: a machine's undated `nightly` may be
 /// another version or absent, and bpf-linker must be linked against this toolchain's
-/// own libLLVM. `cargo xtask setup` installs it with rustup.
-pub const NIGHTLY: &str = "nightly-2026-05-20";
+/// own libLLVM. `cargo xtask setup` installs it with rustup. The name lives in
+/// `interceptor-ebpf/TOOLCHAIN`, which `interceptor/build.rs` reads too.
+pub const NIGHTLY: &str = include_str!("../../interceptor-ebpf/TOOLCHAIN").trim_ascii();
 
 /// The workspace root (the parent of `xtask/`).
 pub fn workspace_root() -> PathBuf {
