@@ -62,11 +62,9 @@ async fn ask_until(
 }
 
 fn counter(agent: &Agent, event: &str) -> u64 {
-    let (_, text) = agent.admin_get("/metrics").expect("metrics");
-    let name = format!("interceptor_counter{{event=\"{event}\",source=\"credentials\"}}");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name.as_str())?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    agent.metric(&format!(
+        "interceptor_counter{{event=\"{event}\",source=\"credentials\"}}"
+    )) as u64
 }
 
 fn assert_upstream_untouched(upstream: &FakeImds) {
