@@ -64,6 +64,23 @@ fn is_refusal(line: &str) -> bool {
         })
 }
 
+/// Panics at once if `line` is an answer with credentials other than pod `tag`'s own role
+/// (the node's, or another pod's): a leak ends the test with what leaked.
+fn assert_own(tag: &str, line: &str) {
+    if let Some(rest) = line.strip_prefix("ok ") {
+        let (key, role) = rest.split_once(' ').unwrap_or((rest, ""));
+        assert_ne!(
+            key, NODE_ACCESS_KEY,
+            "LEAK: the node's credentials reached pod {tag}"
+        );
+        assert_eq!(
+            role,
+            format!("role-{tag}"),
+            "LEAK: pod {tag} was served another role"
+        );
+    }
+}
+
 /// Attempts a pod may fail after the new agent is ready before it is served again: the
 /// one in flight when readiness was seen, and one whose line had not been read yet.
 const FAILURES_AFTER_READY: usize = 2;
@@ -142,6 +159,7 @@ async fn restarts_under_load(restart: Restart) {
         let mut marks = [0, 0];
         for (at, (tag, pod)) in loops.iter().enumerate() {
             marks[at] = pod.wait_for(0, 3, &format!("{tag}: served"), wait, |line| {
+                assert_own(tag, line);
                 line.starts_with("ok ")
             });
         }
@@ -159,7 +177,10 @@ async fn restarts_under_load(restart: Restart) {
                     1,
                     &format!("{tag}: a refusal while the agent is away (round {round})"),
                     wait,
-                    is_refusal,
+                    |line| {
+                        assert_own(tag, line);
+                        is_refusal(line)
+                    },
                 );
             }
             agent = start(&pins, matches!(restart, Restart::Reload));
@@ -176,7 +197,10 @@ async fn restarts_under_load(restart: Restart) {
                     1,
                     &format!("{tag}: served again (round {round})"),
                     wait,
-                    |line| line.starts_with("ok "),
+                    |line| {
+                        assert_own(tag, line);
+                        line.starts_with("ok ")
+                    },
                 );
                 let failed = served - 1 - ready_at;
                 assert!(
