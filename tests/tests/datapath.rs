@@ -277,6 +277,37 @@ fn agent_cmd(args: &[&str]) -> std::process::Output {
         .expect("run interceptor")
 }
 
+/// Every `# bpftool ...` command of docs/ebpf.md's console blocks, run with the test's
+/// cgroup and pin directory in place of the documented ones: (command, stdout). Panics if
+/// one fails or the doc has none.
+fn documented_bpftool(cgroup: &str, pin_dir: &str) -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ebpf.md"),
+    )
+    .expect("docs/ebpf.md");
+    let commands: Vec<String> = doc
+        .lines()
+        .filter_map(|line| line.strip_prefix("# bpftool "))
+        .map(|rest| rest.split(" # ").next().unwrap_or(rest).trim().to_owned())
+        .map(|rest| {
+            rest.replace("/sys/fs/cgroup/kubepods.slice", cgroup)
+                .replace("/sys/fs/bpf/interceptor", pin_dir)
+        })
+        .collect();
+    assert!(
+        commands.len() >= 6,
+        "bpftool commands in docs/ebpf.md: {commands:?}"
+    );
+    commands
+        .into_iter()
+        .map(|rest| {
+            let args: Vec<&str> = rest.split_whitespace().collect();
+            let out = cmd::run("bpftool", &args);
+            (format!("bpftool {rest}"), out)
+        })
+        .collect()
+}
+
 fn program_ids(pins: &Pins) -> Vec<u32> {
     let out = agent_cmd(&[
         "status",
@@ -361,6 +392,39 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
         assert!(
             !shown.status.success(),
             "old program {id} still loaded after --reload"
+        );
+    }
+    // docs/ebpf.md: its bpftool commands work on what is attached, and `status` says
+    // attached (exit 0) in its text form.
+    let second_ids: Vec<String> = second.iter().map(u32::to_string).collect();
+    for (command, out) in documented_bpftool(&cgroup, &pin_dir) {
+        if command.contains("cgroup tree") {
+            for name in ["imds_connect4", "imds_connect6", "imds_sockops"] {
+                assert!(
+                    out.contains(name),
+                    "`{command}` does not list {name}:\n{out}"
+                );
+            }
+        }
+        if command.contains("prog show name") {
+            assert!(
+                second_ids
+                    .iter()
+                    .any(|id| out.starts_with(&format!("{id}: "))),
+                "`{command}` shows none of {second_ids:?}:\n{out}"
+            );
+        }
+    }
+    let out = agent_cmd(&["status", "--bpf-pin-dir", &pin_dir]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "status while attached: {text}");
+    assert!(text.starts_with(&format!("pins: {pin_dir}\n")), "{text}");
+    for name in ["imds_connect4", "imds_connect6", "imds_sockops"] {
+        assert!(
+            text.lines()
+                .any(|line| line.trim_start().starts_with(name)
+                    && line.contains(" attached (link id ")),
+            "status does not show {name} attached:\n{text}"
         );
     }
     let p = pod.clone();
