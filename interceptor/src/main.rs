@@ -96,7 +96,22 @@ fn detach(args: &PinArgs) -> Result<ExitCode> {
 }
 
 fn status(args: &StatusArgs) -> Result<ExitCode> {
-    let status = ebpf::status(&args.pins.bpf_pin_dir)?;
+    // Detaching removes the pin directory: that is "not attached" (exit 3), not an error
+    // of the command (which would exit 1 and read as "status could not tell").
+    let status = match ebpf::status(&args.pins.bpf_pin_dir) {
+        Err(error @ ebpf::Error::NotAttached(_)) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "attached": false, "reason": error.to_string() })
+                );
+            } else {
+                println!("not attached: {error}");
+            }
+            return Ok(ExitCode::from(3));
+        }
+        other => other?,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

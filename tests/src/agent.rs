@@ -149,6 +149,15 @@ impl Agent {
         Some((status, body))
     }
 
+    /// The value of one series of `/metrics`: `series` is its name with its labels exactly
+    /// as exposed (`name{label="value"}`). Panics, with the exposition, if the series is
+    /// absent: a missing series is a renamed or lost metric, never a zero.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (status, text) = self.admin_get("/metrics").expect("the agent's /metrics");
+        assert_eq!(status, 200, "/metrics: {text}");
+        series_value(&text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    }
+
     /// Waits until `/readyz` answers 200; panics with the agent's log otherwise.
     pub fn wait_ready(&mut self, within: Duration) {
         let deadline = Instant::now() + within;
@@ -221,6 +230,21 @@ impl Drop for Agent {
     }
 }
 
+/// The value of the series `series` (name and labels, exactly) in a Prometheus text
+/// exposition; `None` if absent. Exact: `x_total 1` is not found in `x_total 12`.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            if name == series {
+                value.parse().ok()
+            } else {
+                None
+            }
+        })
+}
+
 /// The capabilities of this process's bounding set except `keep`, comma-separated, as
 /// `capsh --drop=` takes them.
 pub fn drop_all_but(keep: &[&str]) -> String {
@@ -242,4 +266,18 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .expect("a free port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::series_value;
+
+    #[test]
+    fn a_series_is_found_exactly_or_not_at_all() {
+        let text = "# TYPE x_total counter\nx_total 12\nx{a=\"b\"} 3\nx{a=\"bc\"} 4\n";
+        assert_eq!(series_value(text, "x_total"), Some(12.0));
+        assert_eq!(series_value(text, "x{a=\"b\"}"), Some(3.0));
+        assert_eq!(series_value(text, "x_tota"), None);
+        assert_eq!(series_value(text, "x{a=\"c\"}"), None);
+    }
 }

@@ -8,8 +8,8 @@ use crate::{
     peers::{js_peers, venv},
 };
 
-/// A client command run in `pod` with an environment that holds no credentials.
-pub fn in_pod(pod: &Pod, program: &str, args: &[&str]) -> String {
+/// A client command in `pod` with an environment that holds no credentials, not started.
+pub fn pod_command(pod: &Pod, program: &str, args: &[&str]) -> Command {
     let home = std::env::temp_dir().join(format!("interceptor-nohome-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
     let mut command: Command = pod.command(program, args);
@@ -19,7 +19,14 @@ pub fn in_pod(pod: &Pod, program: &str, args: &[&str]) -> String {
         .env("HOME", &home)
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .env("AWS_REGION", "us-east-1");
-    let out = command.output().expect("run the client");
+    command
+}
+
+/// A client command run in `pod` with an environment that holds no credentials.
+pub fn in_pod(pod: &Pod, program: &str, args: &[&str]) -> String {
+    let out = pod_command(pod, program, args)
+        .output()
+        .expect("run the client");
     if out.status.success() {
         // Clients may warn on stderr (node's version notice); the answer is on stdout.
         return String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -96,4 +103,100 @@ pub fn raw(pod: &Pod, method: &str, path: &str, headers: &[&str]) -> (u16, Strin
     let out = in_pod(pod, &venv().join("bin/python").display().to_string(), &args);
     let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
     (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// `peers/py/creds_loop.py` in a pod, asking for credentials in a loop until
+/// [`stop`](Self::stop)ped (or dropped: killed by its PID); its lines are collected as
+/// they come, so a test can wait on what the pod observed instead of sleeping.
+pub struct CredsLoop {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CredsLoop {
+    pub fn start(pod: &Pod) -> Self {
+        use std::io::BufRead;
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/creds_loop.py");
+        let mut child = pod_command(
+            pod,
+            &venv().join("bin/python").display().to_string(),
+            &[&script.display().to_string()],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start creds_loop.py");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
+        let reader = std::thread::spawn({
+            let lines = std::sync::Arc::clone(&lines);
+            move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap().push(line);
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until `count` lines from index `from` on satisfy `matches`; returns the index
+    /// just after the last of them. Panics with the lines if that does not happen within
+    /// `within` (a bound for a broken run, never the thing tested).
+    pub fn wait_for(
+        &self,
+        from: usize,
+        count: usize,
+        what: &str,
+        within: std::time::Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> usize {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let lines = self.lines();
+            let found = lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .filter(|(_, line)| matches(line))
+                .nth(count - 1);
+            if let Some((at, _)) = found {
+                return at + 1;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pod never saw {what} (lines from {from} on): {:#?}",
+                &lines[from.min(lines.len())..]
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Ends the loop (closes its stdin), waits for it and returns every line.
+    pub fn stop(mut self) -> Vec<String> {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.lines()
+    }
+}
+
+impl Drop for CredsLoop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -4,9 +4,10 @@
 //! cgroup tree laid out as the kubelet lays it out (systemd driver). Each [`node::Pod`] is a
 //! network namespace joined to the bridge by a veth pair, with a container cgroup
 //! (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/
-//! cri-containerd-<id>.scope`). Pods get an address on the node's /24 and no other route,
-//! so nothing they dial can leave the machine: a connect to 169.254.169.254 that is not
-//! redirected fails at once with ENETUNREACH.
+//! cri-containerd-<id>.scope`). Pods get an address on the node's /24 and a default route
+//! via the node. The node is the test process's own network namespace ([`world`]), which
+//! holds the metadata address and a fake of the node's metadata service: a connect to
+//! 169.254.169.254 that is not redirected reaches it, and fails the test.
 //!
 //! Every resource is owned by a guard whose `Drop` removes it, so a failing (panicking)
 //! test cleans up too.
@@ -24,6 +25,7 @@ pub mod pins;
 pub mod privilege;
 pub mod probe;
 pub mod sts_proxy;
+pub mod world;
 
 pub use node::{Node, Pod};
 pub use privilege::require_root;

@@ -5,12 +5,16 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::cmd;
+use crate::{
+    cmd,
+    fake_imds::Seen,
+    world::{self, node_imds},
+};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -109,6 +113,9 @@ pub struct Node {
     pub address6: Ipv6Addr,
     subnet: u8,
     next_host: AtomicU32,
+    /// Set by a test that asserts an exemption: its pods may reach the node's metadata
+    /// service, and the test checks what did itself.
+    node_imds_allowed: AtomicBool,
     // Drop order: the bridge, then the whole cgroup tree.
     bridge: Link,
     top: Cgroup,
@@ -118,6 +125,9 @@ pub struct Node {
 
 impl Node {
     pub fn new() -> Self {
+        world::assert_entered();
+        // Running before the first pod exists, so a miss always finds it listening.
+        node_imds();
         let name = unique("ic");
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let subnet = 10 + ((std::process::id() * 31 + n) % 240) as u8;
@@ -159,6 +169,7 @@ impl Node {
             address6,
             subnet,
             next_host: AtomicU32::new(10),
+            node_imds_allowed: AtomicBool::new(false),
             bridge,
             top,
             kubepods,
@@ -235,6 +246,12 @@ impl Node {
         ]);
         netns.exec(&["ip", "link", "set", "eth0", "up"]);
         netns.exec(&["ip", "link", "set", "lo", "up"]);
+        // As on a real node, the metadata address is routed to the node: a connect the
+        // redirect misses reaches the node's own metadata service (see `crate::world`).
+        let via = self.address.to_string();
+        netns.exec(&["ip", "route", "add", "default", "via", &via]);
+        let via6 = self.address6.to_string();
+        netns.exec(&["ip", "-6", "route", "add", "default", "via", &via6]);
         Pod {
             ip,
             ip6,
@@ -269,10 +286,66 @@ impl Node {
         }
     }
 
+    /// Everything that reached the node's own metadata service from this node's pods, or
+    /// from the node itself (which parallel tests share, so it counts against each).
+    pub fn node_imds_seen(&self) -> Vec<Seen> {
+        node_imds()
+            .seen()
+            .into_iter()
+            .filter(|seen| self.owns(seen.peer.ip()) || !from_any_pod(seen.peer.ip()))
+            .collect()
+    }
+
+    /// For a test that asserts an exemption (a pod or process the agent must leave
+    /// alone): its pods may reach the node's metadata service without failing the test on
+    /// drop. The test checks [`node_imds_seen`](Self::node_imds_seen) itself.
+    pub fn allow_node_imds(&self) {
+        self.node_imds_allowed.store(true, Ordering::Relaxed);
+    }
+
+    /// Panics, with what was seen, if anything reached the node's metadata service from
+    /// this node. [`Drop`] calls it for every test that did not opt out.
+    pub fn assert_no_node_imds_reached(&self) {
+        let seen = self.node_imds_seen();
+        assert!(
+            seen.is_empty(),
+            "LEAK: the node's own metadata service (169.254.169.254, holding the node's \
+             credentials) was reached: {seen:#?}"
+        );
+    }
+
+    fn owns(&self, ip: std::net::IpAddr) -> bool {
+        match ip {
+            std::net::IpAddr::V4(ip) => ip.octets()[..3] == [10, 213, self.subnet],
+            std::net::IpAddr::V6(ip) => {
+                ip.segments()[..4] == [0xfd00, 0x213, u16::from(self.subnet), 0]
+            }
+        }
+    }
+
     /// A cgroup beside `kubepods.slice` (e.g. `system.slice/foo.service`): outside the
     /// attached tree.
     pub fn outside_cgroup(&self, relative: &str) -> Cgroup {
         Cgroup::create(self.top.path.join(relative))
+    }
+}
+
+/// Any pod of any node in this process: 10.213.0.0/16 and fd00:213::/32.
+fn from_any_pod(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(ip) => ip.octets()[..2] == [10, 213],
+        std::net::IpAddr::V6(ip) => ip.segments()[..2] == [0xfd00, 0x213],
+    }
+}
+
+impl Drop for Node {
+    /// Every end-to-end test fails if a pod reached the node's metadata service, unless it
+    /// asserts an exemption ([`Node::allow_node_imds`]). Not while already panicking (the
+    /// test failed anyway, and a second panic would abort the cleanup).
+    fn drop(&mut self) {
+        if !self.node_imds_allowed.load(Ordering::Relaxed) && !thread::panicking() {
+            self.assert_no_node_imds_reached();
+        }
     }
 }
 
@@ -282,10 +355,13 @@ impl Default for Node {
     }
 }
 
+/// Asks `ip`: /sys/class/net shows the machine's namespace, not the test's.
 fn link_address(link: &str) -> String {
-    fs::read_to_string(format!("/sys/class/net/{link}/address"))
-        .unwrap_or_else(|error| panic!("the address of {link}: {error}"))
-        .trim()
+    let out = cmd::run("ip", &["-o", "link", "show", "dev", link]);
+    out.split_whitespace()
+        .skip_while(|word| *word != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no link-layer address for {link} in: {out}"))
         .to_owned()
 }
 

@@ -101,10 +101,7 @@ impl Drop for Standalone {
 }
 
 fn metric(agent: &Agent, name: &str) -> f64 {
-    let (_, text) = agent.admin_get("/metrics").expect("metrics");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    agent.metric(name)
 }
 
 fn assert_no_node_credentials(upstream: &FakeImds, answers: &[&str]) {

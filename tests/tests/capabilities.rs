@@ -113,6 +113,20 @@ async fn serving_needs_nothing_more() {
         ],
     );
     agent.wait_ready(std::time::Duration::from_secs(30));
+    // The agent runs with exactly those three (bounding and effective), not more: a
+    // test that passed with extra capabilities would prove nothing about the set.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .map(|hex| u64::from_str_radix(hex.trim(), 16).expect("a capability mask"))
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+    };
+    // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39 (linux/capability.h).
+    let exactly = (1u64 << 12) | (1 << 38) | (1 << 39);
+    assert_eq!(mask("CapBnd:"), exactly, "bounding set: {status}");
+    assert_eq!(mask("CapEff:"), exactly, "effective set: {status}");
     let sts = moto.endpoint();
     let arn = tokio::task::spawn_blocking(move || interceptor_tests::clients::boto3(&pod, &sts))
         .await

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     process::Command,
     sync::{Arc, Mutex},
 };
@@ -182,17 +182,14 @@ async fn outside_and_exempt_cgroups_are_left_alone_and_ipv6_is_refused() {
     let report = blocking(move || probe_metadata(&p, 5, "pod")).await;
     assert_eq!((report.connected, report.failed), (5, 0), "{report:?}");
 
-    // An exempt pod is not: its connect goes to 169.254.169.254 for real, for which the
-    // pod has no route.
+    // An exempt pod is not: its connect goes to 169.254.169.254 for real, which the pod
+    // reaches through its route to the node, as on a real node.
+    node.allow_node_imds();
     let e = exempt_pod.clone();
     let report = blocking(move || probe_metadata(&e, 3, "exempt")).await;
     assert_eq!(
-        report.connected, 0,
-        "an exempt pod must not be redirected: {report:?}"
-    );
-    assert!(
-        report.first_error.contains("errno 101"),
-        "ENETUNREACH expected: {report:?}"
+        report.connected, 3,
+        "an exempt pod reaches the node's own service: {report:?}"
     );
 
     // A process outside the attached cgroup, in the same netns, is not redirected.
@@ -205,13 +202,21 @@ async fn outside_and_exempt_cgroups_are_left_alone_and_ipv6_is_refused() {
     );
     let report = blocking(move || probe::run(command)).await;
     assert_eq!(
-        report.connected, 0,
-        "a process outside the tree must not be redirected: {report:?}"
+        report.connected, 3,
+        "a process outside the tree reaches the node's own service: {report:?}"
     );
-    assert!(
-        report.first_error.contains("errno 101"),
-        "ENETUNREACH expected: {report:?}"
-    );
+    // Those six, and nothing else, reached the node's service.
+    let mut reached: Vec<IpAddr> = node
+        .node_imds_seen()
+        .iter()
+        .filter(|seen| seen.request.is_none())
+        .map(|seen| seen.peer.ip())
+        .collect();
+    reached.sort();
+    let mut expected = vec![IpAddr::from(exempt_pod.ip); 3];
+    expected.extend([IpAddr::from(pod.ip); 3]);
+    expected.sort();
+    assert_eq!(reached, expected, "{:#?}", node.node_imds_seen());
 
     // IPv6 metadata without a configured IPv6 proxy: refused by the program (EPERM).
     let p = pod.clone();
@@ -270,6 +275,37 @@ fn agent_cmd(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run interceptor")
+}
+
+/// Every `# bpftool ...` command of docs/ebpf.md's console blocks, run with the test's
+/// cgroup and pin directory in place of the documented ones: (command, stdout). Panics if
+/// one fails or the doc has none.
+fn documented_bpftool(cgroup: &str, pin_dir: &str) -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ebpf.md"),
+    )
+    .expect("docs/ebpf.md");
+    let commands: Vec<String> = doc
+        .lines()
+        .filter_map(|line| line.strip_prefix("# bpftool "))
+        .map(|rest| rest.split(" # ").next().unwrap_or(rest).trim().to_owned())
+        .map(|rest| {
+            rest.replace("/sys/fs/cgroup/kubepods.slice", cgroup)
+                .replace("/sys/fs/bpf/interceptor", pin_dir)
+        })
+        .collect();
+    assert!(
+        commands.len() >= 6,
+        "bpftool commands in docs/ebpf.md: {commands:?}"
+    );
+    commands
+        .into_iter()
+        .map(|rest| {
+            let args: Vec<&str> = rest.split_whitespace().collect();
+            let out = cmd::run("bpftool", &args);
+            (format!("bpftool {rest}"), out)
+        })
+        .collect()
 }
 
 fn program_ids(pins: &Pins) -> Vec<u32> {
@@ -358,6 +394,39 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
             "old program {id} still loaded after --reload"
         );
     }
+    // docs/ebpf.md: its bpftool commands work on what is attached, and `status` says
+    // attached (exit 0) in its text form.
+    let second_ids: Vec<String> = second.iter().map(u32::to_string).collect();
+    for (command, out) in documented_bpftool(&cgroup, &pin_dir) {
+        if command.contains("cgroup tree") {
+            for name in ["imds_connect4", "imds_connect6", "imds_sockops"] {
+                assert!(
+                    out.contains(name),
+                    "`{command}` does not list {name}:\n{out}"
+                );
+            }
+        }
+        if command.contains("prog show name") {
+            assert!(
+                second_ids
+                    .iter()
+                    .any(|id| out.starts_with(&format!("{id}: "))),
+                "`{command}` shows none of {second_ids:?}:\n{out}"
+            );
+        }
+    }
+    let out = agent_cmd(&["status", "--bpf-pin-dir", &pin_dir]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "status while attached: {text}");
+    assert!(text.starts_with(&format!("pins: {pin_dir}\n")), "{text}");
+    for name in ["imds_connect4", "imds_connect6", "imds_sockops"] {
+        assert!(
+            text.lines()
+                .any(|line| line.trim_start().starts_with(name)
+                    && line.contains(" attached (link id ")),
+            "status does not show {name} attached:\n{text}"
+        );
+    }
     let p = pod.clone();
     let report = blocking(move || probe_metadata(&p, 10, "after-reload")).await;
     assert_eq!((report.connected, report.replies), (10, 10), "{report:?}");
@@ -410,12 +479,32 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
             "program {id} still loaded after detach"
         );
     }
+    // Detached, the pod's connects go to the node's own service: exactly these two.
+    node.allow_node_imds();
     let p = pod.clone();
     let report = blocking(move || probe_metadata(&p, 2, "after-detach")).await;
-    assert_eq!(report.connected, 0, "{report:?}");
-    assert!(report.first_error.contains("errno 101"), "{report:?}");
+    assert_eq!(report.connected, 2, "{report:?}");
+    let reached: Vec<IpAddr> = node
+        .node_imds_seen()
+        .iter()
+        .filter(|seen| seen.request.is_none())
+        .map(|seen| seen.peer.ip())
+        .collect();
+    assert_eq!(reached, vec![IpAddr::from(pod.ip); 2]);
+    // docs/ebpf.md: `status` exits 3 when nothing is attached.
     let out = agent_cmd(&["status", "--bpf-pin-dir", &pin_dir]);
-    assert!(!out.status.success(), "status must fail once detached");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "status once detached: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("not attached: "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,12 +113,13 @@ fn serve(
                 let (read, mut write) = stream.into_split();
                 let mut tag = String::new();
                 let _ = BufReader::new(read).read_line(&mut tag).await;
-                let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+                // Recorded before the reply: a client that has its reply may count on it.
                 seen.lock()
                     .unwrap()
                     .entry(tag.trim().to_owned())
                     .or_default()
-                    .push(answer);
+                    .push(answer.clone());
+                let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
             });
         }
     });
@@ -240,6 +241,8 @@ async fn every_pod_gets_exactly_its_decision() {
             .contains(&pod("cni").container.id()),
         "the opted-out pod's container is exempt in the kernel"
     );
+    // The opted-out pod reaches the node's own service: checked below.
+    node.allow_node_imds();
     let seen_by_proxy: Seen = Arc::default();
     serve(
         listener,
@@ -298,10 +301,20 @@ async fn every_pod_gets_exactly_its_decision() {
         !seen.contains_key("cni"),
         "the opted-out pod must not be redirected: {seen:?}"
     );
-    assert!(
-        reports["cni"].first_error.contains("errno 101"),
-        "{:?}",
-        reports["cni"]
+    // It reached the node's own service instead, as the exemption means; nothing else
+    // did.
+    assert_eq!(reports["cni"].connected, 3, "{:?}", reports["cni"]);
+    let reached: Vec<_> = node
+        .node_imds_seen()
+        .iter()
+        .filter(|seen| seen.request.is_none())
+        .map(|seen| seen.peer.ip())
+        .collect();
+    assert_eq!(
+        reached,
+        vec![std::net::IpAddr::from(pod("cni").ip); 3],
+        "{:#?}",
+        node.node_imds_seen()
     );
 
     // The refusal became one Event on that pod, however often it asked.

@@ -1,22 +1,20 @@
-//! The agent killed (SIGKILL) and restarted repeatedly, or upgraded (SIGTERM, then a new
-//! agent with `--reload` replacing the pinned programs), while pods ask for credentials in
-//! a loop: every answer a pod gets is its own role or a failure, never the node's
-//! credentials and never another pod's. The programs stay attached (pinned) throughout.
+//! The agent replaced while pods ask for credentials in a loop: killed (SIGKILL, a crash)
+//! and started again, stopped gracefully (SIGTERM, as a DaemonSet update sends) and started
+//! again, or upgraded (SIGTERM, then a new agent with `--reload` replacing the pinned
+//! programs). The programs stay attached (pinned) throughout, so every answer a pod gets is
+//! its own role or a refusal (connection refused or cut, 4xx, 503): never the node's
+//! credentials, never another pod's, and no connection ever reaches the node's own
+//! metadata service (the simulated node's `Drop` fails the test if one did). Service
+//! resumes after every restart, within a bounded number of attempts.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    net::IpAddr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use interceptor_tests::{
     Node,
     agent::{Agent, free_port},
-    clients::in_pod,
+    clients::CredsLoop,
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
-    peers::venv,
     pins::Pins,
     require_root,
 };
@@ -26,6 +24,8 @@ use interceptor_tests::{
 enum Restart {
     /// SIGKILL (a crash), then the same agent again (re-uses the pinned programs).
     Kill,
+    /// SIGTERM (a DaemonSet update), then the same agent again (re-uses them).
+    Graceful,
     /// SIGTERM (a rolling upgrade), then a new agent that replaces the programs.
     Reload,
 }
@@ -39,12 +39,51 @@ async fn killing_the_agent_never_leaks_node_or_foreign_credentials() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_agent_gracefully_never_leaks_node_or_foreign_credentials() {
+    if !require_root("stopping_the_agent_gracefully_never_leaks_node_or_foreign_credentials") {
+        return;
+    }
+    restarts_under_load(Restart::Graceful).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloading_the_programs_never_leaks_node_or_foreign_credentials() {
     if !require_root("reloading_the_programs_never_leaks_node_or_foreign_credentials") {
         return;
     }
     restarts_under_load(Restart::Reload).await;
 }
+
+/// One attempt of `creds_loop.py` that is an acceptable refusal: the connection refused
+/// or cut without an answer, or an HTTP 4xx or 503.
+fn is_refusal(line: &str) -> bool {
+    line.starts_with("refused ")
+        || line.strip_prefix("status ").is_some_and(|rest| {
+            let code = rest.rsplit(' ').next().unwrap_or_default();
+            code.starts_with('4') || code == "503"
+        })
+}
+
+/// Panics at once if `line` is an answer with credentials other than pod `tag`'s own role
+/// (the node's, or another pod's): a leak ends the test with what leaked.
+fn assert_own(tag: &str, line: &str) {
+    if let Some(rest) = line.strip_prefix("ok ") {
+        let (key, role) = rest.split_once(' ').unwrap_or((rest, ""));
+        assert_ne!(
+            key, NODE_ACCESS_KEY,
+            "LEAK: the node's credentials reached pod {tag}"
+        );
+        assert_eq!(
+            role,
+            format!("role-{tag}"),
+            "LEAK: pod {tag} was served another role"
+        );
+    }
+}
+
+/// Attempts a pod may fail after the new agent is ready before it is served again: the
+/// one in flight when readiness was seen, and one whose line had not been read yet.
+const FAILURES_AFTER_READY: usize = 2;
 
 async fn restarts_under_load(restart: Restart) {
     const RESTARTS: usize = 3;
@@ -105,83 +144,118 @@ async fn restarts_under_load(restart: Restart) {
         agent
     };
     let mut agent = start(&pins, false);
-
-    // Both pods ask in a loop while the agent is killed and restarted.
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/creds_loop.py");
-    let python = venv().join("bin/python").display().to_string();
-    let seconds = "12";
-    let loops: Vec<_> = [("a", pod_a), ("b", pod_b)]
-        .into_iter()
-        .map(|(tag, pod)| {
-            let (script, python) = (script.display().to_string(), python.clone());
-            tokio::task::spawn_blocking(move || (tag, in_pod(&pod, &python, &[&script, seconds])))
-        })
-        .collect();
-    for _ in 0..RESTARTS {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        match restart {
-            Restart::Kill => agent.kill(),
-            Restart::Reload => agent.terminate(),
-        }
-        agent.leave_programs();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        agent = start(&pins, matches!(restart, Restart::Reload));
-        let expected = match restart {
-            Restart::Kill => "Reused",
-            Restart::Reload => "Reloaded",
-        };
-        assert!(
-            agent.log_text().contains(expected),
-            "the new agent's programs were not {expected}:\n{}",
-            agent.log_text()
-        );
-    }
-    let mut seen: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for handle in loops {
-        let (tag, out) = handle.await.unwrap();
-        seen.insert(tag, out.lines().map(str::to_owned).collect());
-    }
-
-    let keys = |tag: &str, role: &str| -> HashSet<String> {
-        seen[tag]
-            .iter()
-            .filter_map(|line| line.strip_prefix("ok "))
-            .map(|rest| {
-                let (key, served_role) = rest.split_once(' ').unwrap_or((rest, ""));
-                assert_eq!(
-                    served_role, role,
-                    "pod {tag} was served another role: {rest}"
-                );
-                key.to_owned()
-            })
-            .collect()
+    let expected = match restart {
+        Restart::Kill | Restart::Graceful => "Reused",
+        Restart::Reload => "Reloaded",
     };
-    let (keys_a, keys_b) = (keys("a", "role-a"), keys("b", "role-b"));
-    assert!(
-        !keys_a.is_empty() && !keys_b.is_empty(),
-        "both pods were served at some point: {seen:?}"
-    );
-    assert!(
-        keys_a.is_disjoint(&keys_b),
-        "a credential was served to both pods"
-    );
-    for key in keys_a.iter().chain(&keys_b) {
-        assert_ne!(key, NODE_ACCESS_KEY, "the node's credentials reached a pod");
-    }
-    let failures: usize = seen
-        .values()
-        .flatten()
-        .filter(|line| line.starts_with("fail"))
-        .count();
-    let total: usize = seen.values().map(Vec::len).sum();
-    eprintln!("{total} attempts, {failures} failed while the agent was away");
+    let wait = Duration::from_secs(60);
+
+    tokio::task::block_in_place(|| {
+        // Both pods ask in a loop (one process each) while the agent is replaced.
+        let loops = [
+            ("a", CredsLoop::start(&pod_a)),
+            ("b", CredsLoop::start(&pod_b)),
+        ];
+        let mut marks = [0, 0];
+        for (at, (tag, pod)) in loops.iter().enumerate() {
+            marks[at] = pod.wait_for(0, 3, &format!("{tag}: served"), wait, |line| {
+                assert_own(tag, line);
+                line.starts_with("ok ")
+            });
+        }
+        for round in 0..RESTARTS {
+            match restart {
+                Restart::Kill => agent.kill(),
+                Restart::Graceful | Restart::Reload => agent.terminate(),
+            }
+            agent.leave_programs();
+            // Each pod sees the agent gone (the redirect holds; nobody listens) before the
+            // new one starts.
+            for (at, (tag, pod)) in loops.iter().enumerate() {
+                marks[at] = pod.wait_for(
+                    marks[at],
+                    1,
+                    &format!("{tag}: a refusal while the agent is away (round {round})"),
+                    wait,
+                    |line| {
+                        assert_own(tag, line);
+                        is_refusal(line)
+                    },
+                );
+            }
+            agent = start(&pins, matches!(restart, Restart::Reload));
+            assert!(
+                agent.log_text().contains(expected),
+                "the new agent's programs were not {expected}:\n{}",
+                agent.log_text()
+            );
+            // Service resumes, within a bounded number of failed attempts.
+            for (at, (tag, pod)) in loops.iter().enumerate() {
+                let ready_at = pod.lines().len();
+                let served = pod.wait_for(
+                    ready_at,
+                    1,
+                    &format!("{tag}: served again (round {round})"),
+                    wait,
+                    |line| {
+                        assert_own(tag, line);
+                        line.starts_with("ok ")
+                    },
+                );
+                let failed = served - 1 - ready_at;
+                assert!(
+                    failed <= FAILURES_AFTER_READY,
+                    "{tag}: {failed} failures after the new agent was ready (round {round}): {:#?}",
+                    &pod.lines()[ready_at..served]
+                );
+                marks[at] = served;
+            }
+        }
+        let seen: Vec<(&str, Vec<String>)> = loops
+            .into_iter()
+            .map(|(tag, pod)| (tag, pod.stop()))
+            .collect();
+
+        let mut keys: Vec<HashSet<String>> = Vec::new();
+        for (tag, lines) in &seen {
+            let role = format!("role-{tag}");
+            let mut served = HashSet::new();
+            for line in lines {
+                if let Some(rest) = line.strip_prefix("ok ") {
+                    let (key, served_role) = rest.split_once(' ').unwrap_or((rest, ""));
+                    assert_eq!(
+                        served_role, role,
+                        "pod {tag} was served another role: {line}"
+                    );
+                    assert_ne!(
+                        key, NODE_ACCESS_KEY,
+                        "the node's credentials reached pod {tag}"
+                    );
+                    served.insert(key.to_owned());
+                } else {
+                    assert!(
+                        is_refusal(line),
+                        "pod {tag} got neither its role nor a refusal: {line}"
+                    );
+                }
+            }
+            let failures = lines.iter().filter(|line| !line.starts_with("ok ")).count();
+            eprintln!("pod {tag}: {} attempts, {failures} refused", lines.len());
+            keys.push(served);
+        }
+        assert!(
+            keys[0].is_disjoint(&keys[1]),
+            "a credential was served to both pods"
+        );
+    });
     assert!(
         upstream
             .requests()
             .iter()
             .all(|request| !request.contains("security-credentials")),
-        "the node's metadata service was asked for credentials: {:?}",
+        "the agent's upstream was asked for credentials: {:?}",
         upstream.requests()
     );
+    node.assert_no_node_imds_reached();
     let _ = std::fs::remove_file(&file);
 }

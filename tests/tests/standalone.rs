@@ -8,7 +8,8 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use interceptor_tests::{
     Node,
     agent::{Agent, free_port},
-    clients::{aws_cli, boto3},
+    clients::{aws_cli, boto3, raw},
+    cluster::AGENT_ENV,
     fake_imds::FakeImds,
     moto::MotoServer,
     require_root,
@@ -114,9 +115,31 @@ async fn bound_services_get_their_roles_and_the_file_is_reloaded() {
         "an unbound service gets nothing: {unbound_out}"
     );
 
-    // A broken file is refused and the bindings in force stay.
+    // A broken file is refused and the bindings in force stay: once the agent has
+    // reported it, a request made while it is broken is still served as bound.
     std::fs::write(&file, "bindings: [oops").unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    interceptor_tests::apiserver::wait_for(
+        "the broken file reported",
+        Duration::from_secs(15),
+        || {
+            let log = agent.log_text();
+            if log.contains("bindings file not reloaded") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+    )
+    .await;
+    let sts3 = sts.clone();
+    let (while_broken, billing) =
+        tokio::task::spawn_blocking(move || (boto3(&billing, &sts3), billing))
+            .await
+            .unwrap();
+    assert_eq!(
+        while_broken, "arn:aws:sts::123456789012:assumed-role/billing/billing",
+        "served as bound while the file is broken"
+    );
     // Swap the roles: the file is reloaded without a restart.
     std::fs::write(
         &file,
@@ -147,10 +170,101 @@ async fn bound_services_get_their_roles_and_the_file_is_reloaded() {
         swapped,
         "arn:aws:sts::123456789012:assumed-role/web-swapped/billing"
     );
-    let log = agent.log_text();
-    assert!(
-        log.contains("bindings file not reloaded"),
-        "the broken file is reported:\n{log}"
+    let _ = std::fs::remove_file(&file);
+}
+
+/// The agent's passthrough speaks IMDSv2 to the node's service (which requires it): it
+/// fetches a token, re-uses it, and fetches a new one when the service answers 401 (as
+/// after the instance's tokens are invalidated); pods never see that 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_passthrough_fetches_a_new_token_after_a_401() {
+    if !require_root("the_passthrough_fetches_a_new_token_after_a_401") {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.pod();
+    let file = std::env::temp_dir().join(format!(
+        "interceptor-bindings-token-{}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&file, bindings(&node, &[("app", &pod, "app")])).unwrap();
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let args: Vec<String> = [
+        "--bindings",
+        &file.display().to_string(),
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &free_port().to_string(),
+        "--cgroup-root",
+        &node.cgroup_top().display().to_string(),
+        "--metadata-addr",
+        &upstream.addr().to_string(),
+        "--sts-endpoint",
+        &moto.endpoint(),
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--allow-route-regexp",
+        "^/latest/meta-data/placement/.*",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    let pins = interceptor_tests::pins::Pins::new("token-refetch");
+    let mut agent = Agent::run(&args, &pins.0, free_port(), &AGENT_ENV);
+    agent.wait_ready(Duration::from_secs(30));
+    const ZONE: &str = "/latest/meta-data/placement/availability-zone";
+    let ask = |pod: &interceptor_tests::Pod| {
+        let (status, token) = raw(
+            pod,
+            "PUT",
+            "/latest/api/token",
+            &["X-aws-ec2-metadata-token-ttl-seconds=60"],
+        );
+        assert_eq!(status, 200, "{token}");
+        raw(
+            pod,
+            "GET",
+            ZONE,
+            &[&format!("X-aws-ec2-metadata-token={}", token.trim())],
+        )
+    };
+    let (first, pod) = tokio::task::spawn_blocking(move || (ask(&pod), pod))
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        (200, "us-east-1a".to_owned()),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(upstream.token_counts(), (1, 0), "one token, no refusal");
+
+    upstream.revoke_tokens();
+    let (second, _pod) = tokio::task::spawn_blocking(move || (ask(&pod), pod))
+        .await
+        .unwrap();
+    assert_eq!(
+        second,
+        (200, "us-east-1a".to_owned()),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        upstream.token_counts(),
+        (2, 1),
+        "the 401 made the agent fetch a second token"
+    );
+    assert_eq!(
+        upstream.requests(),
+        [
+            "PUT /latest/api/token",
+            &format!("GET {ZONE}"),
+            &format!("GET {ZONE}"),
+            "PUT /latest/api/token",
+            &format!("GET {ZONE}"),
+        ]
     );
     let _ = std::fs::remove_file(&file);
 }
