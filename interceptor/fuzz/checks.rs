@@ -101,8 +101,20 @@ pub fn imds_route(data: &[u8]) {
                         == Some(&["meta-data", "iam", "security-credentials"][..])),
                 "{path:?} names credentials but would be passed through"
             );
+            assert!(
+                !segments.iter().any(|s| [
+                    "iam",
+                    "identity-credentials",
+                    "pkcs7",
+                    "signature",
+                    "rsa2048"
+                ]
+                .iter()
+                .any(|denied| s.eq_ignore_ascii_case(denied))),
+                "{path:?} bears credentials upstream but would be passed through"
+            );
         }
-        Route::Malformed | Route::MethodNotAllowed => {}
+        Route::Malformed | Route::MethodNotAllowed | Route::Denied => {}
     }
 }
 

@@ -150,8 +150,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub imdsv2_required: bool,
     /// Metadata paths forwarded to the real metadata service (kiam's flag); default none.
+    /// Whatever it matches, paths bearing credentials upstream are never forwarded: any
+    /// `iam` segment beyond the agent's own answers, `identity-credentials`, and the
+    /// instance identity's `pkcs7`, `signature` and `rsa2048`.
     #[arg(long)]
     pub allow_route_regexp: Option<String>,
+    /// A named set of paths forwarded without a regex (added to --allow-route-regexp):
+    /// `sdk` is the region, availability zone (and its id) and the instance identity
+    /// document, which SDKs read.
+    #[arg(long, value_enum)]
+    pub allow_route_preset: Option<crate::imds::route::Preset>,
     /// Pod annotation naming the role.
     #[arg(long, default_value = crate::policy::DEFAULT_ROLE_KEY)]
     pub iam_role_key: String,
@@ -479,7 +487,11 @@ mod tests {
         assert_eq!(config.upstream, "169.254.169.254:80".parse().unwrap());
         assert_eq!(config.datapath.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(config.session_ttl, std::time::Duration::from_secs(3600));
-        assert!(!config.server.imdsv2_required && config.server.allow_route.is_none());
+        assert!(
+            !config.server.imdsv2_required
+                && config.server.allow_route.preset.is_none()
+                && config.server.allow_route.regex.is_none()
+        );
         assert_eq!(config.policy.default_role.as_deref(), Some("app"));
         let label = |args: &[&str], env: &Env| run(args).validate(env).unwrap_err().metric_label();
         assert_eq!(
@@ -726,7 +738,7 @@ impl RunArgs {
             .clone()
             .or_else(|| env.get(ENV_NODE_NAME).cloned())
             .filter(|node| !node.trim().is_empty());
-        let allow_route = self
+        let allow_route_regex = self
             .allow_route_regexp
             .as_ref()
             .map(|pattern| {
@@ -739,6 +751,10 @@ impl RunArgs {
                     })
             })
             .transpose()?;
+        let allow_route = crate::imds::route::AllowList {
+            preset: self.allow_route_preset,
+            regex: allow_route_regex,
+        };
         let base_role_arn = self
             .base_role_arn
             .as_deref()

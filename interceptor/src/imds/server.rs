@@ -16,7 +16,6 @@ use std::{
 use http::{Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use regex::Regex;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
@@ -24,7 +23,7 @@ use tokio::{
 
 use super::{
     ec2::{self, Body, CredentialsDocument, TOKEN_HEADER, TTL_HEADER},
-    route::{Route, classify},
+    route::{AllowList, Route, classify},
     token::{TokenMinter, parse_ttl},
     upstream::Upstream,
 };
@@ -91,8 +90,8 @@ pub trait Backend: Send + Sync + 'static {
 pub struct ServerConfig {
     /// Refuse tokenless requests (EC2's `HttpTokens=required`).
     pub imdsv2_required: bool,
-    /// Paths forwarded to the real metadata service; `None` forwards nothing.
-    pub allow_route: Option<Regex>,
+    /// Paths forwarded to the real metadata service (default: none).
+    pub allow_route: AllowList,
     /// Time a client has to send a request head: the first one, and each next one on a
     /// keep-alive connection (so it is also how long an idle connection is kept).
     pub header_read_timeout: Duration,
@@ -374,12 +373,7 @@ impl<B: Backend> Server<B> {
                 Authorization::NoRole | Authorization::Denied => ec2::error(StatusCode::NOT_FOUND),
             },
             Route::Passthrough(path) => {
-                let allowed = self
-                    .config
-                    .allow_route
-                    .as_ref()
-                    .is_some_and(|allow| allow.is_match(path));
-                if !allowed {
+                if !self.config.allow_route.allows(path) {
                     return ec2::error(StatusCode::NOT_FOUND);
                 }
                 let method = if request.method() == Method::HEAD {
@@ -395,7 +389,7 @@ impl<B: Backend> Server<B> {
                     }
                 }
             }
-            Route::Malformed => ec2::error(StatusCode::NOT_FOUND),
+            Route::Malformed | Route::Denied => ec2::error(StatusCode::NOT_FOUND),
             Route::MethodNotAllowed => ec2::error(StatusCode::METHOD_NOT_ALLOWED),
         }
     }
