@@ -17,8 +17,10 @@
 pub const PROG_CONNECT4: &str = "imds_connect4";
 pub const PROG_CONNECT6: &str = "imds_connect6";
 pub const PROG_SOCKOPS: &str = "imds_sockops";
-/// Every program, in the order the loader attaches them.
-pub const PROGRAMS: [&str; 3] = [PROG_SOCKOPS, PROG_CONNECT4, PROG_CONNECT6];
+pub const PROG_EGRESS: &str = "imds_egress";
+/// Every program, in the order the loader attaches them: the raw-packet backstop first,
+/// so that it is in place before the connect hooks are.
+pub const PROGRAMS: [&str; 4] = [PROG_EGRESS, PROG_SOCKOPS, PROG_CONNECT4, PROG_CONNECT6];
 
 /// `bpftool map show` names. The kernel crate repeats these as literals in `#[map(name = ..)]`
 /// (the attribute takes no constants); a userspace test parses the built object and fails if
@@ -49,7 +51,7 @@ pub const CONNS_MAX_ENTRIES: u32 = 16384;
 
 /// Bumped whenever a shared layout or a map's meaning changes. Pinned state of another
 /// version is never reused silently.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
@@ -138,9 +140,18 @@ pub mod stat {
     pub const RECORDED: u32 = 3;
     /// sock_ops saw a connection to the proxy with no pending record (not ours, or evicted).
     pub const UNRECORDED: u32 = 4;
-    pub const COUNT: u32 = 5;
-    pub const NAMES: [&str; COUNT as usize] =
-        ["redirected", "exempt", "refused", "recorded", "unrecorded"];
+    /// Packets to a metadata address dropped by the egress backstop: sent by a
+    /// non-exempt cgroup without a redirected connect (raw sockets, for example).
+    pub const BACKSTOP_DROPPED: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "redirected",
+        "exempt",
+        "refused",
+        "recorded",
+        "unrecorded",
+        "backstop_dropped",
+    ];
 }
 
 #[cfg(feature = "user")]

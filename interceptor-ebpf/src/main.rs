@@ -8,6 +8,12 @@
 //! * `imds_sockops` (`sockops`, `BPF_SOCK_OPS_TCP_CONNECT_CB`) runs once the source port is
 //!   chosen and before the SYN leaves: it moves the record to a key made of the
 //!   connection's addresses, which is what the proxy can see after `accept()`.
+//! * `imds_egress` (`cgroup_skb/egress`) is the backstop for what no connect hook sees:
+//!   an IP packet to a metadata address (IPv4 or IPv6, any protocol) leaving a socket of a
+//!   cgroup that is not exempt is dropped. Redirected connections never carry a metadata
+//!   destination (connect rewrote it), so what is dropped is what the redirect did not
+//!   produce: raw sockets (CAP_NET_RAW is in the default container capability set),
+//!   UDP, hand-made SYNs.
 //!
 //! Every entry point is a thin wrapper; the raw context reads live in `ctx` below.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -17,10 +23,13 @@
 mod programs {
     use aya_ebpf::{
         bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
-        helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_cgroup_id},
-        macros::{cgroup_sock_addr, map, sock_ops},
+        helpers::{
+            bpf_get_current_pid_tgid,
+            generated::{bpf_get_current_cgroup_id, bpf_skb_cgroup_id},
+        },
+        macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
-        programs::{SockAddrContext, SockOpsContext},
+        programs::{SkBuffContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use interceptor_ebpf::{
@@ -68,6 +77,48 @@ mod programs {
         try_sockops(&ctx);
         // The return value of a sock_ops program is ignored for TCP_CONNECT_CB.
         1
+    }
+
+    #[cgroup_skb(egress)]
+    pub fn imds_egress(ctx: SkBuffContext) -> i32 {
+        try_egress(&ctx)
+    }
+
+    /// `cgroup_skb` verdicts.
+    const PASS: i32 = 1;
+    const DROP: i32 = 0;
+    /// `ETH_P_IP` / `ETH_P_IPV6` as `__sk_buff::protocol` holds them (network byte order).
+    const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
+    const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
+    /// Offsets of the destination address in the IPv4 and IPv6 headers (the data of a
+    /// cgroup_skb program starts at the network header).
+    const IP4_DADDR: usize = 16;
+    const IP6_DADDR: usize = 24;
+
+    fn try_egress(ctx: &SkBuffContext) -> i32 {
+        let Some(config) = CONFIG.get(0) else {
+            return PASS;
+        };
+        let protocol = ctx.skb.protocol();
+        let to_metadata = if protocol == ETH_P_IP_BE {
+            ctx.load::<u32>(IP4_DADDR)
+                .is_ok_and(|daddr| daddr == config.metadata_ip4)
+        } else if protocol == ETH_P_IPV6_BE {
+            ctx.load::<[u32; 4]>(IP6_DADDR)
+                .is_ok_and(|daddr| daddr == config.metadata_ip6)
+        } else {
+            false
+        };
+        if !to_metadata {
+            return PASS;
+        }
+        // SAFETY: a helper taking the program's own context, valid in cgroup_skb programs.
+        let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+        if EXEMPT.get_ptr(cgroup_id).is_some() {
+            return PASS;
+        }
+        count(stat::BACKSTOP_DROPPED);
+        DROP
     }
 
     fn try_connect4(ctx: &SockAddrContext) -> i32 {

@@ -25,7 +25,7 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    programs::{CgroupAttachMode, Program, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, links::FdLink},
 };
 pub use error::Error;
 use interceptor_ebpf::{
@@ -336,6 +336,18 @@ fn attach_program(
             program.load().map_err(program_error)?;
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error)?;
+            let link = program.take_link(id).map_err(program_error)?;
+            FdLink::try_from(link).map_err(link_error)
+        }
+        Some(Program::CgroupSkb(program)) => {
+            program.load().map_err(program_error)?;
+            let id = program
+                .attach(
+                    cgroup,
+                    CgroupSkbAttachType::Egress,
+                    CgroupAttachMode::Single,
+                )
                 .map_err(program_error)?;
             let link = program.take_link(id).map_err(program_error)?;
             FdLink::try_from(link).map_err(link_error)

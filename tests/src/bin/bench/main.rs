@@ -582,8 +582,10 @@ fn redirect_vs_iptables(
 }
 
 /// Scenario 2: connect()+close to a listener on a pod's own loopback, from the pod's
-/// cgroup (our programs run and let it pass) and from a cgroup outside the attached tree
-/// in the same network namespace (no program runs).
+/// cgroup (our programs run and let it pass: connect4, sock_ops, and the egress backstop
+/// on every packet of the connection, so the ratio is also the backstop's cost on
+/// unrelated traffic) and from a cgroup outside the attached tree in the same network
+/// namespace (no program runs).
 fn hook_cost(world: &World, node: &Node, pod: &Pod, report: &mut Report) -> Result<()> {
     let outside = node.outside_cgroup("system.slice/bench-connect.service");
     let count = world.sizes.connects.to_string();
@@ -598,7 +600,7 @@ fn hook_cost(world: &World, node: &Node, pod: &Pod, report: &mut Report) -> Resu
     unhooked.check("connect from outside")?;
     report.add(Figure {
         scenario: "2",
-        measure: "connect()+close, unrelated listener: p50".into(),
+        measure: "connect()+close, unrelated listener (hooks + egress backstop): p50".into(),
         ours: quantile(&hooked.latencies_ns, 0.5) as f64 / 1000.0,
         baseline: Some(quantile(&unhooked.latencies_ns, 0.5) as f64 / 1000.0),
         unit: "us",

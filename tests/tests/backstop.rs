@@ -1,0 +1,235 @@
+//! The kernel's raw-packet backstop (`imds_egress`, cgroup_skb/egress): packets to the
+//! metadata addresses that no connect hook saw (raw sockets, UDP) never leave a pod's
+//! cgroup. Runs as root (see `require_root`).
+//!
+//! The world here is the test's own: a "node" network namespace holding 169.254.169.254
+//! and fd00:ec2::254 on its loopback, and a "pod" namespace joined to it by a veth
+//! pair. A packet capture on the node's end of the pair records what arrives. Nothing is
+//! added to the machine's own namespace.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::SocketAddrV4,
+    process::{Child, Command, Stdio},
+};
+
+use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
+use interceptor_tests::{
+    Node,
+    node::{Cgroup, Netns, in_cgroup},
+    pins::Pins,
+    require_root,
+};
+
+const NODE4: &str = "10.251.0.1";
+const POD4: &str = "10.251.0.2";
+const NODE6: &str = "fd99:251::1";
+const POD6: &str = "fd99:251::2";
+
+/// Captures on `dev` (in the namespace it runs in) every frame arriving from the pod and
+/// prints its IP destination, one a line, until both end markers (UDP to the node's own
+/// addresses) have arrived. Prints `ready` once the capture is open.
+const CAPTURE: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+print("ready", flush=True)
+markers = {sys.argv[2], sys.argv[3]}
+while markers:
+    frame, addr = s.recvfrom(65535)
+    if addr[2] == socket.PACKET_OUTGOING:
+        continue
+    kind = struct.unpack("!H", frame[12:14])[0]
+    if kind == 0x0800:
+        dst, proto = socket.inet_ntop(socket.AF_INET, frame[30:34]), frame[23]
+    elif kind == 0x86DD:
+        dst, proto = socket.inet_ntop(socket.AF_INET6, frame[38:54]), frame[20]
+    else:
+        continue
+    if proto == 58:
+        continue  # neighbour discovery
+    print(dst, flush=True)
+    if proto == 17 and dst in markers:
+        markers.discard(dst)
+"#;
+
+/// Sends, from the pod, a hand-made TCP SYN over a raw socket and a UDP datagram to each
+/// metadata address, then one UDP end marker to each of the node's addresses. Prints what
+/// each send returned.
+const SEND: &str = r#"
+import socket, struct, sys
+meta4, meta6, node4, node6 = sys.argv[1:5]
+syn = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+for family, dst in ((socket.AF_INET, meta4), (socket.AF_INET6, meta6)):
+    for kind, proto, payload, port in ((socket.SOCK_RAW, socket.IPPROTO_TCP, syn, 0), (socket.SOCK_DGRAM, 0, b"x", 80)):
+        try:
+            socket.socket(family, kind, proto).sendto(payload, (dst, port))
+            print("sent", dst, kind, flush=True)
+        except OSError as error:
+            print("refused", dst, kind, error.errno, flush=True)
+for family, dst in ((socket.AF_INET, node4), (socket.AF_INET6, node6)):
+    socket.socket(family, socket.SOCK_DGRAM).sendto(b"end", (dst, 9))
+"#;
+
+/// A node namespace and a pod namespace joined by a veth pair (both ends are deleted with
+/// the namespaces).
+struct World {
+    pod: Netns,
+    node: Netns,
+}
+
+impl World {
+    fn new() -> Self {
+        let tag = std::process::id() % 100_000;
+        let node = Netns::create(format!("icbn{tag}"));
+        let pod = Netns::create(format!("icbp{tag}"));
+        node.exec(&[
+            "ip", "link", "add", "n0", "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+        ]);
+        for (netns, dev, v4, v6) in [(&node, "n0", NODE4, NODE6), (&pod, "eth0", POD4, POD6)] {
+            netns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            netns.exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            netns.exec(&["ip", "link", "set", dev, "up"]);
+            netns.exec(&["ip", "link", "set", "lo", "up"]);
+        }
+        // The node's loopback holds the metadata addresses (no dummy driver here).
+        node.exec(&["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+        node.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:ec2::254/128",
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+        pod.exec(&["ip", "route", "add", "169.254.169.254/32", "via", NODE4]);
+        pod.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "fd00:ec2::254/128",
+            "via",
+            NODE6,
+        ]);
+        Self { pod, node }
+    }
+}
+
+/// A child process killed (by PID) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends the probe packets from `cgroup` in the pod and returns (what the sender printed,
+/// the destinations that arrived at the node).
+fn send_and_capture(world: &World, cgroup: &Cgroup) -> (String, Vec<String>) {
+    let mut capture = Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &world.node.name,
+                "python3",
+                "-c",
+                CAPTURE,
+                "n0",
+            ])
+            .args([NODE4, NODE6])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the capture"),
+    );
+    let mut lines = BufReader::new(capture.0.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let meta6 = METADATA_IPV6.to_string();
+    let sent = in_cgroup(
+        cgroup,
+        Some(&world.pod),
+        "python3",
+        &["-c", SEND, "169.254.169.254", &meta6, NODE4, NODE6],
+    )
+    .output()
+    .expect("run the sender");
+    assert!(
+        sent.status.success(),
+        "sender: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    // The capture ends once both markers arrived: every earlier packet is in by then.
+    let arrived: Vec<String> = lines.map(|line| line.unwrap()).collect();
+    (String::from_utf8_lossy(&sent.stdout).into_owned(), arrived)
+}
+
+#[test]
+fn raw_packets_to_the_metadata_addresses_never_leave_a_pod() {
+    if !require_root("raw_packets_to_the_metadata_addresses_never_leave_a_pod") {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.pod_cgroups();
+    let world = World::new();
+    let pins = Pins::new("backstop");
+    let metadata = |arrived: &[String]| {
+        arrived
+            .iter()
+            .filter(|dst| *dst == "169.254.169.254" || *dst == "fd00:ec2::254")
+            .count()
+    };
+
+    // Without programs, the pod's hand-made packets reach the node's metadata service.
+    let (sent, arrived) = send_and_capture(&world, &pod.container);
+    assert_eq!(
+        metadata(&arrived),
+        4,
+        "without the backstop a raw SYN and a datagram per family arrive (sender: {sent}); \
+         arrived: {arrived:?}"
+    );
+
+    let datapath = ebpf::Datapath::open(&ebpf::Options {
+        pin_dir: pins.0.clone(),
+        cgroup_root: node.kubepods.clone(),
+        redirect: Redirect {
+            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
+            metadata6: METADATA_IPV6,
+            proxy4: Some(SocketAddrV4::new(NODE4.parse().unwrap(), 8181)),
+            proxy6: None,
+        },
+        reload: false,
+        kernel_log: false,
+    })
+    .expect("attach");
+    let (sent, arrived) = send_and_capture(&world, &pod.container);
+    assert_eq!(
+        metadata(&arrived),
+        0,
+        "with the backstop nothing reaches the metadata addresses (sender: {sent}); \
+         arrived: {arrived:?}"
+    );
+    // Unrelated traffic still flows: the markers arrived, or the capture would not end.
+    assert!(arrived.iter().any(|dst| dst == NODE4) && arrived.iter().any(|dst| dst == NODE6));
+    let counters: HashMap<_, _> = datapath.counters().into_iter().collect();
+    assert_eq!(counters["backstop_dropped"], 4, "{counters:?}");
+    let status = ebpf::status(&pins.0).expect("status").to_string();
+    assert!(
+        status.contains("backstop_dropped=4"),
+        "interceptor status shows the drops:\n{status}"
+    );
+}
