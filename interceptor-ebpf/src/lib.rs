@@ -143,7 +143,11 @@ pub mod stat {
     /// Packets to a metadata address dropped by the egress backstop: sent by a
     /// non-exempt cgroup without a redirected connect (raw sockets, for example).
     pub const BACKSTOP_DROPPED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// sock_ops found a different record under a connection's key (same addresses, e.g.
+    /// from another network namespace) and deleted it rather than substitute one caller
+    /// for another.
+    pub const COLLIDED: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "exempt",
@@ -151,6 +155,7 @@ pub mod stat {
         "recorded",
         "unrecorded",
         "backstop_dropped",
+        "collided",
     ];
 }
 

@@ -264,10 +264,23 @@ mod programs {
         // SAFETY: the pointer comes from a successful lookup in this map; the entry is
         // copied out before it is removed.
         let record = unsafe { *record };
+        let _ = PENDING.remove(cookie);
+        // The key holds addresses only, not the network namespace: two pods with the same
+        // address in different namespaces (or one that reuses a port before the proxy
+        // accepted the earlier connection) can collide. Overwriting would hand the proxy
+        // the second caller's record for the first connection; deleting both refuses the
+        // connections instead (the proxy answers 403 to a connection without a record).
+        // SAFETY: as above; the entry is only compared, inside this program.
+        if let Some(existing) = CONNS.get_ptr(key)
+            && unsafe { *existing } != record
+        {
+            let _ = CONNS.remove(key);
+            count(stat::COLLIDED);
+            return;
+        }
         if CONNS.insert(key, record, 0).is_ok() {
             count(stat::RECORDED);
         }
-        let _ = PENDING.remove(cookie);
     }
 
     /// The connection's addresses as the proxy will see them after `accept()`.

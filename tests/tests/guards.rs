@@ -1,8 +1,10 @@
-//! The kernel's raw-packet backstop (`imds_egress`, cgroup_skb/egress): packets to the
-//! metadata addresses that no connect hook saw (raw sockets, UDP) never leave a pod's
-//! cgroup. Runs as root (see `require_root`).
+//! Kernel guards against bypasses (docs/security.md), on the real kernel; runs as root
+//! (see `require_root`):
+//! * the raw-packet backstop (`imds_egress`, cgroup_skb/egress): packets to the metadata
+//!   addresses that no connect hook saw (raw sockets, UDP) never leave a pod's cgroup;
+//! * colliding connection keys: a record is never replaced by another caller's.
 //!
-//! The world here is the test's own: a "node" network namespace holding 169.254.169.254
+//! The backstop's world is the test's own: a "node" network namespace holding 169.254.169.254
 //! and fd00:ec2::254 on its loopback, and a "pod" namespace joined to it by a veth
 //! pair. A packet capture on the node's end of the pair records what arrives. Nothing is
 //! added to the machine's own namespace.
@@ -10,7 +12,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     process::{Child, Command, Stdio},
 };
 
@@ -232,4 +234,94 @@ fn raw_packets_to_the_metadata_addresses_never_leave_a_pod() {
         status.contains("backstop_dropped=4"),
         "interceptor status shows the drops:\n{status}"
     );
+}
+
+/// Connects from `cgroup` in `netns`, bound to `CLIENT:40000`, to the metadata address
+/// (redirected to `PROXY:8181`, where nothing listens: refused after sock_ops ran).
+fn connect_bound(cgroup: &Cgroup, netns: &Netns) -> String {
+    const CONNECT: &str = r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.252.0.2", 40000))
+try:
+    s.connect(("169.254.169.254", 80))
+    print("connected")
+except OSError as error:
+    print("errno", error.errno)
+"#;
+    let output = in_cgroup(cgroup, Some(netns), "python3", &["-c", CONNECT])
+        .output()
+        .expect("run the client");
+    assert!(
+        output.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_colliding_record_is_deleted_not_substituted() {
+    if !require_root("a_colliding_record_is_deleted_not_substituted") {
+        return;
+    }
+    let node = Node::new();
+    let (pod_a, pod_b) = (node.pod_cgroups(), node.pod_cgroups());
+    let tag = std::process::id() % 100_000;
+    // Two pods whose namespaces hold the same addresses (as two clusters' overlapping pod
+    // ranges, or a pod that copies another's address, can): the client's and the proxy's.
+    let (netns_a, netns_b) = (
+        Netns::create(format!("icca{tag}")),
+        Netns::create(format!("iccb{tag}")),
+    );
+    for netns in [&netns_a, &netns_b] {
+        for address in ["10.252.0.1/32", "10.252.0.2/32"] {
+            netns.exec(&["ip", "addr", "add", address, "dev", "lo"]);
+        }
+        netns.exec(&["ip", "link", "set", "lo", "up"]);
+    }
+    let pins = Pins::new("collision");
+    let proxy = SocketAddrV4::new("10.252.0.1".parse().unwrap(), 8181);
+    let datapath = ebpf::Datapath::open(&ebpf::Options {
+        pin_dir: pins.0.clone(),
+        cgroup_root: node.kubepods.clone(),
+        redirect: Redirect {
+            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
+            metadata6: METADATA_IPV6,
+            proxy4: Some(proxy),
+            proxy6: None,
+        },
+        reload: false,
+        kernel_log: false,
+    })
+    .expect("attach");
+    let attribution = datapath.attribution();
+    let (peer, local) = (
+        "10.252.0.2:40000".parse::<SocketAddr>().unwrap(),
+        SocketAddr::V4(proxy),
+    );
+
+    // One connect alone is recorded under these addresses.
+    assert_eq!(connect_bound(&pod_a.container, &netns_a), "errno 111");
+    let alone = attribution.take(peer, local).expect("lookup");
+    assert_eq!(
+        alone.map(|record| record.cgroup_id),
+        Some(pod_a.container.id()),
+        "a single connect is recorded under the key"
+    );
+
+    // Pod a's connection is pending (not accepted); pod b's connect has the same key.
+    assert_eq!(connect_bound(&pod_a.container, &netns_a), "errno 111");
+    assert_eq!(connect_bound(&pod_b.container, &netns_b), "errno 111");
+    let after = attribution.take(peer, local).expect("lookup");
+    assert_eq!(
+        after.map(|record| record.cgroup_id),
+        None,
+        "pod a's pending record must be deleted, not replaced by pod b's (a = {}, b = {})",
+        pod_a.container.id(),
+        pod_b.container.id()
+    );
+    let counters: HashMap<_, _> = datapath.counters().into_iter().collect();
+    assert_eq!(counters["collided"], 1, "{counters:?}");
 }
