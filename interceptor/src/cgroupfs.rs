@@ -118,15 +118,59 @@ pub fn unified_path_in(proc_cgroup: &str) -> Option<&str> {
         .map(str::trim)
 }
 
-/// The directory of the cgroup this process is in.
-pub fn own_cgroup_dir() -> Result<PathBuf, Error> {
+/// The directory of the cgroup this process is in, or `None` when it cannot be told.
+///
+/// `/proc/self/cgroup` names the cgroup relative to the reader's cgroup namespace: inside
+/// a container with a private one (every containerd or CRI-O container on cgroup v2) it
+/// reads `0::/`, which joined to the host's cgroup2 mount would name the host's root. So
+/// the path it gives is only taken when that directory's `cgroup.procs` lists this
+/// process; otherwise the tree under the mount is searched for the one directory that
+/// does (`cgroup.procs` shows pids in the reader's pid namespace, so this holds in a pid
+/// namespace too). Not found (a mount that hides our cgroup): `None`, and the caller
+/// exempts nothing rather than something else.
+pub fn own_cgroup_dir() -> Result<Option<PathBuf>, Error> {
     let path = Path::new("/proc/self/cgroup");
     let text = fs::read_to_string(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
     })?;
     let relative = unified_path_in(&text).ok_or(Error::NoUnifiedEntry { path: path.into() })?;
-    Ok(cgroup2_mount()?.join(relative.trim_start_matches('/')))
+    let mount = cgroup2_mount()?;
+    let pid = std::process::id();
+    let named = mount.join(relative.trim_start_matches('/'));
+    if holds(&named, pid) {
+        return Ok(Some(named));
+    }
+    Ok(find_holding(&mount, pid))
+}
+
+/// Whether `dir/cgroup.procs` lists `pid`.
+fn holds(dir: &Path, pid: u32) -> bool {
+    fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| {
+        procs
+            .lines()
+            .any(|line| line.trim().parse::<u32>() == Ok(pid))
+    })
+}
+
+/// The directory under `top` (itself included) whose `cgroup.procs` lists `pid`.
+fn find_holding(top: &Path, pid: u32) -> Option<PathBuf> {
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if holds(&dir, pid) {
+            return Some(dir);
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        stack.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                .map(|entry| entry.path()),
+        );
+    }
+    None
 }
 
 #[cfg(test)]

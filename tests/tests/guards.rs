@@ -325,3 +325,134 @@ fn a_colliding_record_is_deleted_not_substituted() {
     let counters: HashMap<_, _> = datapath.counters().into_iter().collect();
     assert_eq!(counters["collided"], 1, "{counters:?}");
 }
+
+/// `interceptor attach` run from `cgroup` under `unshare -C` (a private cgroup namespace,
+/// as in every containerd or CRI-O container on cgroup v2, where `/proc/self/cgroup`
+/// reads `0::/`), then the exempt cgroups the kernel holds.
+#[test]
+fn the_agent_exempts_exactly_its_own_cgroup_inside_a_cgroup_namespace() {
+    if !require_root("the_agent_exempts_exactly_its_own_cgroup_inside_a_cgroup_namespace") {
+        return;
+    }
+    let node = Node::new();
+    let own = node.outside_cgroup("system.slice/interceptor-attach.service");
+    let pins = Pins::new("cgroupns");
+    let binary = interceptor_tests::agent::binary().display().to_string();
+    let (pin_dir, cgroup_root, host_ip) = (
+        pins.0.display().to_string(),
+        node.kubepods.display().to_string(),
+        node.address.to_string(),
+    );
+    let output = in_cgroup(
+        &own,
+        None,
+        "unshare",
+        &[
+            "-C",
+            &binary,
+            "attach",
+            "--bpf-pin-dir",
+            &pin_dir,
+            "--cgroup-root",
+            &cgroup_root,
+            "--host-ip",
+            &host_ip,
+        ],
+    )
+    .output()
+    .expect("run interceptor attach");
+    assert!(
+        output.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status = ebpf::status(&pins.0).expect("status");
+    assert_eq!(
+        status.exempt_cgroups,
+        vec![own.id()],
+        "exactly the attaching process's own cgroup is exempt (the cgroup2 root is {})",
+        interceptor::cgroupfs::cgroup_id(&interceptor::cgroupfs::cgroup2_mount().unwrap()).unwrap()
+    );
+}
+
+/// An exemption pinned by an earlier agent (here: made directly in the map, as an agent
+/// run with `--node-identity-namespace kube-system` made it for a kube-system pod) is gone
+/// once an agent whose configuration does not make it is ready.
+#[test]
+fn exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready() {
+    if !require_root("exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready") {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.pod_cgroups();
+    let pins = Pins::new("reconcile");
+    let redirect = Redirect {
+        metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
+        metadata6: METADATA_IPV6,
+        proxy4: Some(SocketAddrV4::new(node.address, 8181)),
+        proxy6: None,
+    };
+    {
+        let earlier = ebpf::Datapath::open(&ebpf::Options {
+            pin_dir: pins.0.clone(),
+            cgroup_root: node.kubepods.clone(),
+            redirect,
+            reload: false,
+            kernel_log: false,
+        })
+        .expect("attach");
+        earlier.exempt().insert(pod.container.id()).expect("exempt");
+    }
+    assert!(
+        ebpf::status(&pins.0)
+            .unwrap()
+            .exempt_cgroups
+            .contains(&pod.container.id())
+    );
+
+    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
+    let bindings =
+        std::env::temp_dir().join(format!("interceptor-reconcile-{}.yaml", std::process::id()));
+    std::fs::write(
+        &bindings,
+        format!(
+            "bindings:\n  - name: a\n    cgroup: /{}\n    role: role-a\n",
+            pod.container.path.strip_prefix(&mount).unwrap().display()
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> = [
+        "--bindings",
+        &bindings.display().to_string(),
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &interceptor_tests::agent::free_port().to_string(),
+        "--cgroup-root",
+        &node.kubepods.display().to_string(),
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
+        ("AWS_SECRET_ACCESS_KEY", "x"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let mut agent = interceptor_tests::agent::Agent::run(
+        &args,
+        &pins.0,
+        interceptor_tests::agent::free_port(),
+        &env,
+    );
+    agent.wait_ready(std::time::Duration::from_secs(30));
+    let exempt = ebpf::status(&pins.0).unwrap().exempt_cgroups;
+    let _ = std::fs::remove_file(&bindings);
+    assert!(
+        !exempt.contains(&pod.container.id()),
+        "the pod's exemption outlived the configuration that made it: {exempt:?}\n{}",
+        agent.log_text()
+    );
+}

@@ -200,6 +200,12 @@ impl App {
             datapath.spawn_kernel_log();
         }
         tracing::info!(outcome = ?datapath.outcome(), cgroup = %cgroup_root.display(), %proxy, "programs attached");
+        // Exemptions pinned under an earlier configuration go; this one's are made below
+        // (the agent's own pod) and by OptOuts (node-identity pods), before readiness.
+        let stale = datapath.forget_exemptions()?;
+        if !stale.is_empty() {
+            tracing::info!(cgroups = ?stale, "removed exemptions the current configuration does not make");
+        }
         let datapath = Arc::new(datapath);
 
         let index = Arc::new(CgroupIndex::new(

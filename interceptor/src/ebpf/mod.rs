@@ -96,6 +96,8 @@ pub struct Datapath {
     attribution: Arc<Attribution>,
     stats: Stats,
     kernel_log: Option<KernelLog>,
+    /// The cgroup exempted as this process's own, if it was found.
+    own_cgroup: Option<u64>,
 }
 
 impl Datapath {
@@ -133,22 +135,53 @@ impl Datapath {
             (outcome, load_and_attach(options, &cgroup, cgroup_id)?)
         };
 
-        let datapath = Self {
+        let mut datapath = Self {
             outcome,
             cgroup_id,
             exempt: Arc::new(ExemptCgroups::open(&options.pin_dir)?),
             attribution: Arc::new(Attribution::open(&options.pin_dir)?),
             stats: Stats::open(&options.pin_dir)?,
             kernel_log,
+            own_cgroup: None,
         };
         // The agent's own connections (e.g. to the real metadata service for its own
-        // credentials or allowed passthrough) must never be redirected to itself.
-        if let Ok(own) = crate::cgroupfs::own_cgroup_dir()
-            && let Ok(id) = crate::cgroupfs::cgroup_id(&own)
-        {
-            datapath.exempt.insert(id)?;
+        // credentials or allowed passthrough) must never be redirected to itself. Exactly
+        // its own cgroup, or none when it cannot be found (never the host's root, which a
+        // cgroup namespace would otherwise make it name).
+        match crate::cgroupfs::own_cgroup_dir() {
+            Ok(Some(own)) => match crate::cgroupfs::cgroup_id(&own) {
+                Ok(id) => {
+                    datapath.exempt.insert(id)?;
+                    datapath.own_cgroup = Some(id);
+                }
+                Err(error) => tracing::warn!(%error, "exempting no cgroup of this process"),
+            },
+            Ok(None) => tracing::warn!(
+                "this process's cgroup is not visible under the cgroup2 mount; exempting none"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "this process's cgroup is unknown; exempting none")
+            }
         }
         Ok(datapath)
+    }
+
+    /// Removes every exemption except this process's own cgroup, returning the ids
+    /// removed. Exemptions live in a pinned map that outlives the agent, so one made under
+    /// an earlier configuration (a namespace since dropped from
+    /// `--node-identity-namespace`) would otherwise stay in force; the agent calls this at
+    /// start, before readiness, and exempts again what its configuration wants.
+    pub fn forget_exemptions(&self) -> Result<Vec<u64>, Error> {
+        let stale: Vec<u64> = self
+            .exempt
+            .list()
+            .into_iter()
+            .filter(|id| Some(*id) != self.own_cgroup)
+            .collect();
+        for id in &stale {
+            self.exempt.remove(*id)?;
+        }
+        Ok(stale)
     }
 
     pub fn outcome(&self) -> Outcome {
