@@ -19,9 +19,13 @@ use std::{
 use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
 use interceptor_tests::{
     Node,
+    clients::raw,
+    cluster::AGENT_ENV,
+    fake_imds::FakeImds,
+    moto::MotoServer,
     node::{Cgroup, Netns, in_cgroup},
     pins::Pins,
-    require_root,
+    probe, require_root,
 };
 
 const NODE4: &str = "10.251.0.1";
@@ -454,5 +458,115 @@ fn exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready() {
         !exempt.contains(&pod.container.id()),
         "the pod's exemption outlived the configuration that made it: {exempt:?}\n{}",
         agent.log_text()
+    );
+}
+
+/// The node's boot path: `interceptor attach` before the kubelet, no agent yet. Pods'
+/// metadata connects are redirected to the proxy port where nothing listens: refused,
+/// and nothing reaches the node's metadata service. Then the agent starts on the same
+/// pins and port and the same pods are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
+    if !require_root("attached_at_boot_pods_are_refused_until_the_agent_serves_them") {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.pod();
+    let pins = Pins::new("boot");
+    let upstream = FakeImds::start(std::net::IpAddr::from([127, 0, 0, 1])).await;
+    let app_port = interceptor_tests::agent::free_port().to_string();
+    let attach = Command::new(interceptor_tests::agent::binary())
+        .args(["attach", "--bpf-pin-dir", &pins.0.display().to_string()])
+        .args(["--cgroup-root", &node.kubepods.display().to_string()])
+        .args([
+            "--host-ip",
+            &node.address.to_string(),
+            "--app-port",
+            &app_port,
+        ])
+        .args(["--metadata-addr", &upstream.addr().to_string()])
+        .output()
+        .expect("run interceptor attach");
+    assert!(
+        attach.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+
+    let pod = std::sync::Arc::new(pod);
+    let probing = pod.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        probe::run(probing.command(probe::binary(), &["169.254.169.254:80", "5", "boot", "4"]))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (refused.connected, refused.failed),
+        (0, 5),
+        "with no agent, every metadata connect is refused: {refused:?}"
+    );
+
+    let moto = MotoServer::start_on(node.address, &[]);
+    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
+    let bindings =
+        std::env::temp_dir().join(format!("interceptor-boot-{}.yaml", std::process::id()));
+    std::fs::write(
+        &bindings,
+        format!(
+            "bindings:\n  - name: a\n    cgroup: /{}\n    role: role-a\n",
+            pod.container.path.strip_prefix(&mount).unwrap().display()
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> = [
+        "--bindings",
+        &bindings.display().to_string(),
+        "--host-ip",
+        &node.address.to_string(),
+        "--app-port",
+        &app_port,
+        "--cgroup-root",
+        &node.kubepods.display().to_string(),
+        "--metadata-addr",
+        &upstream.addr().to_string(),
+        "--sts-endpoint",
+        &moto.endpoint(),
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    let mut agent = interceptor_tests::agent::Agent::run(
+        &args,
+        &pins.0,
+        interceptor_tests::agent::free_port(),
+        &AGENT_ENV,
+    );
+    agent.wait_ready(std::time::Duration::from_secs(30));
+    let _ = std::fs::remove_file(&bindings);
+    assert!(
+        agent.log_text().contains("Reused"),
+        "the agent takes over the programs attached at boot:\n{}",
+        agent.log_text()
+    );
+    let served = tokio::task::spawn_blocking(move || {
+        raw(
+            &pod,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/",
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(served, (200, "role-a".to_owned()), "{}", agent.log_text());
+    assert!(
+        upstream
+            .requests()
+            .iter()
+            .all(|request| !request.contains("security-credentials")),
+        "the node's metadata service was asked for credentials: {:?}",
+        upstream.requests()
     );
 }
