@@ -150,6 +150,8 @@ pub struct CacheStats {
     pub held: AtomicU64,
     /// Requests answered before STS did (`request_wait`), the call going on.
     pub waited_out: AtomicU64,
+    /// Slots evicted because their pod asked for more than [`SLOTS_PER_POD`].
+    pub evicted: AtomicU64,
 }
 
 impl CacheStats {
@@ -170,6 +172,7 @@ impl CacheStats {
             ("stale_served", &self.stale_served),
             ("held", &self.held),
             ("waited_out", &self.waited_out),
+            ("evicted", &self.evicted),
         ]
         .into_iter()
         .map(|(name, value)| (name, value.load(Ordering::Relaxed)))
@@ -185,6 +188,9 @@ fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Default)]
 struct Slot {
+    /// Order of creation among all slots (a counter): the oldest of a pod's slots is the
+    /// one evicted when it asks for one more than [`SLOTS_PER_POD`].
+    created: u64,
     current: Mutex<Option<Arc<Credentials>>>,
     /// Held while calling STS for this key: concurrent askers wait here and then find
     /// the fresh credentials, so one STS call serves them all.
@@ -228,10 +234,20 @@ impl Slot {
     }
 }
 
+/// Slots (cached credentials, each with its refresher and STS calls) one pod may hold.
+/// A pod's key changes with its role or its `iam.amazonaws.com/external-id` annotation,
+/// and the old key stays until the pod is deleted: a pod changing its external id in a
+/// loop would otherwise grow the cache and the refreshers without bound. Four covers a
+/// role change and an external id change overlapping; a fifth evicts the oldest (its
+/// refresher stops). Counted by session name, which names the pod (namespace and name).
+pub(crate) const SLOTS_PER_POD: usize = 4;
+
 pub struct CredentialCache {
     client: aws_sdk_sts::Client,
     settings: Settings,
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    /// Source of [`Slot::created`].
+    next_slot: std::sync::atomic::AtomicU64,
     stats: Arc<CacheStats>,
     /// Prefetches calling STS at once ([`PREFETCH_CONCURRENCY`]).
     prefetching: Arc<tokio::sync::Semaphore>,
@@ -258,6 +274,7 @@ impl CredentialCache {
             client,
             settings,
             slots: Mutex::default(),
+            next_slot: std::sync::atomic::AtomicU64::new(0),
             stats: Arc::default(),
             prefetching: Arc::new(tokio::sync::Semaphore::new(PREFETCH_CONCURRENCY)),
         })
@@ -279,9 +296,34 @@ impl CredentialCache {
         }
     }
 
+    /// The slot of `key`, created if needed; creating one beyond [`SLOTS_PER_POD`] for
+    /// the same pod evicts that pod's oldest slot (credentials dropped, refresher stopped).
     fn slot(&self, key: &Key) -> Arc<Slot> {
         let mut slots = locked(&self.slots);
-        Arc::clone(slots.entry(key.clone()).or_default())
+        if let Some(slot) = slots.get(key) {
+            return Arc::clone(slot);
+        }
+        let pod = &key.request.session_name;
+        let mut same_pod: Vec<(u64, Key)> = slots
+            .iter()
+            .filter(|(other, _)| other.request.session_name == *pod)
+            .map(|(other, slot)| (slot.created, other.clone()))
+            .collect();
+        if same_pod.len() >= SLOTS_PER_POD {
+            same_pod.sort_unstable_by_key(|(created, _)| *created);
+            for (_, oldest) in &same_pod[..=same_pod.len() - SLOTS_PER_POD] {
+                if let Some(evicted) = slots.remove(oldest) {
+                    evicted.discard();
+                    self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let slot = Arc::new(Slot {
+            created: self.next_slot.fetch_add(1, Ordering::Relaxed),
+            ..Slot::default()
+        });
+        slots.insert(key.clone(), Arc::clone(&slot));
+        slot
     }
 
     /// Keys cached now.
@@ -534,5 +576,63 @@ impl CredentialCache {
             }
         }
         *locked(&slot.refreshing) = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn cache() -> Arc<CredentialCache> {
+        // Never called: slots are created without asking STS.
+        let config = aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("us-east-1"))
+            .build();
+        CredentialCache::new(aws_sdk_sts::Client::from_conf(config), Settings::default())
+    }
+
+    fn request(pod: &str, external_id: usize) -> RoleRequest {
+        RoleRequest {
+            role_arn: "arn:aws:iam::123456789012:role/app".into(),
+            external_id: Some(format!("id-{external_id}").into()),
+            session_name: pod.into(),
+        }
+    }
+
+    #[test]
+    fn a_pod_changing_its_external_id_holds_a_bounded_number_of_slots() {
+        let cache = cache();
+        let other = cache.slot(&cache.key(&request("ns.other", 0)));
+        let mut slots = Vec::new();
+        for id in 0..10 {
+            slots.push(cache.slot(&cache.key(&request("ns.churn", id))));
+        }
+        assert_eq!(
+            cache.len(),
+            SLOTS_PER_POD + 1,
+            "the churning pod's slots, plus the other pod's"
+        );
+        assert_eq!(
+            cache.stats.evicted.load(Ordering::Relaxed),
+            10 - SLOTS_PER_POD as u64
+        );
+        for (id, slot) in slots.iter().enumerate() {
+            let kept = id >= 10 - SLOTS_PER_POD;
+            assert_eq!(
+                cache.wanted(&cache.key(&request("ns.churn", id)), slot),
+                kept,
+                "slot {id}: the newest {SLOTS_PER_POD} are kept"
+            );
+            // An evicted slot's refresher was told to stop (a stored permit).
+            assert_eq!(
+                slot.forgotten.notified().now_or_never().is_some(),
+                !kept,
+                "slot {id}"
+            );
+        }
+        assert!(cache.wanted(&cache.key(&request("ns.other", 0)), &other));
     }
 }
