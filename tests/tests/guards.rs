@@ -537,14 +537,29 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
     .iter()
     .map(|arg| (*arg).to_owned())
     .collect();
-    let mut agent = interceptor_tests::agent::Agent::run(
-        &args,
-        &pins.0,
-        interceptor_tests::agent::free_port(),
-        &AGENT_ENV,
-    );
+    let admin_port = interceptor_tests::agent::free_port();
+    let mut agent = interceptor_tests::agent::Agent::run(&args, &pins.0, admin_port, &AGENT_ENV);
     agent.wait_ready(std::time::Duration::from_secs(30));
     let _ = std::fs::remove_file(&bindings);
+
+    // The admin port closes a connection that sends no request head (header-read
+    // timeout, 5 s) instead of holding it: read sees the end of the stream. Without the
+    // timeout the read would block until its own 30 s limit and fail the test.
+    let silent = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut buffer = [0u8; 512];
+        stream.read(&mut buffer).map_err(|error| error.kind())
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(silent, Ok(_)),
+        "a silent admin connection was held open: {silent:?}"
+    );
     assert!(
         agent.log_text().contains("Reused"),
         "the agent takes over the programs attached at boot:\n{}",

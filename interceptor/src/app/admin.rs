@@ -1,18 +1,34 @@
 //! The admin server on `--metrics-port`: `/healthz`, `/readyz`, `/metrics`, and with
 //! `--debug` `/debug/store`. Separate from the credential port, so that what can scrape
 //! metrics cannot assume roles.
+//!
+//! Served with bounds, since anything on the node network can reach it: a client gets
+//! [`HEADER_READ_TIMEOUT`] to send each request head, at most [`MAX_CONNECTIONS`] are
+//! served at once (more wait in the kernel's accept queue), every connection lives at
+//! most [`CONNECTION_MAX_AGE`], and the accept loop outlives accept errors (EMFILE,
+//! ECONNABORTED), pausing briefly after one instead of ending and taking the kubelet's
+//! probes with it.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use super::readiness::Readiness;
 use crate::metrics::Metrics;
+
+/// Time to send a request head (the first, and each next one on a keep-alive connection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections served at once.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection's lifetime, whatever it does.
+const CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
+/// Pause after an accept error, so that a persistent one (EMFILE) does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the admin endpoints show of the rest of the agent.
 pub(super) trait State: Send + Sync + 'static {
@@ -94,24 +110,32 @@ impl Admin {
     /// Serves until the task is aborted (the app keeps it up through the drain, so
     /// `/readyz` says "not ready" while the agent drains).
     pub(super) async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tracing::warn!(%error, "admin port: accept failed; continuing");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };
             let admin = Arc::clone(&self);
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = service_fn(move |request: http::Request<_>| {
                     let response = admin.respond(request.uri().path());
                     async move { Ok::<_, Infallible>(response) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_MAX_AGE, connection).await;
             });
         }
     }
