@@ -212,6 +212,10 @@ pub struct RunArgs {
     /// count as one cgroup); more are closed at once, so one pod cannot starve the others.
     #[arg(long, default_value_t = 64)]
     pub max_connections_per_cgroup: usize,
+    /// Proxy connections served at once per pod, all its containers together; more are
+    /// closed at once, so a pod with many containers cannot take the whole pool.
+    #[arg(long, default_value_t = 128)]
+    pub max_connections_per_pod: usize,
     /// STS session duration of pods' credentials (e.g. 1h, 3600s).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub iam_role_session_ttl: std::time::Duration,
@@ -564,6 +568,7 @@ mod tests {
                 limits.max_header_bytes,
                 limits.max_connections,
                 limits.max_connections_per_cgroup,
+                limits.max_connections_per_pod,
             ),
             (
                 Duration::from_secs(5),
@@ -572,6 +577,7 @@ mod tests {
                 16 * 1024,
                 1024,
                 64,
+                128,
             )
         );
         let limits = run(&[
@@ -828,6 +834,7 @@ impl RunArgs {
                 max_header_bytes: self.max_header_bytes,
                 max_connections: self.max_connections,
                 max_connections_per_cgroup: self.max_connections_per_cgroup,
+                max_connections_per_pod: self.max_connections_per_pod.min(self.max_connections),
             },
             policy,
             discover: Discover {
@@ -913,6 +920,15 @@ impl RunArgs {
             "max-connections-per-cgroup",
             self.max_connections_per_cgroup.to_string(),
             "from 1 to --max-connections",
+        )?;
+        // Above --max-connections it bounds nothing; the default (128) is allowed with a
+        // lower --max-connections (and then served as --max-connections) rather than
+        // making that an error.
+        check(
+            self.max_connections_per_pod >= 1,
+            "max-connections-per-pod",
+            self.max_connections_per_pod.to_string(),
+            "at least 1",
         )
     }
 }

@@ -107,41 +107,53 @@ pub struct ServerConfig {
     /// Connections served at once per caller cgroup (and for all unattributed ones
     /// together); more are closed at once, so one pod cannot take every slot.
     pub max_connections_per_cgroup: usize,
+    /// Connections served at once per pod (all its containers together); more are
+    /// closed at once, so a pod with many containers cannot take the whole pool.
+    pub max_connections_per_pod: usize,
 }
 
-/// Open connections per caller cgroup (`None`: connections the kernel did not record).
-#[derive(Default)]
-struct OpenPerCgroup(Mutex<HashMap<Option<u64>, usize>>);
+/// Open connections per key: per caller cgroup (`None`: connections the kernel did not
+/// record), and per pod (the caller's binding, its pod UID).
+struct OpenPer<K>(Mutex<HashMap<K, usize>>);
 
-impl OpenPerCgroup {
-    /// A slot for one more connection of `cgroup`, unless it already holds `limit`.
-    fn claim(self: &Arc<Self>, cgroup: Option<u64>, limit: usize) -> Option<CgroupSlot> {
+impl<K> Default for OpenPer<K> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+type OpenPerCgroup = OpenPer<Option<u64>>;
+type OpenPerPod = OpenPer<String>;
+
+impl<K: std::hash::Hash + Eq + Clone> OpenPer<K> {
+    /// A slot for one more connection of `key`, unless it already holds `limit`.
+    fn claim(self: &Arc<Self>, key: K, limit: usize) -> Option<Slot<K>> {
         let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = open.entry(cgroup).or_default();
+        let count = open.entry(key.clone()).or_default();
         if *count >= limit {
             return None;
         }
         *count += 1;
-        Some(CgroupSlot {
+        Some(Slot {
             open: Arc::clone(self),
-            cgroup,
+            key,
         })
     }
 }
 
-/// One connection's place in [`OpenPerCgroup`], given back when dropped.
-struct CgroupSlot {
-    open: Arc<OpenPerCgroup>,
-    cgroup: Option<u64>,
+/// One connection's place in an [`OpenPer`], given back when dropped.
+struct Slot<K: std::hash::Hash + Eq> {
+    open: Arc<OpenPer<K>>,
+    key: K,
 }
 
-impl Drop for CgroupSlot {
+impl<K: std::hash::Hash + Eq> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut open = self.open.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&self.cgroup) {
+        if let Some(count) = open.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                open.remove(&self.cgroup);
+                open.remove(&self.key);
             }
         }
     }
@@ -156,6 +168,7 @@ pub struct Server<B: Backend> {
     metrics: Arc<Metrics>,
     open_per_cgroup: Arc<OpenPerCgroup>,
     drain: Drain,
+    open_per_pod: Arc<OpenPerPod>,
 }
 
 impl<B: Backend> Server<B> {
@@ -176,6 +189,7 @@ impl<B: Backend> Server<B> {
             metrics,
             open_per_cgroup: Arc::default(),
             drain,
+            open_per_pod: Arc::default(),
         }
     }
 
@@ -222,6 +236,7 @@ impl<B: Backend> Server<B> {
             connection_max_age,
             max_header_bytes,
             max_connections_per_cgroup,
+            max_connections_per_pod,
             ..
         } = self.config;
         let record = match self.attribution.take(peer, local) {
@@ -250,6 +265,21 @@ impl<B: Backend> Server<B> {
         };
         let caller = match record {
             Some(record) => self.backend.caller(record).await.map(Arc::new),
+            None => None,
+        };
+        let _pod_slot = match &caller {
+            Some(caller) => {
+                let pod = self.backend.binding(caller).to_owned();
+                let Some(slot) = self.open_per_pod.claim(pod, max_connections_per_pod) else {
+                    self.metrics
+                        .connection_refusals
+                        .with_label_values(&["pod_limit"])
+                        .inc();
+                    tracing::debug!(%peer, "too many connections from this pod: closed");
+                    return;
+                };
+                Some(slot)
+            }
             None => None,
         };
         let draining = self.drain.signaled();
@@ -420,7 +450,8 @@ mod tests {
     #[test]
     fn connections_per_cgroup_are_bounded_and_given_back() {
         let open = Arc::new(OpenPerCgroup::default());
-        let held: Vec<CgroupSlot> = (0..3).map(|_| open.claim(Some(7), 3).unwrap()).collect();
+        let held: Vec<Slot<Option<u64>>> =
+            (0..3).map(|_| open.claim(Some(7), 3).unwrap()).collect();
         assert!(
             open.claim(Some(7), 3).is_none(),
             "a fourth slot for cgroup 7"
@@ -436,6 +467,40 @@ mod tests {
         assert!(
             open.0.lock().unwrap().is_empty(),
             "no entry is kept for cgroups without connections"
+        );
+    }
+
+    #[test]
+    fn a_pod_s_containers_share_one_bound() {
+        // Two containers of one pod, each within its cgroup limit, together reach the
+        // pod's limit; another pod is not affected.
+        let (cgroups, pods) = (
+            Arc::new(OpenPerCgroup::default()),
+            Arc::new(OpenPerPod::default()),
+        );
+        let mut held = Vec::new();
+        for cgroup in [1, 2] {
+            for _ in 0..2 {
+                held.push((
+                    cgroups.claim(Some(cgroup), 3).unwrap(),
+                    pods.claim("pod-a".to_owned(), 4)
+                        .expect("within the pod's bound"),
+                ));
+            }
+        }
+        assert!(
+            cgroups.claim(Some(3), 3).is_some(),
+            "a third container is within its cgroup bound"
+        );
+        assert!(
+            pods.claim("pod-a".to_owned(), 4).is_none(),
+            "but not within its pod's"
+        );
+        assert!(pods.claim("pod-b".to_owned(), 4).is_some());
+        drop(held);
+        assert!(
+            pods.claim("pod-a".to_owned(), 4).is_some(),
+            "slots are given back"
         );
     }
 }
