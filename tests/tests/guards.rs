@@ -557,7 +557,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
     .await
     .unwrap();
     assert!(
-        matches!(silent, Ok(_)),
+        silent.is_ok(),
         "a silent admin connection was held open: {silent:?}"
     );
     assert!(
@@ -583,5 +583,54 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
             .all(|request| !request.contains("security-credentials")),
         "the node's metadata service was asked for credentials: {:?}",
         upstream.requests()
+    );
+}
+
+/// Pinned programs of another build (same ABI version, another object hash, as a
+/// kernel-side fix that did not bump the ABI leaves them) are replaced, not re-used.
+#[test]
+fn programs_of_another_build_are_replaced_not_reused() {
+    if !require_root("programs_of_another_build_are_replaced_not_reused") {
+        return;
+    }
+    let node = Node::new();
+    let pins = Pins::new("otherbuild");
+    let options = ebpf::Options {
+        pin_dir: pins.0.clone(),
+        cgroup_root: node.kubepods.clone(),
+        redirect: Redirect {
+            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
+            metadata6: METADATA_IPV6,
+            proxy4: Some(SocketAddrV4::new(node.address, 8181)),
+            proxy6: None,
+        },
+        reload: false,
+        kernel_log: false,
+    };
+    let first = ebpf::Datapath::open(&options).expect("attach");
+    assert_eq!(first.outcome(), ebpf::Outcome::Loaded);
+    drop(first);
+    // What another build would have pinned: the same layout, another object.
+    let mut config = ebpf::maps::ConfigMap::open(&pins.0).expect("config map");
+    let mut pinned = config.get().unwrap();
+    pinned.object_hash ^= 1;
+    config.set(&pinned).unwrap();
+    drop(config);
+
+    let second = ebpf::Datapath::open(&options).expect("attach again");
+    assert_eq!(second.outcome(), ebpf::Outcome::Reloaded);
+    assert_eq!(
+        ebpf::maps::ConfigMap::open(&pins.0)
+            .and_then(|config| config.get())
+            .unwrap()
+            .object_hash,
+        ebpf::object_hash()
+    );
+    drop(second);
+    let third = ebpf::Datapath::open(&options).expect("attach a third time");
+    assert_eq!(
+        third.outcome(),
+        ebpf::Outcome::Reused,
+        "this build's own programs are re-used"
     );
 }

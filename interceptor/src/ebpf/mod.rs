@@ -124,7 +124,22 @@ impl Datapath {
             .iter()
             .filter(|name| link_pin(&options.pin_dir, name).exists())
             .count();
-        let (outcome, kernel_log) = if pinned == PROGRAMS.len() && !options.reload {
+        // Programs of another build (same ABI, same cgroup, another object hash: a
+        // kernel-side fix that did not bump the ABI) are replaced, never reused silently;
+        // the replacement attaches the new programs before removing the old (no gap).
+        let other_build = ConfigMap::open(&options.pin_dir)
+            .and_then(|map| map.get())
+            .is_ok_and(|pinned| {
+                pinned.abi_version == ABI_VERSION
+                    && pinned.cgroup_id == cgroup_id
+                    && pinned.object_hash != object_hash()
+            });
+        if other_build && pinned == PROGRAMS.len() && !options.reload {
+            tracing::info!(
+                "the pinned programs are of another build; replacing them without a gap"
+            );
+        }
+        let (outcome, kernel_log) = if pinned == PROGRAMS.len() && !options.reload && !other_build {
             reuse(options, cgroup_id)?
         } else {
             let outcome = if pinned > 0 {
@@ -260,13 +275,6 @@ fn reuse(options: &Options, cgroup_id: u64) -> Result<(Outcome, Option<KernelLog
             requested: cgroup_id,
             path: options.cgroup_root.clone(),
         });
-    }
-    if current.object_hash != object_hash() {
-        tracing::warn!(
-            pinned = format_args!("{:016x}", current.object_hash),
-            ours = format_args!("{:016x}", object_hash()),
-            "re-using pinned programs from another build; restart with --reload to replace them"
-        );
     }
     config.set(&kernel_config(
         &options.redirect,
