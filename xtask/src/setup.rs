@@ -290,7 +290,7 @@ fn go() -> Result<PathBuf> {
 /// from tests/k8s. Modules come only from the Go module proxy (no `direct` fallback, no
 /// toolchain download) and are checked against go.sum. Symbols and paths are stripped:
 /// the binaries are for tests, and half the size links faster. Run with `nice`: it takes
-/// minutes on two cores (docs/TOOLCHAIN-k8s.md has the measurements).
+/// minutes on two cores (docs/control-plane.md has the measurements).
 fn control_plane() -> Result<()> {
     let bin = k8s_bin_dir()?;
     if bin.join("kube-apiserver").is_file() && bin.join("etcd").is_file() {
