@@ -127,12 +127,19 @@ impl ControlPlane {
         match plane {
             Ok(plane) => Some(plane),
             Err(reason) => {
-                let ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
-                assert!(
-                    !ci,
-                    "{test}: the Kubernetes control plane did not start: {reason}"
-                );
-                eprintln!("SKIPPED {test}: the Kubernetes control plane did not start: {reason}");
+                not_started(test, reason);
+                None
+            }
+        }
+    }
+
+    /// [`Self::start`] for a test: `None` (with a message) outside CI when it cannot
+    /// start; under `CI=true` that fails the test with the reason instead.
+    pub fn private(test: &str) -> Option<ControlPlane> {
+        match Self::start() {
+            Ok(plane) => Some(plane),
+            Err(reason) => {
+                not_started(test, &reason);
                 None
             }
         }
@@ -460,6 +467,16 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Under `CI=true`, fails `test` with `reason`; otherwise says it is skipped.
+fn not_started(test: &str, reason: &str) {
+    let ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
+    assert!(
+        !ci,
+        "{test}: the Kubernetes control plane did not start: {reason}"
+    );
+    eprintln!("SKIPPED {test}: the Kubernetes control plane did not start: {reason}");
 }
 
 extern "C" fn stop_shared() {

@@ -6,7 +6,8 @@
 use std::{net::IpAddr, time::Duration};
 
 use interceptor_tests::{
-    Node,
+    Node, Pod,
+    agent::Agent,
     clients::boto3,
     cluster::{AGENT_ENV, Peers, start_agent},
     control_plane::{ControlPlane, wait_until},
@@ -103,16 +104,15 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
         "only the agent's taint is removed"
     );
 
-    let sts = moto.endpoint();
-    let (a, b) = tokio::task::spawn_blocking(move || (boto3(&pod_a, &sts), boto3(&pod_b, &sts)))
-        .await
-        .unwrap();
+    served(
+        &agent,
+        &moto.endpoint(),
+        &pod_a,
+        &format!("role-a/{team}.app-a"),
+    )
+    .await;
+    let b = tokio::task::block_in_place(|| boto3(&pod_b, &moto.endpoint()));
     let log = agent.log_text();
-    assert_eq!(
-        a,
-        format!("arn:aws:sts::123456789012:assumed-role/role-a/{team}.app-a"),
-        "{log}"
-    );
     assert!(
         b.starts_with("ERROR") && b.contains("NoCredentials"),
         "a role the namespace forbids is not served: {b}\n{log}"
@@ -144,4 +144,105 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
             .contains(&format!("not allowed in namespace {locked}")),
         "{event}"
     );
+}
+
+/// The real watch protocol's worst case: etcd is compacted past what the agent has seen
+/// and kube-apiserver restarts, so the agent's watch resumes from a resourceVersion the
+/// server no longer has. The server answers 410 Gone, the agent relists, and a pod
+/// created after the outage is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_compaction_and_an_apiserver_restart_the_agent_relists_and_serves_new_pods() {
+    let test = "after_compaction_and_an_apiserver_restart_the_agent_relists_and_serves_new_pods";
+    if !require_root(test) {
+        return;
+    }
+    let Some(plane) = ControlPlane::private(test) else {
+        return;
+    };
+    let scope = plane.scope("relist");
+    scope.add_node(&[]).await;
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
+    let node = Node::new();
+    let api_a = scope.add_pod(&team, "app-a", &[(ROLE, "role-a")]).await;
+    let pod_a = node.pod_with_uid(api_a.metadata.uid.clone().unwrap());
+    scope.set_running(&api_a, &pod_a).await;
+
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "real-relist",
+        &node,
+        Peers {
+            api: &scope,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
+        &["--base-role-arn", "arn:aws:iam::123456789012:role/"],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    // The first AssumeRole of a cold STS may outlast a client's 1 s timeout: ask until
+    // the role is served.
+    served(
+        &agent,
+        &moto.endpoint(),
+        &pod_a,
+        &format!("role-a/{team}.app-a"),
+    )
+    .await;
+
+    // Writes the agent's node-scoped watch does not see move etcd past its
+    // resourceVersion; compaction then drops everything up to now.
+    let other = scope.namespace_name("elsewhere");
+    scope.namespace(&other, &[]).await;
+    for index in 0..5 {
+        scope
+            .plane
+            .kubectl(&[
+                "create",
+                "configmap",
+                &format!("bump-{index}"),
+                "-n",
+                &other,
+            ])
+            .unwrap();
+    }
+    let revision = plane.compact().unwrap();
+    assert!(revision > 0);
+    plane.stop_apiserver();
+    plane.start_apiserver().unwrap();
+
+    let api_b = scope.add_pod(&team, "app-b", &[(ROLE, "role-b")]).await;
+    let pod_b = node.pod_with_uid(api_b.metadata.uid.clone().unwrap());
+    scope.set_running(&api_b, &pod_b).await;
+    served(
+        &agent,
+        &moto.endpoint(),
+        &pod_b,
+        &format!("role-b/{team}.app-b"),
+    )
+    .await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("too old resource version") || log.contains("Expired"),
+        "the watch resumed without a 410 (the scenario did not happen):\n{log}"
+    );
+}
+
+/// Asks boto3 in `pod` until STS reports `assumed-role/{session}`: the first AssumeRole of a
+/// cold STS may outlast the client's 1 s timeout.
+async fn served(agent: &Agent, sts: &str, pod: &Pod, session: &str) {
+    let expected = format!("arn:aws:sts::123456789012:assumed-role/{session}");
+    wait_until("the pod's role", Duration::from_secs(60), || {
+        let answer = tokio::task::block_in_place(|| boto3(pod, sts));
+        let result = if answer == expected {
+            Ok(())
+        } else {
+            Err(format!("{answer}\n{}", agent.log_text()))
+        };
+        async move { result }
+    })
+    .await;
 }
