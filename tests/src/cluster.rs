@@ -2,14 +2,51 @@
 //! server, roles are assumed at a given STS endpoint, and the node's own metadata service
 //! is a fake holding the node's credentials.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use crate::{
     Node, Pod,
     agent::{Agent, free_port},
     apiserver::{FakeApiServer, new_pod},
+    control_plane::Scope,
     fake_imds::FakeImds,
 };
+
+/// An API server the agent can be pointed at: how it authenticates and which node it
+/// runs for.
+pub trait ApiEndpoint {
+    /// Writes the kubeconfig the agent runs with.
+    fn write_kubeconfig(&self, path: &Path) -> io::Result<()>;
+    /// The agent's `--node`.
+    fn node_name(&self) -> &str;
+}
+
+impl ApiEndpoint for FakeApiServer {
+    fn write_kubeconfig(&self, path: &Path) -> io::Result<()> {
+        FakeApiServer::write_kubeconfig(self, path)
+    }
+
+    fn node_name(&self) -> &str {
+        NODE
+    }
+}
+
+/// The real API server: the agent authenticates with its ServiceAccount's token, so it
+/// has exactly deploy/'s permissions.
+impl ApiEndpoint for Scope<'_> {
+    fn write_kubeconfig(&self, path: &Path) -> io::Result<()> {
+        self.plane.write_agent_kubeconfig(path)
+    }
+
+    fn node_name(&self) -> &str {
+        &self.node
+    }
+}
 
 /// The node name the agent runs for (`--node`).
 pub const NODE: &str = "node-a";
@@ -39,7 +76,7 @@ pub fn api_pod(
 /// What the agent under test talks to: the API server, the node's metadata service
 /// (faked) and STS.
 pub struct Peers<'a> {
-    pub api: &'a FakeApiServer,
+    pub api: &'a dyn ApiEndpoint,
     pub upstream: &'a FakeImds,
     pub sts: &'a str,
 }
@@ -104,7 +141,7 @@ pub fn agent_setup(
         "--cgroup-root".into(),
         node.kubepods.display().to_string(),
         "--node".into(),
-        NODE.into(),
+        server.node_name().into(),
         "--kubeconfig".into(),
         kubeconfig.display().to_string(),
         "--metadata-addr".into(),

@@ -17,6 +17,7 @@ pub mod apiserver;
 pub mod clients;
 pub mod cluster;
 pub mod cmd;
+pub mod control_plane;
 pub mod fake_imds;
 pub mod moto;
 pub mod node;

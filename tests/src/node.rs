@@ -189,6 +189,12 @@ impl Node {
 
     /// A pod: netns + veth on the bridge + a containerd-style container cgroup.
     pub fn pod(&self) -> Pod {
+        self.pod_with_uid(uuid_like(&unique("")))
+    }
+
+    /// A pod with the given UID: for pods created through a real API server first, which
+    /// assigns the UID the kubelet then names the pod's cgroup after.
+    pub fn pod_with_uid(&self, uid: String) -> Pod {
         let host = self.next_host.fetch_add(1, Ordering::Relaxed);
         let ip = Ipv4Addr::new(
             10,
@@ -201,7 +207,7 @@ impl Node {
             container_id,
             container,
             pod_slice,
-        } = self.pod_cgroups();
+        } = self.pod_cgroups_with_uid(uid);
         let netns = Netns::create(unique("icp"));
         let veth = Link(unique("icv"));
         cmd::run(
@@ -267,7 +273,10 @@ impl Node {
     /// Only the cgroups of a pod (no network): for pods whose processes share another
     /// pod's network namespace, as hostNetwork pods share the node's.
     pub fn pod_cgroups(&self) -> PodCgroups {
-        let uid = uuid_like(&unique(""));
+        self.pod_cgroups_with_uid(uuid_like(&unique("")))
+    }
+
+    fn pod_cgroups_with_uid(&self, uid: String) -> PodCgroups {
         let container_id = format!("{:0>64}", unique("").replace('x', "0"));
         let slice = self
             .kubepods

@@ -37,6 +37,7 @@ pub fn run(build_only: bool) -> Result<()> {
     debian_packages()?;
     python_peers()?;
     js_peers()?;
+    control_plane()?;
     eprintln!("setup: all present");
     Ok(())
 }
@@ -246,6 +247,77 @@ fn js_peers() -> Result<()> {
             .current_dir(&dir),
     )?;
     fs::write(&done, b"")?;
+    Ok(())
+}
+
+/// The Go module that builds the tests' Kubernetes control plane.
+fn k8s_module() -> PathBuf {
+    workspace_root().join("tests/k8s")
+}
+
+/// The files whose contents decide what the control plane build produces.
+const K8S_INPUTS: [&str; 3] = ["go.mod", "go.sum", "cmd/etcd/main.go"];
+
+/// Where `kube-apiserver` and `etcd` are built: outside the work tree, keyed by the hash
+/// of the module's files (the versions are in go.mod and go.sum), so an unchanged module
+/// is never rebuilt and a changed one gets a directory of its own.
+pub fn k8s_bin_dir() -> Result<PathBuf> {
+    let mut bytes = Vec::new();
+    for input in K8S_INPUTS {
+        let path = k8s_module().join(input);
+        bytes.extend(fs::read(&path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    Ok(data_dir()
+        .join(format!("k8s-{:016x}", fnv1a(&bytes)))
+        .join("bin"))
+}
+
+/// The Go toolchain: `go` on PATH, else the official install location.
+fn go() -> Result<PathBuf> {
+    if have("go") {
+        return Ok("go".into());
+    }
+    let installed = PathBuf::from("/usr/local/go/bin/go");
+    if installed.is_file() {
+        return Ok(installed);
+    }
+    bail!(
+        "no Go toolchain (go on PATH or /usr/local/go/bin/go): the tests' kube-apiserver and etcd are built from tests/k8s with Go 1.26"
+    )
+}
+
+/// `go build` of kube-apiserver (k8s.io/kubernetes) and etcd (go.etcd.io/etcd/server)
+/// from tests/k8s. Modules come only from the Go module proxy (no `direct` fallback, no
+/// toolchain download) and are checked against go.sum. Symbols and paths are stripped:
+/// the binaries are for tests, and half the size links faster. Run with `nice`: it takes
+/// minutes on two cores (docs/control-plane.md has the measurements).
+fn control_plane() -> Result<()> {
+    let bin = k8s_bin_dir()?;
+    if bin.join("kube-apiserver").is_file() && bin.join("etcd").is_file() {
+        return Ok(());
+    }
+    let go = go()?;
+    let building = bin.with_file_name("bin.partial");
+    let _ = fs::remove_dir_all(&building);
+    fs::create_dir_all(&building)?;
+    eprintln!(
+        "setup: building kube-apiserver and etcd from tests/k8s into {} (minutes)",
+        bin.display()
+    );
+    run::status(
+        Command::new("nice")
+            .arg(&go)
+            .args(["build", "-trimpath", "-ldflags=-s -w", "-o"])
+            .arg(format!("{}/", building.display()))
+            .args(["k8s.io/kubernetes/cmd/kube-apiserver", "./cmd/etcd"])
+            .current_dir(k8s_module())
+            .env("GOPROXY", "https://proxy.golang.org")
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "-mod=readonly")
+            .env("CGO_ENABLED", "0"),
+    )?;
+    let _ = fs::remove_dir_all(&bin);
+    fs::rename(&building, &bin)?;
     Ok(())
 }
 

@@ -82,6 +82,7 @@ pub fn run(options: &TestOptions) -> Result<()> {
         .env("INTERCEPTOR_BIN", &agent)
         .env("INTERCEPTOR_PY_VENV", &venv)
         .env("INTERCEPTOR_JS_PEERS", &js)
+        .env("INTERCEPTOR_K8S_BIN", setup::k8s_bin_dir()?)
         .env("CI", env::var("CI").unwrap_or_default());
     let totals = run_counting(&mut test)?;
     // One closing line for the whole run (cargo prints one per test binary, the last of
@@ -166,6 +167,7 @@ pub fn demo() -> Result<()> {
             .env(
                 "INTERCEPTOR_PY_VENV",
                 setup::peers_dir("venv", &setup::python_requirements())?,
-            ),
+            )
+            .env("INTERCEPTOR_K8S_BIN", setup::k8s_bin_dir()?),
     )
 }

@@ -1,6 +1,9 @@
-//! `cargo xtask demo`: interceptor on a simulated node on this machine.
+//! `cargo xtask demo`: interceptor on a simulated node on this machine, in two acts.
 //!
-//! A node (a bridge and a cgroup tree) with three "pods" (network namespace + cgroup),
+//! First, Kubernetes mode against a real control plane (kube-apiserver and etcd built by
+//! `cargo xtask setup`, RBAC on, deploy/ applied): pods created through the API with role
+//! annotations, one of them in a namespace whose `allowed-roles` refuse its role, the agent
+//! running with nothing but its ServiceAccount's token. Then standalone mode: a node (a bridge and a cgroup tree) with three "pods" (network namespace + cgroup),
 //! moto as STS, a stand-in for the node's own metadata service that holds the node's
 //! credentials, and the real agent in standalone mode with a bindings file. The real AWS
 //! CLI runs in each pod with no configuration but a region and the STS endpoint, and
@@ -12,7 +15,9 @@ use interceptor_tests::{
     Node, Pod,
     agent::{Agent, free_port},
     clients::aws_cli,
+    cluster::{AGENT_ENV, Peers, start_agent},
     cmd,
+    control_plane::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, ControlPlane, wait_until},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     pins::Pins,
@@ -24,6 +29,145 @@ async fn main() {
     if !require_root("demo") {
         std::process::exit(1);
     }
+    kubernetes_act().await;
+    standalone_act().await;
+}
+
+const ROLE: &str = "iam.amazonaws.com/role";
+const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
+const TAINT: &str = "interceptor.dev/agent-not-ready";
+
+async fn kubernetes_act() {
+    println!("== act 1: Kubernetes mode, against a real kube-apiserver (RBAC on, deploy/ applied)");
+    let plane = ControlPlane::start().unwrap_or_else(|reason| {
+        eprintln!("the control plane did not start: {reason}");
+        std::process::exit(1);
+    });
+    let subject = format!("system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}");
+    println!(
+        "\n== what deploy/ lets the agent do (kubectl auth can-i --list --as={subject})\n{}",
+        plane
+            .kubectl(&["auth", "can-i", "--list", &format!("--as={subject}")])
+            .unwrap_or_else(|e| e)
+    );
+    let scope = plane.scope("demo");
+    scope.add_node(&[TAINT]).await;
+    scope
+        .namespace("payments", &[(ALLOWED, r#"["billing", "analytics"]"#)])
+        .await;
+    scope
+        .namespace("sandbox", &[(ALLOWED, r#"["readonly"]"#)])
+        .await;
+    let node = Node::new();
+    let mut pods = Vec::new();
+    for (namespace, name, role) in [
+        ("payments", "billing", "billing"),
+        ("payments", "analytics", "analytics"),
+        ("sandbox", "intruder", "billing"),
+    ] {
+        let api = scope.add_pod(namespace, name, &[(ROLE, role)]).await;
+        let pod = node.pod_with_uid(api.metadata.uid.clone().unwrap());
+        scope.set_running(&api, &pod).await;
+        pods.push((format!("{namespace}/{name}"), pod, role));
+    }
+    println!(
+        "== pods, created through the API, annotated\n{}",
+        plane
+            .kubectl(&[
+                "get",
+                "pods",
+                "-A",
+                "-o",
+                "custom-columns=POD:.metadata.name,NAMESPACE:.metadata.namespace,\
+                 NODE:.spec.nodeName,ROLE:.metadata.annotations.iam\\.amazonaws\\.com/role,\
+                 PHASE:.status.phase",
+            ])
+            .unwrap_or_else(|e| e)
+    );
+
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "demo-k8s",
+        &node,
+        Peers {
+            api: &scope,
+            upstream: &upstream,
+            sts: &moto.endpoint(),
+        },
+        &[
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--namespace-restrictions",
+        ],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    let taints = wait_until(
+        "the startup taint's removal",
+        Duration::from_secs(30),
+        || async {
+            let taints: Vec<String> = scope
+                .node_object()
+                .await
+                .and_then(|node| node.spec?.taints)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|taint| taint.key)
+                .collect();
+            if taints.iter().any(|key| key == TAINT) {
+                Err(format!("{taints:?}"))
+            } else {
+                Ok(taints)
+            }
+        },
+    )
+    .await;
+    println!(
+        "== the agent is ready and lifted {TAINT} from node {}: taints now {taints:?}\n",
+        scope.node
+    );
+
+    println!("{:<20} {:<10} identity STS reports", "pod", "role");
+    let sts = moto.endpoint();
+    for (name, pod, role) in pods {
+        let sts = sts.clone();
+        let (answer, _pod) = tokio::task::spawn_blocking(move || (aws_cli(&pod, &sts), pod))
+            .await
+            .unwrap();
+        let identity = if answer.starts_with("arn:") {
+            answer
+        } else {
+            format!("refused: {}", answer.lines().last().unwrap_or_default())
+        };
+        println!("{name:<20} {role:<10} {identity}");
+    }
+    let events = wait_until("the refusal's Event", Duration::from_secs(30), || async {
+        let events = scope.events("sandbox").await;
+        if events.is_empty() {
+            Err("none yet".to_owned())
+        } else {
+            Ok(events)
+        }
+    })
+    .await;
+    println!("\n== Events the agent posted (events.k8s.io/v1, accepted by the real server)");
+    for event in events {
+        println!(
+            "{} {} {}: {}",
+            event["type"].as_str().unwrap_or_default(),
+            event["reason"].as_str().unwrap_or_default(),
+            event["regarding"]["name"].as_str().unwrap_or_default(),
+            event["note"].as_str().unwrap_or_default()
+        );
+    }
+    drop(agent);
+    println!("\n(cleaning up: agent, pods, kube-apiserver, etcd)\n");
+}
+
+async fn standalone_act() {
+    println!("== act 2: standalone mode (--bindings), no Kubernetes");
     println!("== a node with three pods, moto as STS, the node's metadata service faked");
     let node = Node::new();
     let pods: Vec<(&str, Pod, Option<&str>)> = vec![
