@@ -33,15 +33,15 @@ use serde::{Deserialize, Serialize};
 
 /// The tracing target of audit records: route or filter on it
 /// (`--log-level info,interceptor::audit=info`).
-pub const TARGET: &str = "interceptor::audit";
+pub(crate) const TARGET: &str = "interceptor::audit";
 
 /// At most this many (container, key) pairs are remembered for de-duplication.
-pub const MAX_REMEMBERED: usize = 65_536;
+pub(crate) const MAX_REMEMBERED: usize = 65_536;
 
 /// How the role a container got was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ChosenBy {
+pub(crate) enum ChosenBy {
     /// The pod's role annotation.
     PodAnnotation,
     /// The pod's ServiceAccount.
@@ -53,7 +53,7 @@ pub enum ChosenBy {
 }
 
 impl ChosenBy {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::PodAnnotation => "pod_annotation",
             Self::ServiceAccount => "service_account",
@@ -66,7 +66,7 @@ impl ChosenBy {
 /// Why a record has no executable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ExecutableUnavailable {
+pub(crate) enum ExecutableUnavailable {
     /// The kernel recorded no pid (a connection attributed without one).
     NoPid,
     /// No such process any more (it exited), or not in the agent's PID namespace.
@@ -80,7 +80,7 @@ pub enum ExecutableUnavailable {
 }
 
 impl ExecutableUnavailable {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::NoPid => "no_pid",
             Self::ProcessGone => "process_gone",
@@ -93,7 +93,7 @@ impl ExecutableUnavailable {
 /// The executable of `pid`, if that process is still in the cgroup at `cgroup_path`
 /// (relative to the cgroup2 mount, as the identity index holds it). `proc` is the procfs
 /// mount (`/proc`).
-pub fn executable(
+pub(crate) fn executable(
     proc: &Path,
     pid: u32,
     cgroup_path: &str,
@@ -138,51 +138,86 @@ pub(crate) fn in_cgroup(proc_cgroup: &str, expected: &str) -> bool {
 
 /// The container that was handed credentials, as the kernel and the pod store know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Container {
-    pub namespace: String,
-    pub pod: String,
-    pub pod_uid: String,
+pub(crate) struct Container {
+    pub(crate) namespace: String,
+    pub(crate) pod: String,
+    pub(crate) pod_uid: String,
     /// `runtime://id` from the cgroup path, when the cgroup is a container's.
-    pub container_id: Option<String>,
-    pub cgroup_id: u64,
+    pub(crate) container_id: Option<String>,
+    pub(crate) cgroup_id: u64,
     /// The cgroup's path from the cgroup2 mount.
-    pub cgroup_path: String,
-    pub pid: u32,
+    pub(crate) cgroup_path: String,
+    pub(crate) pid: u32,
+}
+
+impl Container {
+    /// The container behind a connection the kernel recorded from `pid` in `cgroup`,
+    /// in `pod`.
+    pub(crate) fn of(
+        cgroup: &crate::identity::index::Resolved,
+        pid: u32,
+        pod: &crate::k8s::PodInfo,
+    ) -> Self {
+        let container_id = cgroup
+            .identity
+            .as_ref()
+            .ok()
+            .and_then(|identity| identity.container.as_ref())
+            .map(crate::identity::ContainerRef::status_id);
+        Self {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            pod_uid: pod.uid.clone(),
+            container_id,
+            cgroup_id: cgroup.cgroup_id,
+            cgroup_path: cgroup.path.clone(),
+            pid,
+        }
+    }
+}
+
+impl From<crate::policy::RoleSource> for ChosenBy {
+    fn from(source: crate::policy::RoleSource) -> Self {
+        match source {
+            crate::policy::RoleSource::Annotation => Self::PodAnnotation,
+            crate::policy::RoleSource::Default => Self::Default,
+        }
+    }
 }
 
 /// The credentials handed out, without their secrets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Handed {
-    pub role_arn: String,
-    pub access_key_id: String,
-    pub expiration: SystemTime,
-    pub chosen_by: ChosenBy,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Handed<'a> {
+    pub(crate) role_arn: &'a str,
+    pub(crate) access_key_id: &'a str,
+    pub(crate) expiration: SystemTime,
+    pub(crate) chosen_by: ChosenBy,
 }
 
 /// One audit record. Every field is safe to log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Record {
+pub(crate) struct Record {
     /// RFC 3339, UTC.
-    pub time: String,
-    pub node: String,
-    pub namespace: String,
-    pub pod: String,
-    pub pod_uid: String,
-    pub container_id: Option<String>,
-    pub cgroup_id: u64,
-    pub pid: u32,
-    pub executable: Option<String>,
-    pub executable_unavailable: Option<ExecutableUnavailable>,
-    pub role_arn: String,
-    pub access_key_id: String,
+    pub(crate) time: String,
+    pub(crate) node: String,
+    pub(crate) namespace: String,
+    pub(crate) pod: String,
+    pub(crate) pod_uid: String,
+    pub(crate) container_id: Option<String>,
+    pub(crate) cgroup_id: u64,
+    pub(crate) pid: u32,
+    pub(crate) executable: Option<String>,
+    pub(crate) executable_unavailable: Option<ExecutableUnavailable>,
+    pub(crate) role_arn: String,
+    pub(crate) access_key_id: String,
     /// RFC 3339, UTC.
-    pub expiration: String,
-    pub chosen_by: ChosenBy,
+    pub(crate) expiration: String,
+    pub(crate) chosen_by: ChosenBy,
 }
 
 impl Record {
     /// Logs the record at INFO under [`TARGET`], one field per member.
-    pub fn log(&self) {
+    pub(crate) fn log(&self) {
         tracing::info!(
             target: TARGET,
             time = %self.time,
@@ -204,71 +239,129 @@ impl Record {
     }
 }
 
+/// A key remembered as handed to a container.
+struct Seen {
+    pod_uid: String,
+    access_key_id: String,
+    expiration: SystemTime,
+}
+
 /// Remembers which container was handed which key, and makes the record the first time.
-pub struct AuditLog {
+/// Asking costs no allocation when the container already had the key (every request
+/// after the first): keys are found by cgroup id, then compared in place.
+pub(crate) struct AuditLog {
     node: String,
     proc: PathBuf,
-    /// (cgroup id, pod UID, AccessKeyId) -> the key's expiry.
-    seen: Mutex<HashMap<(u64, String, String), SystemTime>>,
+    seen: Mutex<Remembered>,
     max: usize,
 }
 
+#[derive(Default)]
+struct Remembered {
+    /// Cgroup id -> the keys its processes were handed (a few at a time: the current
+    /// credentials and the ones they replace).
+    by_cgroup: HashMap<u64, Vec<Seen>>,
+    len: usize,
+}
+
+impl Remembered {
+    fn forget_expired(&mut self, now: SystemTime) {
+        self.by_cgroup.retain(|_, seen| {
+            seen.retain(|one| one.expiration > now);
+            !seen.is_empty()
+        });
+        self.recount();
+    }
+
+    /// Drops the key that expires first: the least likely to be handed again.
+    fn forget_first_expiring(&mut self) {
+        let first = self
+            .by_cgroup
+            .iter()
+            .flat_map(|(cgroup, seen)| {
+                seen.iter()
+                    .enumerate()
+                    .map(move |(index, one)| (one.expiration, *cgroup, index))
+            })
+            .min();
+        if let Some((_, cgroup, index)) = first {
+            if let Some(seen) = self.by_cgroup.get_mut(&cgroup) {
+                seen.swap_remove(index);
+                if seen.is_empty() {
+                    self.by_cgroup.remove(&cgroup);
+                }
+            }
+        }
+        self.recount();
+    }
+
+    fn recount(&mut self) {
+        self.len = self.by_cgroup.values().map(Vec::len).sum();
+    }
+}
+
 impl AuditLog {
-    pub fn new(node: impl Into<String>) -> Self {
+    pub(crate) fn new(node: impl Into<String>) -> Self {
         Self::with(node, PathBuf::from("/proc"), MAX_REMEMBERED)
     }
 
     /// With another procfs and bound (tests).
-    pub fn with(node: impl Into<String>, proc: PathBuf, max: usize) -> Self {
+    pub(crate) fn with(node: impl Into<String>, proc: PathBuf, max: usize) -> Self {
         Self {
             node: node.into(),
             proc,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Remembered::default()),
             max: max.max(1),
         }
     }
 
-    /// `container` was handed `handed` now: the record to log if this container has not
-    /// been handed this key before, else `None`.
-    pub fn handed_out(&self, container: &Container, handed: &Handed) -> Option<Record> {
-        self.handed_out_at(container, handed, SystemTime::now())
+    /// The container in cgroup `cgroup_id` of pod `pod_uid` was handed `handed` now: the
+    /// record to log if it had not been handed this key before, else `None`.
+    /// `container` is asked only then.
+    pub(crate) fn handed_out(
+        &self,
+        cgroup_id: u64,
+        pod_uid: &str,
+        handed: &Handed<'_>,
+        container: impl FnOnce() -> Container,
+    ) -> Option<Record> {
+        self.handed_out_at(cgroup_id, pod_uid, handed, container, SystemTime::now())
     }
 
     pub(crate) fn handed_out_at(
         &self,
-        container: &Container,
-        handed: &Handed,
+        cgroup_id: u64,
+        pod_uid: &str,
+        handed: &Handed<'_>,
+        container: impl FnOnce() -> Container,
         now: SystemTime,
     ) -> Option<Record> {
-        let key = (
-            container.cgroup_id,
-            container.pod_uid.clone(),
-            handed.access_key_id.clone(),
-        );
         {
             let mut seen = self
                 .seen
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
-            if seen.contains_key(&key) {
+            let known = seen.by_cgroup.get(&cgroup_id).is_some_and(|keys| {
+                keys.iter()
+                    .any(|one| one.access_key_id == handed.access_key_id && one.pod_uid == pod_uid)
+            });
+            if known {
                 return None;
             }
-            if seen.len() >= self.max {
-                seen.retain(|_, expiry| *expiry > now);
+            if seen.len >= self.max {
+                seen.forget_expired(now);
             }
-            while seen.len() >= self.max {
-                // The key that expires first is the one least likely to be handed again.
-                let Some(oldest) = seen
-                    .iter()
-                    .min_by_key(|(_, expiry)| **expiry)
-                    .map(|(key, _)| key.clone())
-                else {
-                    break;
-                };
-                seen.remove(&oldest);
+            while seen.len >= self.max {
+                seen.forget_first_expiring();
             }
-            seen.insert(key, handed.expiration);
+            seen.by_cgroup.entry(cgroup_id).or_default().push(Seen {
+                pod_uid: pod_uid.to_owned(),
+                access_key_id: handed.access_key_id.to_owned(),
+                expiration: handed.expiration,
+            });
+            seen.len += 1;
         }
+        let container = container();
         let (executable, executable_unavailable) =
             match executable(&self.proc, container.pid, &container.cgroup_path) {
                 Ok(path) => (Some(path.display().to_string()), None),
@@ -277,31 +370,28 @@ impl AuditLog {
         Some(Record {
             time: rfc3339(now),
             node: self.node.clone(),
-            namespace: container.namespace.clone(),
-            pod: container.pod.clone(),
-            pod_uid: container.pod_uid.clone(),
-            container_id: container.container_id.clone(),
+            namespace: container.namespace,
+            pod: container.pod,
+            pod_uid: container.pod_uid,
+            container_id: container.container_id,
             cgroup_id: container.cgroup_id,
             pid: container.pid,
             executable,
             executable_unavailable,
-            role_arn: handed.role_arn.clone(),
-            access_key_id: handed.access_key_id.clone(),
+            role_arn: handed.role_arn.to_owned(),
+            access_key_id: handed.access_key_id.to_owned(),
             expiration: rfc3339(handed.expiration),
             chosen_by: handed.chosen_by,
         })
     }
 
-    /// Pairs remembered now.
-    pub fn len(&self) -> usize {
+    /// Pairs remembered now (tests: the bound holds).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.seen
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+            .len
     }
 }
 

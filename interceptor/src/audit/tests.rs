@@ -19,13 +19,24 @@ fn container(cgroup_id: u64, pid: u32) -> Container {
     }
 }
 
-fn handed(key: &str, expiration: SystemTime) -> Handed {
+fn handed(key: &str, expiration: SystemTime) -> Handed<'_> {
     Handed {
-        role_arn: "arn:aws:iam::123456789012:role/app".into(),
-        access_key_id: key.into(),
+        role_arn: "arn:aws:iam::123456789012:role/app",
+        access_key_id: key,
         expiration,
         chosen_by: ChosenBy::PodAnnotation,
     }
+}
+
+/// `log.handed_out_at` for `container(cgroup_id, pid)`.
+fn hand(
+    log: &AuditLog,
+    cgroup_id: u64,
+    pid: u32,
+    handed: &Handed<'_>,
+    now: SystemTime,
+) -> Option<Record> {
+    log.handed_out_at(cgroup_id, "uid", handed, || container(cgroup_id, pid), now)
 }
 
 /// A procfs stand-in: `pid/cgroup` with `cgroup_line`, `pid/exe` -> `exe`.
@@ -63,9 +74,8 @@ fn a_key_is_recorded_once_per_container() {
     let log = AuditLog::with("node-a", proc.0.clone(), 16);
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let expiry = now + Duration::from_secs(3600);
-    let first = log
-        .handed_out_at(&container(7, 42), &handed("ASIA1", expiry), now)
-        .expect("the first hand-out is recorded");
+    let first =
+        hand(&log, 7, 42, &handed("ASIA1", expiry), now).expect("the first hand-out is recorded");
     assert_eq!(first.node, "node-a");
     assert_eq!(
         (first.namespace.as_str(), first.pod.as_str()),
@@ -80,19 +90,10 @@ fn a_key_is_recorded_once_per_container() {
     assert_eq!(first.time, crate::imds::ec2::timestamp(now));
     assert_eq!(first.chosen_by, ChosenBy::PodAnnotation);
     // The same key to the same container again: nothing.
-    assert_eq!(
-        log.handed_out_at(&container(7, 43), &handed("ASIA1", expiry), now),
-        None
-    );
+    assert_eq!(hand(&log, 7, 43, &handed("ASIA1", expiry), now), None);
     // A new key (refreshed credentials), or the same key to another container: recorded.
-    assert!(
-        log.handed_out_at(&container(7, 42), &handed("ASIA2", expiry), now)
-            .is_some()
-    );
-    assert!(
-        log.handed_out_at(&container(8, 42), &handed("ASIA1", expiry), now)
-            .is_some()
-    );
+    assert!(hand(&log, 7, 42, &handed("ASIA2", expiry), now).is_some());
+    assert!(hand(&log, 8, 42, &handed("ASIA1", expiry), now).is_some());
     assert_eq!(log.len(), 3);
 }
 
@@ -103,45 +104,42 @@ fn memory_is_bounded_expired_keys_first_and_a_forgotten_key_is_recorded_again() 
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let later = now + Duration::from_secs(3600);
     assert!(
-        log.handed_out_at(
-            &container(1, 0),
+        hand(
+            &log,
+            1,
+            0,
             &handed("EXPIRED", now - Duration::from_secs(1)),
             now
         )
         .is_some()
     );
-    assert!(
-        log.handed_out_at(&container(1, 0), &handed("LIVE", later), now)
-            .is_some()
-    );
+    assert!(hand(&log, 1, 0, &handed("LIVE", later), now).is_some());
     // Full: the expired one goes, the live one stays remembered.
     assert!(
-        log.handed_out_at(
-            &container(1, 0),
+        hand(
+            &log,
+            1,
+            0,
             &handed("NEW", later + Duration::from_secs(1)),
             now
         )
         .is_some()
     );
     assert_eq!(log.len(), 2);
-    assert_eq!(
-        log.handed_out_at(&container(1, 0), &handed("LIVE", later), now),
-        None
-    );
+    assert_eq!(hand(&log, 1, 0, &handed("LIVE", later), now), None);
     // Full of live keys: the one expiring first is dropped, and recorded again if handed.
     assert!(
-        log.handed_out_at(
-            &container(1, 0),
+        hand(
+            &log,
+            1,
+            0,
             &handed("NEWER", later + Duration::from_secs(2)),
             now
         )
         .is_some()
     );
     assert_eq!(log.len(), 2);
-    assert!(
-        log.handed_out_at(&container(1, 0), &handed("LIVE", later), now)
-            .is_some()
-    );
+    assert!(hand(&log, 1, 0, &handed("LIVE", later), now).is_some());
 }
 
 #[test]
@@ -182,9 +180,7 @@ fn the_record_serialises_without_anything_secret() {
     let proc = FakeProc::new("json");
     let log = AuditLog::with("node-a", proc.0.clone(), 4);
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    let record = log
-        .handed_out_at(&container(7, 99), &handed("ASIAKEY", now), now)
-        .unwrap();
+    let record = hand(&log, 7, 99, &handed("ASIAKEY", now), now).unwrap();
     let json = serde_json::to_value(&record).unwrap();
     let fields: Vec<&str> = json
         .as_object()
