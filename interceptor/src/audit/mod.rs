@@ -284,12 +284,12 @@ impl Remembered {
                     .map(move |(index, one)| (one.expiration, *cgroup, index))
             })
             .min();
-        if let Some((_, cgroup, index)) = first {
-            if let Some(seen) = self.by_cgroup.get_mut(&cgroup) {
-                seen.swap_remove(index);
-                if seen.is_empty() {
-                    self.by_cgroup.remove(&cgroup);
-                }
+        if let Some((_, cgroup, index)) = first
+            && let Some(seen) = self.by_cgroup.get_mut(&cgroup)
+        {
+            seen.swap_remove(index);
+            if seen.is_empty() {
+                self.by_cgroup.remove(&cgroup);
             }
         }
         self.recount();
