@@ -30,6 +30,12 @@ pub(crate) struct Metrics {
     pub credentials_seconds: HistogramVec,
     /// Point-in-time values refreshed at scrape: pods, cgroups, cache keys, map entries.
     pub tracked: IntGaugeVec,
+    /// The most `tracked` can hold, for the kinds that have a bound (the kernel maps).
+    pub capacity: IntGaugeVec,
+    /// When the first of the cached credentials expires (Unix seconds; 0 with none
+    /// cached). Refresh ahead keeps it well in the future; close to now means refreshes
+    /// are failing.
+    pub credentials_earliest_expiry: IntGauge,
     /// The credentials cache's totals (hits, STS calls, ...), advanced at scrape.
     pub credentials_events: IntCounterVec,
     /// The kernel programs' totals (redirected, refused, ...), advanced at scrape.
@@ -109,6 +115,19 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
+        let capacity = IntGaugeVec::new(
+            Opts::new(
+                "capacity",
+                "The most that can be tracked, by the kind of interceptor_tracked (kernel maps)",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let credentials_earliest_expiry = IntGauge::new(
+            "credentials_earliest_expiry_timestamp_seconds",
+            "Expiry of the cached credentials that expire first (Unix time; 0 with none cached)",
+        )
+        .expect("valid metric");
         let credentials_events = IntCounterVec::new(
             Opts::new(
                 "credentials_events_total",
@@ -140,6 +159,8 @@ impl Metrics {
             Box::new(authorizations.clone()),
             Box::new(credentials_seconds.clone()),
             Box::new(tracked.clone()),
+            Box::new(capacity.clone()),
+            Box::new(credentials_earliest_expiry.clone()),
             Box::new(credentials_events.clone()),
             Box::new(kernel_events.clone()),
             Box::new(build_info.clone()),
@@ -147,10 +168,10 @@ impl Metrics {
         ] {
             registry.register(collector).expect("unique metric names");
         }
-        let process = prometheus::process_collector::ProcessCollector::new(
-            std::process::id() as i32,
-            "interceptor",
-        );
+        // No namespace of its own: the registry's prefix makes `interceptor_process_*`
+        // (with "interceptor" here too the names were `interceptor_interceptor_process_*`).
+        let process =
+            prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, "");
         let _ = registry.register(Box::new(process));
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -166,6 +187,8 @@ impl Metrics {
             authorizations,
             credentials_seconds,
             tracked,
+            capacity,
+            credentials_earliest_expiry,
             credentials_events,
             kernel_events,
             ready,

@@ -16,7 +16,7 @@ use std::{
 use crate::{
     credentials::{RoleRequest, session_name},
     ebpf::Attributed,
-    identity::index::CgroupIndex,
+    identity::index::{CgroupIndex, Resolved},
     k8s::{EventSink, Lookup, NamespaceStore, PodInfo, PodStore},
     policy::{Decision, DenyReason, NamespacePolicy, PolicyConfig, RoleSource},
 };
@@ -53,10 +53,13 @@ impl Refusal {
 }
 
 /// An attributed connection's caller: a pod of this node, known by its UID (what its
-/// IMDSv2 tokens are bound to).
+/// IMDSv2 tokens are bound to), with the cgroup and process the kernel recorded (what the
+/// audit record names).
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub uid: String,
+    pub cgroup: Arc<Resolved>,
+    pub pid: u32,
 }
 
 /// What a pod may have right now, as decided from its and its namespace's annotations.
@@ -198,7 +201,11 @@ impl Resolver {
             }
         };
         match self.pods.wait_for(&uid, self.unknown_pod_wait).await {
-            Lookup::Found(_) => Ok(Caller { uid }),
+            Lookup::Found(_) => Ok(Caller {
+                uid,
+                cgroup,
+                pid: record.pid,
+            }),
             Lookup::Deleted => Err(Refusal::DeletedPod { uid }),
             Lookup::Unknown => Err(Refusal::UnknownPod { uid }),
         }

@@ -9,9 +9,11 @@ use tokio::task::JoinSet;
 
 use super::{Shared, admin, readiness::Latch};
 use crate::{
+    audit::{self, AuditLog, ChosenBy},
     config::KubeConfig,
     credentials::{Credentials, CredentialsError, RoleRequest},
     ebpf::Attributed,
+    identity::index::Resolved,
     imds::{self, Authorization, CredentialsFailure},
     k8s::{self, EventSink, NamespaceStore, PodInfo, PodStore, events},
     metrics::Metrics,
@@ -30,12 +32,17 @@ pub(super) struct KubeBackend {
     resolver: Arc<Resolver>,
     shared: Arc<Shared>,
     events: EventSink,
+    audit: AuditLog,
 }
 
-/// A pod's role for one request, and the request its credentials are fetched with.
+/// A pod's role for one request, and the request its credentials are fetched with; how
+/// the role was chosen and the cgroup and process that asked, for the audit record.
 pub(super) struct PodGrant {
     pod: Arc<PodInfo>,
     request: RoleRequest,
+    chosen_by: ChosenBy,
+    cgroup: Arc<Resolved>,
+    pid: u32,
 }
 
 impl imds::Grant for PodGrant {
@@ -81,8 +88,14 @@ impl imds::Backend for KubeBackend {
         match verdict {
             Verdict::Decided {
                 pod,
-                outcome: Outcome::Role { request, .. },
-            } => Authorization::Role(PodGrant { pod, request }),
+                outcome: Outcome::Role { request, source },
+            } => Authorization::Role(PodGrant {
+                pod,
+                request,
+                chosen_by: source.into(),
+                cgroup: Arc::clone(&caller.cgroup),
+                pid: caller.pid,
+            }),
             Verdict::Decided {
                 outcome: Outcome::NoRole,
                 ..
@@ -94,7 +107,23 @@ impl imds::Backend for KubeBackend {
     async fn credentials(&self, grant: &PodGrant) -> Result<Arc<Credentials>, CredentialsFailure> {
         let pod = &grant.pod;
         match self.shared.credentials(&grant.request).await {
-            Ok(credentials) => Ok(credentials),
+            Ok(credentials) => {
+                let handed = audit::Handed {
+                    role_arn: &grant.request.role_arn,
+                    access_key_id: &credentials.access_key_id,
+                    expiration: credentials.expiration,
+                    chosen_by: grant.chosen_by,
+                };
+                if let Some(record) =
+                    self.audit
+                        .handed_out(grant.cgroup.cgroup_id, &pod.uid, &handed, || {
+                            audit::Container::of(&grant.cgroup, grant.pid, pod)
+                        })
+                {
+                    record.log();
+                }
+                Ok(credentials)
+            }
             Err(error @ CredentialsError::Refused { .. }) => {
                 if self.events.warn(pod, "AssumeRoleFailed", error.to_string())
                     == events::Posted::Sent
@@ -185,6 +214,7 @@ pub(super) async fn start(
         resolver: resolver.clone(),
         shared: shared.clone(),
         events,
+        audit: AuditLog::new(config.node.clone()),
     });
     let state = Arc::new(KubeState {
         shared: shared.clone(),

@@ -73,8 +73,8 @@ impl Shared {
         result
     }
 
-    /// The values both modes show at scrape: cgroups, cached keys, kernel map entries,
-    /// and the cache's and the programs' totals.
+    /// The values both modes show at scrape: cgroups, cached keys, kernel map entries and
+    /// capacities, the first cached expiry, and the cache's and the programs' totals.
     fn refresh(&self, metrics: &Metrics) {
         let tracked = &metrics.tracked;
         tracked
@@ -94,6 +94,21 @@ impl Shared {
         tracked
             .with_label_values(&["kernel_exempt"])
             .set(self.datapath.exempt().list().len() as i64);
+        for (kind, capacity) in ebpf::maps::capacities() {
+            metrics
+                .capacity
+                .with_label_values(&[kind])
+                .set(i64::from(capacity));
+        }
+        let earliest = self
+            .credentials
+            .expiries()
+            .into_iter()
+            .filter_map(|(_, expiry)| expiry)
+            .min()
+            .and_then(|expiry| expiry.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |since| since.as_secs() as i64);
+        metrics.credentials_earliest_expiry.set(earliest);
         for (event, total) in self.credentials.stats().counters() {
             metrics.advance(&metrics.credentials_events, event, total);
         }

@@ -12,8 +12,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use interceptor_ebpf::{
-    AF_INET, AF_INET6, ConnKey, ConnRecord, MAP_CONFIG, MAP_CONNS, MAP_EXEMPT, MAP_PENDING,
-    MAP_STATS, RedirectConfig, stat,
+    AF_INET, AF_INET6, CONNS_MAX_ENTRIES, ConnKey, ConnRecord, EXEMPT_MAX_ENTRIES, MAP_CONFIG,
+    MAP_CONNS, MAP_EXEMPT, MAP_PENDING, MAP_STATS, PENDING_MAX_ENTRIES, RedirectConfig, stat,
 };
 
 use super::Error;
@@ -240,6 +240,16 @@ impl Stats {
             })
             .collect()
     }
+}
+
+/// The kernel maps' capacities, named as the `interceptor_tracked` kinds that count their
+/// entries (so that `interceptor_tracked / interceptor_capacity` is how full each is).
+pub fn capacities() -> [(&'static str, u32); 3] {
+    [
+        ("kernel_pending", PENDING_MAX_ENTRIES),
+        ("kernel_conns", CONNS_MAX_ENTRIES),
+        ("kernel_exempt", EXEMPT_MAX_ENTRIES),
+    ]
 }
 
 /// Entries currently in the two attribution maps: `(pending, conns)`.

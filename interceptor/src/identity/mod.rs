@@ -112,6 +112,18 @@ pub struct ContainerRef {
 }
 
 impl ContainerRef {
+    /// The id as the pod's `status.containerStatuses[].containerID` shows it
+    /// (`containerd://<id>`), so that a record leads to the container's name.
+    pub fn status_id(&self) -> String {
+        let scheme = match self.runtime {
+            Runtime::Containerd => "containerd://",
+            Runtime::CriO | Runtime::CriOConmon => "cri-o://",
+            Runtime::Docker => "docker://",
+            Runtime::Unnamed => "",
+        };
+        format!("{scheme}{}", self.id)
+    }
+
     /// `false` for a runtime's helper process (CRI-O's conmon) living in the pod's cgroups.
     pub fn is_workload(&self) -> bool {
         self.runtime != Runtime::CriOConmon
