@@ -68,7 +68,7 @@ impl imds::Backend for KubeBackend {
     }
 
     fn authorize(&self, caller: &Caller) -> Authorization<PodGrant> {
-        let verdict = self.resolver.decide(&caller.uid);
+        let verdict = self.resolver.decide(caller);
         let label = match &verdict {
             Verdict::Decided { outcome, .. } => outcome.metric_label(),
             Verdict::Gone => "gone",
@@ -222,7 +222,7 @@ impl admin::State for KubeState {
             .into_iter()
             .map(|pod| {
                 let cgroups = self.shared.index.cgroups_of_pod(&pod.uid);
-                let decision = match self.resolver.decide(&pod.uid) {
+                let decision = match self.resolver.decide(&Caller::for_pod(&pod.uid)) {
                     Verdict::Decided {
                         outcome: Outcome::Role { request, source },
                         ..
