@@ -178,6 +178,27 @@ pub struct RunArgs {
     pub namespace_key: String,
     #[arg(long, value_enum, default_value_t = crate::policy::RestrictionFormat::Glob)]
     pub namespace_restriction_format: crate::policy::RestrictionFormat,
+    /// Ignore roles named on ServiceAccounts (no ServiceAccount watch; for clusters where
+    /// the agent may not read serviceaccounts). Pods without a role of their own wait for
+    /// their ServiceAccount to be read otherwise.
+    #[arg(long)]
+    pub no_service_account_roles: bool,
+    /// Honour IRSA's `eks.amazonaws.com/role-arn` on a pod's ServiceAccount (after the
+    /// pod's and the ServiceAccount's role annotation).
+    #[arg(long)]
+    pub irsa_annotations: bool,
+    /// Tag role sessions like EKS Pod Identity (kubernetes-namespace, -service-account,
+    /// -pod-name, -pod-uid, -container-name; eks-cluster-name with --cluster-name), as
+    /// transitive tags. Trust policies must allow sts:TagSession.
+    #[arg(long)]
+    pub session_tags: bool,
+    /// The `eks-cluster-name` session tag (with --session-tags).
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+    /// Set SourceIdentity to `<namespace>.<pod>` on role sessions. Trust policies must
+    /// allow sts:SetSourceIdentity.
+    #[arg(long)]
+    pub source_identity: bool,
     /// Namespaces whose pods keep the node's identity (not intercepted); repeatable.
     #[arg(long = "node-identity-namespace")]
     pub node_identity_namespaces: Vec<String>,
@@ -716,6 +737,11 @@ pub struct KubeConfig {
     pub startup_taint: String,
     /// Assume a pod's role when it appears (off: `--no-prefetch`).
     pub prefetch: bool,
+    /// Roles named on ServiceAccounts apply (off: `--no-service-account-roles`, and then
+    /// no ServiceAccount is watched).
+    pub service_account_roles: bool,
+    /// What role sessions carry besides their name.
+    pub session: crate::resolve::SessionSettings,
 }
 
 impl RunArgs {
@@ -753,6 +779,7 @@ impl RunArgs {
             namespace_restrictions: self.namespace_restrictions,
             namespace_key: self.namespace_key.clone(),
             restriction_format: self.namespace_restriction_format,
+            irsa_annotations: self.irsa_annotations,
             ..crate::policy::PolicyConfig::default()
         };
         if let Some(default) = &self.default_role {
@@ -788,6 +815,15 @@ impl RunArgs {
                 unknown_pod_wait: self.unknown_pod_wait,
                 startup_taint: self.startup_taint.clone(),
                 prefetch: !self.no_prefetch,
+                service_account_roles: !self.no_service_account_roles,
+                session: crate::resolve::SessionSettings {
+                    tags: self.session_tags,
+                    cluster_name: self
+                        .cluster_name
+                        .clone()
+                        .filter(|name| !name.trim().is_empty()),
+                    source_identity: self.source_identity,
+                },
             }),
             (None, None) => return Err(ConfigError::NoNode),
         };

@@ -13,7 +13,7 @@ use crate::{
     credentials::{Credentials, CredentialsError, RoleRequest},
     ebpf::Attributed,
     imds::{self, Authorization, CredentialsFailure},
-    k8s::{self, EventSink, NamespaceStore, PodInfo, PodStore, events},
+    k8s::{self, EventSink, NamespaceStore, PodInfo, PodStore, ServiceAccountStore, events},
     metrics::Metrics,
     optout::OptOuts,
     policy::PolicyConfig,
@@ -96,7 +96,9 @@ impl imds::Backend for KubeBackend {
         match self.shared.credentials(&grant.request).await {
             Ok(credentials) => Ok(credentials),
             Err(error @ CredentialsError::Refused { .. }) => {
-                if self.events.warn(pod, "AssumeRoleFailed", error.to_string())
+                if self
+                    .events
+                    .warn(pod, "AssumeRoleFailed", error.event_message())
                     == events::Posted::Sent
                 {
                     tracing::warn!(pod = %pod.key(), %error, "STS refused the pod's role");
@@ -139,7 +141,7 @@ pub(super) async fn start(
         Some(config.node.clone()),
         events::Limits::default(),
     );
-    let resolver = Arc::new(Resolver::new(
+    let resolver = Resolver::new(
         shared.index.clone(),
         pods.clone(),
         namespaces.clone(),
@@ -147,7 +149,20 @@ pub(super) async fn start(
         config.node_identity_namespaces.clone(),
         config.unknown_pod_wait,
         events.clone(),
-    ));
+    )
+    .with_session(config.session.clone());
+    let resolver = if config.service_account_roles {
+        let accounts = ServiceAccountStore::new();
+        tasks.spawn(k8s::service_accounts::follow(
+            client.clone(),
+            pods.clone(),
+            accounts.clone(),
+        ));
+        resolver.with_service_accounts(accounts)
+    } else {
+        resolver
+    };
+    let resolver = Arc::new(resolver);
     tasks.spawn(
         OptOuts::new(resolver.clone(), pods.clone(), shared.datapath.exempt())
             .run(OPT_OUT_INTERVAL),

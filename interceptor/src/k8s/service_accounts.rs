@@ -19,7 +19,7 @@ use kube::{
     core::PartialObjectMeta,
     runtime::{WatchStreamExt, watcher},
 };
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{PodChange, PodInfo, PodStore};
 
@@ -123,16 +123,21 @@ fn key_of(pod: &PodInfo) -> Key {
 }
 
 /// Follows the ServiceAccounts of the pods in `pods` into `store` until dropped: one
-/// single-object watch per ServiceAccount in use on this node.
+/// single-object watch per ServiceAccount in use on this node (the watches are aborted
+/// with it: whoever owns this task owns them).
 pub async fn follow(client: Client, pods: Arc<PodStore>, store: Arc<ServiceAccountStore>) {
-    let mut watches: HashMap<Key, JoinHandle<()>> = HashMap::new();
+    let mut watches: HashMap<Key, AbortOnDropHandle<()>> = HashMap::new();
     let mut changes = pods.subscribe();
     loop {
         let used: std::collections::HashSet<Key> =
             pods.pods().iter().map(|pod| key_of(pod)).collect();
         for key in &used {
             if store.follow(key) {
-                let task = tokio::spawn(watch_one(client.clone(), key.clone(), store.clone()));
+                let task = AbortOnDropHandle::new(tokio::spawn(watch_one(
+                    client.clone(),
+                    key.clone(),
+                    store.clone(),
+                )));
                 watches.insert(key.clone(), task);
             }
         }
