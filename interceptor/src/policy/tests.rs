@@ -611,6 +611,9 @@ fn glob_matching() {
     }
 }
 
+/// Annotations as written in a table.
+type Pairs<'a> = &'a [(&'a str, &'a str)];
+
 /// One caller's outcome under `decide_for`: pod annotations, ServiceAccount annotations,
 /// container names and the calling container.
 fn decide_subject(
@@ -656,12 +659,7 @@ fn role_precedence_pod_then_service_account_then_default() {
         (IRSA_ROLE_KEY, "arn:aws:iam::123456789012:role/irsa"),
     ];
     let sa_empty: &[(&str, &str)] = &[(DEFAULT_ROLE_KEY, "")];
-    let cases: [(
-        &[(&str, &str)],
-        Option<&[(&str, &str)]>,
-        &PolicyConfig,
-        String,
-    ); 10] = [
+    let cases: [(Pairs<'_>, Option<Pairs<'_>>, &PolicyConfig, String); 10] = [
         (
             &[(DEFAULT_ROLE_KEY, "pod")],
             Some(sa_role),
@@ -730,7 +728,7 @@ fn container_roles_per_calling_container() {
         (DEFAULT_ROLE_KEY, "pod-role"),
         (CONTAINER_ROLES_KEY, r#"{"istio-proxy": ""}"#),
     ];
-    let cases: [(&[(&str, &str)], Caller<'_>, String); 9] = [
+    let cases: [(Pairs<'_>, Caller<'_>, String); 9] = [
         (pod, Caller::Container("app"), format!("{BASE}app-own")),
         (pod, Caller::Container("istio-proxy"), "no role".into()),
         (pod, Caller::Container("init"), format!("{OTHER}setup")),
