@@ -306,11 +306,19 @@ impl Resolver {
                 });
             }
         };
+        let deadline = tokio::time::Instant::now() + self.unknown_pod_wait;
         match self.pods.wait_for(&uid, self.unknown_pod_wait).await {
-            Lookup::Found(_) => Ok(Caller {
-                uid,
-                cgroup: Some(cgroup),
-            }),
+            Lookup::Found(pod) => {
+                // Its ServiceAccount may name its role: wait (the same bound) for it.
+                if let Some(accounts) = &self.service_accounts {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    accounts.wait_known(&pod, left).await;
+                }
+                Ok(Caller {
+                    uid,
+                    cgroup: Some(cgroup),
+                })
+            }
             Lookup::Deleted => Err(Refusal::DeletedPod { uid }),
             Lookup::Unknown => Err(Refusal::UnknownPod { uid }),
         }
@@ -395,6 +403,7 @@ impl Resolver {
                     caller: container,
                 };
                 let decision = policy::decide_for(&subject, &policy, &self.policy);
+                self.warn_session_name(&pod);
                 let outcome = self.outcome(&pod, decision);
                 self.remember(
                     &pod,
@@ -420,6 +429,21 @@ impl Resolver {
             }
         }
         Verdict::Decided { pod, outcome }
+    }
+
+    /// kiam's session-name annotation is not honoured: said once per pod version (the
+    /// Event sink rate-limits further).
+    fn warn_session_name(&self, pod: &PodInfo) {
+        if let Some(name) = pod.annotations.get(policy::KIAM_SESSION_NAME_KEY) {
+            let message = format!(
+                "annotation {} ({:?}) is ignored: session names are always \
+                 <namespace>.<pod>, so CloudTrail can tell pods apart (this one: {})",
+                policy::KIAM_SESSION_NAME_KEY,
+                name.chars().take(64).collect::<String>(),
+                session_name(&pod.namespace, &pod.name, None)
+            );
+            let _ = self.events.warn(pod, "SessionNameIgnored", message);
+        }
     }
 
     /// The outcome decided for this very pod object, ServiceAccount and namespace policy.

@@ -114,6 +114,11 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
         "iam.amazonaws.com/container-roles".into(),
         r#"{"istio-proxy": "mesh-role", "late": "late-role"}"#.into(),
     );
+    // kiam's annotation: ignored (the session names below stay the pod's), with an Event.
+    api.metadata.annotations.get_or_insert_default().insert(
+        "iam.amazonaws.com/session-name".into(),
+        "someone-else".into(),
+    );
     // `late` is not in the status yet: its connections must not get the pod's role.
     api.status = Some(PodStatus {
         container_statuses: Some(vec![
@@ -226,6 +231,18 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
             .iter()
             .any(|event| event.contains("UnknownContainer")),
         "the refusal is posted on the pod: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|event| event.contains("SessionNameIgnored")),
+        "kiam's session name is refused visibly: {events:?}"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|params| param(params, "RoleSessionName") == Some("someone-else")),
+        "{calls:?}"
     );
 }
 

@@ -41,6 +41,7 @@ pub enum Account {
 #[derive(Default)]
 pub struct ServiceAccountStore {
     by_key: RwLock<HashMap<Key, Arc<Account>>>,
+    changed: tokio::sync::Notify,
 }
 
 impl ServiceAccountStore {
@@ -52,6 +53,21 @@ impl ServiceAccountStore {
     /// nothing follows it (the store is not in use).
     pub fn of_pod(&self, pod: &PodInfo) -> Option<Arc<Account>> {
         self.read().get(&key_of(pod)).cloned()
+    }
+
+    /// Waits, up to `timeout`, until `pod`'s ServiceAccount has been read (a pod's first
+    /// connection may come before its ServiceAccount's watch has listed it).
+    pub async fn wait_known(&self, pod: &PodInfo, timeout: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let known = self
+                .of_pod(pod)
+                .is_some_and(|account| *account != Account::Pending);
+            if known || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -81,6 +97,8 @@ impl ServiceAccountStore {
             return false;
         }
         by_key.insert(key.clone(), Arc::new(Account::Pending));
+        drop(by_key);
+        self.changed.notify_waiters();
         true
     }
 
@@ -104,6 +122,8 @@ impl ServiceAccountStore {
                 {
                     *account = Arc::new(Account::Missing);
                 }
+                drop(by_key);
+                self.changed.notify_waiters();
                 return;
             }
         };
@@ -114,6 +134,8 @@ impl ServiceAccountStore {
         {
             *slot = Arc::new(account);
         }
+        drop(by_key);
+        self.changed.notify_waiters();
     }
 }
 

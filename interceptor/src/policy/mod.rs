@@ -38,6 +38,9 @@ pub const DEFAULT_EXTERNAL_ID_KEY: &str = "iam.amazonaws.com/external-id";
 pub const DEFAULT_NAMESPACE_KEY: &str = "iam.amazonaws.com/allowed-roles";
 /// kiam's namespace annotation: one regexp of permitted roles.
 pub const KIAM_PERMITTED_KEY: &str = "iam.amazonaws.com/permitted";
+/// kiam's pod annotation choosing the STS session name: not honoured (session names are
+/// the audit trail back to the pod, docs/migrating.md); a pod using it gets an Event.
+pub const KIAM_SESSION_NAME_KEY: &str = "iam.amazonaws.com/session-name";
 /// IRSA's ServiceAccount annotation, honoured with `--irsa-annotations`.
 pub const IRSA_ROLE_KEY: &str = "eks.amazonaws.com/role-arn";
 /// Pod annotation: a JSON object from container name to role (name, ARN, or `""` for no
