@@ -322,6 +322,13 @@ pub enum ConfigError {
     MetricsOnAppPort(u16),
     #[error("--use-regional-sts-endpoint needs a region: pass --region or set AWS_REGION")]
     RegionalWithoutRegion,
+    /// An identity flag that would be silently ignored: refused, since what a session
+    /// carries (or which role a pod gets) must be what the operator asked for.
+    #[error("--{flag}: {why}")]
+    IgnoredIdentityFlag {
+        flag: &'static str,
+        why: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -341,6 +348,7 @@ impl ConfigError {
             Self::BadLimit { .. } => "bad_limit",
             Self::MetricsOnAppPort(_) => "metrics_on_app_port",
             Self::RegionalWithoutRegion => "regional_without_region",
+            Self::IgnoredIdentityFlag { .. } => "ignored_identity_flag",
         }
     }
 }
@@ -661,6 +669,55 @@ mod tests {
     }
 
     #[test]
+    fn identity_flags_are_refused_where_they_would_be_ignored() {
+        let env = Env::from([
+            (ENV_HOST_IP.into(), "10.0.0.7".into()),
+            (ENV_NODE_NAME.into(), "node-a".into()),
+        ]);
+        let config = run(&[
+            "--session-tags",
+            "--cluster-name",
+            "prod",
+            "--source-identity",
+            "--irsa-annotations",
+        ])
+        .validate(&env)
+        .unwrap();
+        let Mode::Kubernetes(kube) = &config.mode else {
+            panic!("not the Kubernetes mode");
+        };
+        assert!(kube.session.tags && kube.session.source_identity);
+        assert_eq!(kube.session.cluster_name.as_deref(), Some("prod"));
+        assert!(kube.service_account_roles);
+        assert!(config.policy.irsa_annotations);
+        for (args, flag) in [
+            (&["--cluster-name", "prod"][..], "cluster-name"),
+            (
+                &["--irsa-annotations", "--no-service-account-roles"],
+                "irsa-annotations",
+            ),
+            (&["--bindings", "/b.yaml", "--session-tags"], "session-tags"),
+            (
+                &["--bindings", "/b.yaml", "--source-identity"],
+                "source-identity",
+            ),
+        ] {
+            match run(args).validate(&env) {
+                Err(ConfigError::IgnoredIdentityFlag { flag: got, .. }) => {
+                    assert_eq!(got, flag, "{args:?}")
+                }
+                other => panic!("{args:?} accepted or refused for another reason: {other:?}"),
+            }
+        }
+        // A blank cluster name (an empty env-substituted value) is no cluster name.
+        let config = run(&["--cluster-name", " "]).validate(&env).unwrap();
+        let Mode::Kubernetes(kube) = config.mode else {
+            panic!("not the Kubernetes mode");
+        };
+        assert_eq!(kube.session.cluster_name, None);
+    }
+
+    #[test]
     fn ipv6_proxy_only_when_configured() {
         let env = Env::from([
             (ENV_HOST_IP.into(), "10.0.0.7".into()),
@@ -745,6 +802,38 @@ pub struct KubeConfig {
 }
 
 impl RunArgs {
+    /// The identity flags (docs/identity.md) only where they take effect.
+    fn check_identity_flags(&self) -> Result<(), ConfigError> {
+        let refuse = |flag, why| Err(ConfigError::IgnoredIdentityFlag { flag, why });
+        let cluster_name = self
+            .cluster_name
+            .as_deref()
+            .is_some_and(|name| !name.trim().is_empty());
+        if self.bindings.is_some() {
+            let kube_only = "Kubernetes mode only (not with --bindings)";
+            for (flag, set) in [
+                ("session-tags", self.session_tags),
+                ("source-identity", self.source_identity),
+                ("cluster-name", cluster_name),
+                ("irsa-annotations", self.irsa_annotations),
+            ] {
+                if set {
+                    return refuse(flag, kube_only);
+                }
+            }
+        }
+        if cluster_name && !self.session_tags {
+            return refuse("cluster-name", "is a session tag: needs --session-tags");
+        }
+        if self.irsa_annotations && self.no_service_account_roles {
+            return refuse(
+                "irsa-annotations",
+                "reads ServiceAccounts, which --no-service-account-roles turns off",
+            );
+        }
+        Ok(())
+    }
+
     pub fn validate(&self, env: &Env) -> Result<AgentConfig, ConfigError> {
         let redirect = self.attach.redirect(env)?;
         let node = self
@@ -803,6 +892,7 @@ impl RunArgs {
         if self.use_regional_sts_endpoint && region.is_none() {
             return Err(ConfigError::RegionalWithoutRegion);
         }
+        self.check_identity_flags()?;
         // Standalone mode watches no node.
         let mode = match (&self.bindings, node) {
             (Some(bindings), _) => Mode::Standalone {
