@@ -106,7 +106,10 @@ fn build(out_dir: &Path) -> Result<Vec<u8>, String> {
     for (name, _) in env::vars_os() {
         let name = name.to_string_lossy();
         if name.starts_with("CARGO_") && name != "CARGO_HOME"
-            || ["RUSTC", "RUSTC_WRAPPER", "RUSTUP_TOOLCHAIN", "RUSTFLAGS"].contains(&&*name)
+            // RUSTC_WORKSPACE_WRAPPER: `cargo clippy`'s clippy-driver, of the outer toolchain.
+            || name.starts_with("RUSTC")
+            || name.starts_with("CLIPPY")
+            || ["RUSTDOC", "RUSTUP_TOOLCHAIN", "RUSTFLAGS"].contains(&&*name)
         {
             cargo.env_remove(&*name);
         }

@@ -186,6 +186,27 @@ pub struct RunArgs {
     pub namespace_key: String,
     #[arg(long, value_enum, default_value_t = crate::policy::RestrictionFormat::Glob)]
     pub namespace_restriction_format: crate::policy::RestrictionFormat,
+    /// Ignore roles named on ServiceAccounts (no ServiceAccount watch; for clusters where
+    /// the agent may not read serviceaccounts). Pods without a role of their own wait for
+    /// their ServiceAccount to be read otherwise.
+    #[arg(long)]
+    pub no_service_account_roles: bool,
+    /// Honour IRSA's `eks.amazonaws.com/role-arn` on a pod's ServiceAccount (after the
+    /// pod's and the ServiceAccount's role annotation).
+    #[arg(long)]
+    pub irsa_annotations: bool,
+    /// Tag role sessions like EKS Pod Identity (kubernetes-namespace, -service-account,
+    /// -pod-name, -pod-uid, -container-name; eks-cluster-name with --cluster-name), as
+    /// transitive tags. Trust policies must allow sts:TagSession.
+    #[arg(long)]
+    pub session_tags: bool,
+    /// The `eks-cluster-name` session tag (with --session-tags).
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+    /// Set SourceIdentity to `<namespace>.<pod>` on role sessions. Trust policies must
+    /// allow sts:SetSourceIdentity.
+    #[arg(long)]
+    pub source_identity: bool,
     /// Namespaces whose pods keep the node's identity (not intercepted); repeatable.
     #[arg(long = "node-identity-namespace")]
     pub node_identity_namespaces: Vec<String>,
@@ -313,6 +334,13 @@ pub enum ConfigError {
     MetricsOnAppPort(u16),
     #[error("--use-regional-sts-endpoint needs a region: pass --region or set AWS_REGION")]
     RegionalWithoutRegion,
+    /// An identity flag that would be silently ignored: refused, since what a session
+    /// carries (or which role a pod gets) must be what the operator asked for.
+    #[error("--{flag}: {why}")]
+    IgnoredIdentityFlag {
+        flag: &'static str,
+        why: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -332,6 +360,7 @@ impl ConfigError {
             Self::BadLimit { .. } => "bad_limit",
             Self::MetricsOnAppPort(_) => "metrics_on_app_port",
             Self::RegionalWithoutRegion => "regional_without_region",
+            Self::IgnoredIdentityFlag { .. } => "ignored_identity_flag",
         }
     }
 }
@@ -658,6 +687,55 @@ mod tests {
     }
 
     #[test]
+    fn identity_flags_are_refused_where_they_would_be_ignored() {
+        let env = Env::from([
+            (ENV_HOST_IP.into(), "10.0.0.7".into()),
+            (ENV_NODE_NAME.into(), "node-a".into()),
+        ]);
+        let config = run(&[
+            "--session-tags",
+            "--cluster-name",
+            "prod",
+            "--source-identity",
+            "--irsa-annotations",
+        ])
+        .validate(&env)
+        .unwrap();
+        let Mode::Kubernetes(kube) = &config.mode else {
+            panic!("not the Kubernetes mode");
+        };
+        assert!(kube.session.tags && kube.session.source_identity);
+        assert_eq!(kube.session.cluster_name.as_deref(), Some("prod"));
+        assert!(kube.service_account_roles);
+        assert!(config.policy.irsa_annotations);
+        for (args, flag) in [
+            (&["--cluster-name", "prod"][..], "cluster-name"),
+            (
+                &["--irsa-annotations", "--no-service-account-roles"],
+                "irsa-annotations",
+            ),
+            (&["--bindings", "/b.yaml", "--session-tags"], "session-tags"),
+            (
+                &["--bindings", "/b.yaml", "--source-identity"],
+                "source-identity",
+            ),
+        ] {
+            match run(args).validate(&env) {
+                Err(ConfigError::IgnoredIdentityFlag { flag: got, .. }) => {
+                    assert_eq!(got, flag, "{args:?}")
+                }
+                other => panic!("{args:?} accepted or refused for another reason: {other:?}"),
+            }
+        }
+        // A blank cluster name (an empty env-substituted value) is no cluster name.
+        let config = run(&["--cluster-name", " "]).validate(&env).unwrap();
+        let Mode::Kubernetes(kube) = config.mode else {
+            panic!("not the Kubernetes mode");
+        };
+        assert_eq!(kube.session.cluster_name, None);
+    }
+
+    #[test]
     fn ipv6_proxy_only_when_configured() {
         let env = Env::from([
             (ENV_HOST_IP.into(), "10.0.0.7".into()),
@@ -734,9 +812,46 @@ pub struct KubeConfig {
     pub startup_taint: String,
     /// Assume a pod's role when it appears (off: `--no-prefetch`).
     pub prefetch: bool,
+    /// Roles named on ServiceAccounts apply (off: `--no-service-account-roles`, and then
+    /// no ServiceAccount is watched).
+    pub service_account_roles: bool,
+    /// What role sessions carry besides their name.
+    pub session: crate::resolve::SessionSettings,
 }
 
 impl RunArgs {
+    /// The identity flags (docs/identity.md) only where they take effect.
+    fn check_identity_flags(&self) -> Result<(), ConfigError> {
+        let refuse = |flag, why| Err(ConfigError::IgnoredIdentityFlag { flag, why });
+        let cluster_name = self
+            .cluster_name
+            .as_deref()
+            .is_some_and(|name| !name.trim().is_empty());
+        if self.bindings.is_some() {
+            let kube_only = "Kubernetes mode only (not with --bindings)";
+            for (flag, set) in [
+                ("session-tags", self.session_tags),
+                ("source-identity", self.source_identity),
+                ("cluster-name", cluster_name),
+                ("irsa-annotations", self.irsa_annotations),
+            ] {
+                if set {
+                    return refuse(flag, kube_only);
+                }
+            }
+        }
+        if cluster_name && !self.session_tags {
+            return refuse("cluster-name", "is a session tag: needs --session-tags");
+        }
+        if self.irsa_annotations && self.no_service_account_roles {
+            return refuse(
+                "irsa-annotations",
+                "reads ServiceAccounts, which --no-service-account-roles turns off",
+            );
+        }
+        Ok(())
+    }
+
     pub fn validate(&self, env: &Env) -> Result<AgentConfig, ConfigError> {
         let redirect = self.attach.redirect(env)?;
         let node = self
@@ -775,6 +890,7 @@ impl RunArgs {
             namespace_restrictions: self.namespace_restrictions,
             namespace_key: self.namespace_key.clone(),
             restriction_format: self.namespace_restriction_format,
+            irsa_annotations: self.irsa_annotations,
             ..crate::policy::PolicyConfig::default()
         };
         if let Some(default) = &self.default_role {
@@ -798,6 +914,7 @@ impl RunArgs {
         if self.use_regional_sts_endpoint && region.is_none() {
             return Err(ConfigError::RegionalWithoutRegion);
         }
+        self.check_identity_flags()?;
         // Standalone mode watches no node.
         let mode = match (&self.bindings, node) {
             (Some(bindings), _) => Mode::Standalone {
@@ -810,6 +927,15 @@ impl RunArgs {
                 unknown_pod_wait: self.unknown_pod_wait,
                 startup_taint: self.startup_taint.clone(),
                 prefetch: !self.no_prefetch,
+                service_account_roles: !self.no_service_account_roles,
+                session: crate::resolve::SessionSettings {
+                    tags: self.session_tags,
+                    cluster_name: self
+                        .cluster_name
+                        .clone()
+                        .filter(|name| !name.trim().is_empty()),
+                    source_identity: self.source_identity,
+                },
             }),
             (None, None) => return Err(ConfigError::NoNode),
         };

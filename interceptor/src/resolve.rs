@@ -14,11 +14,14 @@ use std::{
 };
 
 use crate::{
-    credentials::{RoleRequest, session_name},
+    credentials::{RoleRequest, SessionTags, session_name},
     ebpf::Attributed,
     identity::index::{CgroupIndex, Resolved},
-    k8s::{EventSink, Lookup, NamespaceStore, PodInfo, PodStore},
-    policy::{Decision, DenyReason, NamespacePolicy, PolicyConfig, RoleSource},
+    k8s::{
+        EventSink, Lookup, NamespaceStore, PodInfo, PodStore, ServiceAccountStore,
+        service_accounts::Account,
+    },
+    policy::{self, Decision, DenyReason, NamespacePolicy, PolicyConfig, RoleSource, Subject},
 };
 
 /// Annotation on a pod asking to keep the node's own identity (CNI and CSI agents...).
@@ -58,8 +61,40 @@ impl Refusal {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub uid: String,
-    pub cgroup: Arc<Resolved>,
+    /// The connection's cgroup (`None`: a caller known only by its pod, with no
+    /// connection behind it, as for prefetch and `/debug/store`).
+    cgroup: Option<Arc<Resolved>>,
+    /// The process that connected (0 with no connection), for the audit record.
     pub pid: u32,
+}
+
+impl Caller {
+    /// A caller known only by its pod (prefetch, `/debug/store`): no connection behind it.
+    pub fn for_pod(uid: &str) -> Self {
+        Self {
+            uid: uid.to_owned(),
+            cgroup: None,
+            pid: 0,
+        }
+    }
+
+    /// The connection's cgroup, when there is a connection behind this caller.
+    pub fn cgroup(&self) -> Option<&Arc<Resolved>> {
+        self.cgroup.as_ref()
+    }
+
+    /// Which of `pod`'s containers this caller is, for `container-roles`.
+    fn container<'a>(&self, pod: &'a PodInfo) -> policy::Caller<'a> {
+        match self.cgroup.as_ref().map(|cgroup| &cgroup.identity) {
+            // No connection behind it: the pod as a whole.
+            None | Some(Err(_)) => policy::Caller::Pod,
+            Some(Ok(identity)) => identity
+                .container
+                .as_ref()
+                .and_then(|container| pod.container_name(&container.id))
+                .map_or(policy::Caller::Unattributed, policy::Caller::Container),
+        }
+    }
 }
 
 /// What a pod may have right now, as decided from its and its namespace's annotations.
@@ -79,25 +114,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn of(decision: Decision, pod: &PodInfo) -> Self {
-        match decision {
-            Decision::Role {
-                arn,
-                external_id,
-                source,
-            } => Self::Role {
-                request: RoleRequest {
-                    role_arn: arn.to_string().into(),
-                    external_id: external_id.map(Into::into),
-                    session_name: session_name(&pod.namespace, &pod.name).into(),
-                },
-                source,
-            },
-            Decision::NoRole => Self::NoRole,
-            Decision::Denied(reason) => Self::Denied(reason),
-        }
-    }
-
     /// Low-cardinality label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -128,13 +144,46 @@ pub struct Resolver {
     node_identity_namespaces: BTreeSet<String>,
     unknown_pod_wait: Duration,
     events: EventSink,
+    /// `--session-tags`, `--cluster-name`, `--source-identity`.
+    session: SessionSettings,
+    /// The ServiceAccounts of the node's pods (`None`: roles on ServiceAccounts are off).
+    service_accounts: Option<Arc<ServiceAccountStore>>,
     /// Compiled namespace policies by name, with the resourceVersion they came from.
     compiled: Mutex<HashMap<String, (String, Arc<NamespacePolicy>)>>,
     /// Each pod's last outcome and what it was decided from: reused while neither the
     /// pod nor its namespace's policy changed (deciding parses the ARN and runs the
     /// namespace's patterns: once per change, not per request), and a change is logged
     /// when it takes effect.
-    last: Mutex<HashMap<String, Memo>>,
+    last: Mutex<HashMap<(String, MemoCaller), Memo>>,
+}
+
+/// What the role session carries besides its name.
+#[derive(Debug, Clone, Default)]
+pub struct SessionSettings {
+    /// `--session-tags`: EKS Pod Identity's transitive session tags.
+    pub tags: bool,
+    /// `--cluster-name`: the `eks-cluster-name` tag.
+    pub cluster_name: Option<String>,
+    /// `--source-identity`: SourceIdentity from the namespace and pod name.
+    pub source_identity: bool,
+}
+
+/// Whom a memoised outcome is for: the pod as a whole, or one of its containers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum MemoCaller {
+    Pod,
+    Container(String),
+    Unattributed,
+}
+
+impl From<policy::Caller<'_>> for MemoCaller {
+    fn from(caller: policy::Caller<'_>) -> Self {
+        match caller {
+            policy::Caller::Pod => Self::Pod,
+            policy::Caller::Container(name) => Self::Container(name.to_owned()),
+            policy::Caller::Unattributed => Self::Unattributed,
+        }
+    }
 }
 
 /// A pod's last outcome, and the pod and namespace policy it was decided from (the
@@ -142,6 +191,8 @@ pub struct Resolver {
 struct Memo {
     pod: Arc<PodInfo>,
     policy: Option<Arc<NamespacePolicy>>,
+    /// The pod's ServiceAccount as it was (replaced on any change, like the others).
+    account: Option<Arc<Account>>,
     outcome: Outcome,
 }
 
@@ -174,8 +225,72 @@ impl Resolver {
             node_identity_namespaces,
             unknown_pod_wait,
             events,
+            session: SessionSettings::default(),
+            service_accounts: None,
             compiled: Mutex::default(),
             last: Mutex::default(),
+        }
+    }
+
+    /// Roles named on ServiceAccounts apply (pod first, then ServiceAccount, then default).
+    #[must_use]
+    pub fn with_service_accounts(mut self, store: Arc<ServiceAccountStore>) -> Self {
+        self.service_accounts = Some(store);
+        self
+    }
+
+    /// What role sessions carry besides their name (default: nothing).
+    #[must_use]
+    pub fn with_session(mut self, session: SessionSettings) -> Self {
+        self.session = session;
+        self
+    }
+
+    /// What a decision gives: for a role, the AssumeRole request, built once here.
+    ///
+    /// Session names are `<namespace>.<pod>`, and `<namespace>.<pod>@<container>` for a
+    /// container's own role ([`session_name`] keeps them within STS's limits and unique).
+    fn outcome(&self, pod: &PodInfo, decision: Decision) -> Outcome {
+        let (arn, external_id, source, container) = match decision {
+            Decision::Role {
+                arn,
+                external_id,
+                source,
+                container,
+            } => (arn, external_id, source, container),
+            Decision::NoRole => return Outcome::NoRole,
+            Decision::Denied(reason) => return Outcome::Denied(reason),
+        };
+        let mut tags = SessionTags::default();
+        if self.session.tags {
+            let mut add = |key: &str, value: &str| tags.push(key, value);
+            if let Some(cluster) = &self.session.cluster_name {
+                add("eks-cluster-name", cluster);
+            }
+            add("kubernetes-namespace", &pod.namespace);
+            add(
+                "kubernetes-service-account",
+                pod.service_account.as_deref().unwrap_or("default"),
+            );
+            add("kubernetes-pod-name", &pod.name);
+            add("kubernetes-pod-uid", &pod.uid);
+            if let Some(container) = &container {
+                add("kubernetes-container-name", container);
+            }
+        }
+        let source_identity = self
+            .session
+            .source_identity
+            .then(|| crate::credentials::source_identity(&pod.namespace, &pod.name).into());
+        Outcome::Role {
+            request: RoleRequest {
+                role_arn: arn.to_string().into(),
+                external_id: external_id.map(Into::into),
+                session_name: session_name(&pod.namespace, &pod.name, container.as_deref()).into(),
+                tags,
+                source_identity,
+            },
+            source,
         }
     }
 
@@ -200,12 +315,20 @@ impl Resolver {
                 });
             }
         };
+        let deadline = tokio::time::Instant::now() + self.unknown_pod_wait;
         match self.pods.wait_for(&uid, self.unknown_pod_wait).await {
-            Lookup::Found(_) => Ok(Caller {
-                uid,
-                cgroup,
-                pid: record.pid,
-            }),
+            Lookup::Found(pod) => {
+                // Its ServiceAccount may name its role: wait (the same bound) for it.
+                if let Some(accounts) = &self.service_accounts {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    accounts.wait_known(&pod, left).await;
+                }
+                Ok(Caller {
+                    uid,
+                    cgroup: Some(cgroup),
+                    pid: record.pid,
+                })
+            }
             Lookup::Deleted => Err(Refusal::DeletedPod { uid }),
             Lookup::Unknown => Err(Refusal::UnknownPod { uid }),
         }
@@ -251,52 +374,111 @@ impl Resolver {
         policy
     }
 
-    /// What the pod `uid` may have now: decided once per change of the pod or its
-    /// namespace's policy, recalled otherwise. Denials are logged and posted as Events.
-    pub fn decide(&self, uid: &str) -> Verdict {
-        let Lookup::Found(pod) = self.pods.get(uid) else {
+    /// What the caller (its pod, or its container with `container-roles`) may have now:
+    /// decided once per change of the pod, its ServiceAccount or its namespace's policy,
+    /// recalled otherwise. Denials are logged and posted as Events.
+    pub fn decide(&self, caller: &Caller) -> Verdict {
+        let Lookup::Found(pod) = self.pods.get(&caller.uid) else {
             return Verdict::Gone;
         };
         if self.keeps_node_identity(&pod) {
-            self.remember(&pod, None, Outcome::NodeIdentity);
+            self.remember(&pod, MemoCaller::Pod, None, None, Outcome::NodeIdentity);
             return Verdict::Decided {
                 pod,
                 outcome: Outcome::NodeIdentity,
             };
         }
         let policy = self.namespace_policy(&pod.namespace);
-        let outcome = match self.recall(&pod, &policy) {
+        let container = caller.container(&pod);
+        let account = self
+            .service_accounts
+            .as_ref()
+            .and_then(|store| store.of_pod(&pod));
+        let outcome = match self.recall(&pod, container.into(), &policy, account.as_ref()) {
             Some(outcome) => outcome,
             None => {
-                let decision = crate::policy::decide(&pod.annotations, &policy, &self.policy);
-                let outcome = Outcome::of(decision, &pod);
-                self.remember(&pod, Some(policy), outcome.clone());
+                let subject = Subject {
+                    pod: &pod.annotations,
+                    service_account: match account.as_deref() {
+                        Some(Account::Known(annotations)) => Some(annotations),
+                        _ => None,
+                    },
+                    // Followed but not listed yet (or not followed yet: the store
+                    // follows a pod's ServiceAccount once it sees the pod).
+                    service_account_pending: self.service_accounts.is_some()
+                        && account
+                            .as_deref()
+                            .is_none_or(|account| *account == Account::Pending),
+                    containers: &pod.containers,
+                    caller: container,
+                };
+                let decision = policy::decide_for(&subject, &policy, &self.policy);
+                self.warn_session_name(&pod);
+                let outcome = self.outcome(&pod, decision);
+                self.remember(
+                    &pod,
+                    container.into(),
+                    Some(policy),
+                    account,
+                    outcome.clone(),
+                );
                 outcome
             }
         };
-        if let Outcome::Denied(reason) = &outcome
-            && self
+        if let Outcome::Denied(reason) = &outcome {
+            let message = match container {
+                policy::Caller::Container(name) => format!("container {name}: {reason}"),
+                _ => reason.to_string(),
+            };
+            if self
                 .events
-                .warn(&pod, reason.event_reason(), reason.to_string())
+                .warn(&pod, reason.event_reason(), message.clone())
                 == crate::k8s::events::Posted::Sent
-        {
-            tracing::warn!(pod = %pod.key(), %reason, "role refused");
+            {
+                tracing::warn!(pod = %pod.key(), %message, "role refused");
+            }
         }
         Verdict::Decided { pod, outcome }
     }
 
-    /// The outcome decided for this very pod object under this very namespace policy.
-    fn recall(&self, pod: &Arc<PodInfo>, policy: &Arc<NamespacePolicy>) -> Option<Outcome> {
+    /// kiam's session-name annotation is not honoured: said once per pod version (the
+    /// Event sink rate-limits further).
+    fn warn_session_name(&self, pod: &PodInfo) {
+        if let Some(name) = pod.annotations.get(policy::KIAM_SESSION_NAME_KEY) {
+            let message = format!(
+                "annotation {} ({:?}) is ignored: session names are always \
+                 <namespace>.<pod>, so CloudTrail can tell pods apart (this one: {})",
+                policy::KIAM_SESSION_NAME_KEY,
+                name.chars().take(64).collect::<String>(),
+                session_name(&pod.namespace, &pod.name, None)
+            );
+            let _ = self.events.warn(pod, "SessionNameIgnored", message);
+        }
+    }
+
+    /// The outcome decided for this very pod object, ServiceAccount and namespace policy.
+    fn recall(
+        &self,
+        pod: &Arc<PodInfo>,
+        caller: MemoCaller,
+        policy: &Arc<NamespacePolicy>,
+        account: Option<&Arc<Account>>,
+    ) -> Option<Outcome> {
         let last = self
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let memo = last.get(&pod.uid)?;
+        let memo = last.get(&(pod.uid.clone(), caller))?;
         let same = Arc::ptr_eq(&memo.pod, pod)
             && memo
                 .policy
                 .as_ref()
-                .is_some_and(|seen| Arc::ptr_eq(seen, policy));
+                .is_some_and(|seen| Arc::ptr_eq(seen, policy))
+            && match (&memo.account, account) {
+                (None, None) => true,
+                (Some(seen), Some(now)) => Arc::ptr_eq(seen, now),
+                _ => false,
+            };
         match &memo.outcome {
             Outcome::NodeIdentity => None,
             outcome if same => Some(outcome.clone()),
@@ -306,26 +488,40 @@ impl Resolver {
 
     /// Stores a pod's outcome, logging it when it differs from the last one. Entries of
     /// pods that are gone are dropped whenever the map outgrows the pods on the node.
-    fn remember(&self, pod: &Arc<PodInfo>, policy: Option<Arc<NamespacePolicy>>, now: Outcome) {
+    fn remember(
+        &self,
+        pod: &Arc<PodInfo>,
+        caller: MemoCaller,
+        policy: Option<Arc<NamespacePolicy>>,
+        account: Option<Arc<Account>>,
+        now: Outcome,
+    ) {
         let mut last = self
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(before) = last.get(&pod.uid)
+        let key = (pod.uid.clone(), caller);
+        if let Some(before) = last.get(&key)
             && before.outcome != now
         {
-            tracing::info!(pod = %pod.key(), from = %before.outcome, to = %now, "decision changed");
+            let container = match &key.1 {
+                MemoCaller::Container(name) => name.as_str(),
+                MemoCaller::Pod => "",
+                MemoCaller::Unattributed => "(unattributed)",
+            };
+            tracing::info!(pod = %pod.key(), container, from = %before.outcome, to = %now, "decision changed");
         }
         last.insert(
-            pod.uid.clone(),
+            key,
             Memo {
                 pod: Arc::clone(pod),
                 policy,
+                account,
                 outcome: now,
             },
         );
         if last.len() > 2 * self.pods.len() + 64 {
-            last.retain(|uid, _| matches!(self.pods.get(uid), Lookup::Found(_)));
+            last.retain(|(uid, _), _| matches!(self.pods.get(uid), Lookup::Found(_)));
         }
     }
 
@@ -335,7 +531,7 @@ impl Resolver {
         self.last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(uid);
+            .retain(|(known, _), _| known != uid);
     }
 
     /// Forgets what is cached about namespaces that are gone (call periodically).

@@ -23,6 +23,8 @@ pub enum Fault {
     Throttle,
     /// AssumeRole answers AccessDenied.
     Deny,
+    /// AssumeRole answers AccessDenied with this message (e.g. a missing sts:TagSession).
+    DenyWith(String),
     /// The next `n` calls answer STS's Throttling error, later ones pass (recovery).
     ThrottleNext(u32),
 }
@@ -32,6 +34,8 @@ struct State {
     counts: HashMap<String, u64>,
     /// `RoleArn` of every AssumeRole call, in order.
     assumed: Vec<String>,
+    /// The form parameters of every AssumeRole call, in order.
+    assume_params: Vec<Vec<(String, String)>>,
     /// When each AssumeRole call arrived.
     assume_times: Vec<Instant>,
     fault: Option<Fault>,
@@ -104,6 +108,12 @@ impl StsProxy {
         self.state.lock().unwrap().assumed.clone()
     }
 
+    /// The form parameters (`RoleSessionName`, `Tags.member.1.Key`, `SourceIdentity`...)
+    /// of every AssumeRole call so far, in order.
+    pub fn assume_params(&self) -> Vec<Vec<(String, String)>> {
+        self.state.lock().unwrap().assume_params.clone()
+    }
+
     /// When each AssumeRole call arrived, in order (to see backoff).
     pub fn assume_times(&self) -> Vec<Instant> {
         self.state.lock().unwrap().assume_times.clone()
@@ -144,6 +154,11 @@ async fn forward(
         *state.counts.entry(action.clone()).or_default() += 1;
         if action == "AssumeRole" {
             state.assume_times.push(Instant::now());
+            state.assume_params.push(
+                form_urlencoded::parse(&body)
+                    .map(|(key, value)| (key.into_owned(), value.into_owned()))
+                    .collect(),
+            );
         }
         state.assumed.extend(role_arn);
         let fault = match state.fault.clone().unwrap_or(Fault::None) {
@@ -168,6 +183,9 @@ async fn forward(
                 "AccessDenied",
                 "User: arn:aws:iam::123456789012:user/node is not authorized to perform: sts:AssumeRole",
             ));
+        }
+        Fault::DenyWith(message) if action == "AssumeRole" => {
+            return Ok(sts_error(403, "AccessDenied", &message));
         }
         _ => {}
     }

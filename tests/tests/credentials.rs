@@ -42,7 +42,8 @@ fn request(role: &str, pod: &str) -> RoleRequest {
     RoleRequest {
         role_arn: format!("arn:aws:iam::123456789012:role/{role}").into(),
         external_id: None,
-        session_name: session_name("team-a", pod).into(),
+        session_name: session_name("team-a", pod, None).into(),
+        ..RoleRequest::default()
     }
 }
 

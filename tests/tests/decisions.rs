@@ -106,7 +106,7 @@ fn serve(
                 let answer = match record {
                     None => "unattributed".to_owned(),
                     Some(record) => match resolver.caller(record).await {
-                        Ok(caller) => summary(&resolver.decide(&caller.uid)),
+                        Ok(caller) => summary(&resolver.decide(&caller)),
                         Err(refusal) => format!("refused {}", refusal.metric_label()),
                     },
                 };

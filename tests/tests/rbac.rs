@@ -7,7 +7,7 @@ use futures::StreamExt;
 use interceptor::k8s::node::{STARTUP_TAINT, remove_taint};
 use interceptor_tests::control_plane::{AGENT_NAMESPACE, ControlPlane, Scope};
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Namespace, ObjectReference, Pod, Secret},
+    core::v1::{ConfigMap, Namespace, ObjectReference, Pod, Secret, ServiceAccount},
     rbac::v1::ClusterRole,
 };
 use kube::{
@@ -23,7 +23,7 @@ type Grant = (String, String, String);
 /// The agent's behaviours, each named, with the permission it needs; run with `client`.
 /// Every behaviour is the request the agent makes (the same code where it is a function
 /// of its own).
-const BEHAVIOURS: [(&str, (&str, &str, &str)); 8] = [
+const BEHAVIOURS: [(&str, (&str, &str, &str)); 10] = [
     ("the pod watch lists its node's pods", ("", "pods", "list")),
     ("the pod watch follows changes", ("", "pods", "watch")),
     (
@@ -49,6 +49,14 @@ const BEHAVIOURS: [(&str, (&str, &str, &str)); 8] = [
     (
         "a repeated refusal updates its Event series",
         ("events.k8s.io", "events", "patch"),
+    ),
+    (
+        "a pod's ServiceAccount is listed by name (roles on ServiceAccounts)",
+        ("", "serviceaccounts", "list"),
+    ),
+    (
+        "a pod's ServiceAccount is followed (roles on ServiceAccounts)",
+        ("", "serviceaccounts", "watch"),
     ),
 ];
 
@@ -143,8 +151,31 @@ async fn behave(index: usize, client: &Client, scope: &Scope<'_>, pod: &Pod) -> 
             }
             Ok(())
         }
+        8 => Api::<ServiceAccount>::namespaced(client.clone(), namespace_of(pod))
+            .list_metadata(&ListParams::default().fields("metadata.name=default"))
+            .await
+            .map(drop)
+            .map_err(code),
+        9 => {
+            let params = WatchParams::default()
+                .fields("metadata.name=default")
+                .timeout(1);
+            let mut stream = Api::<ServiceAccount>::namespaced(client.clone(), namespace_of(pod))
+                .watch_metadata(&params, "0")
+                .await
+                .map_err(code)?
+                .boxed();
+            match stream.next().await {
+                Some(Err(error)) => Err(code(error)),
+                _ => Ok(()),
+            }
+        }
         _ => unreachable!(),
     }
+}
+
+fn namespace_of(pod: &Pod) -> &str {
+    pod.metadata.namespace.as_deref().expect("a namespaced pod")
 }
 
 /// The permissions a ClusterRole grants, one per (group, resource, verb).

@@ -15,7 +15,7 @@ use crate::{
     ebpf::Attributed,
     identity::index::Resolved,
     imds::{self, Authorization, CredentialsFailure},
-    k8s::{self, EventSink, NamespaceStore, PodInfo, PodStore, events},
+    k8s::{self, EventSink, NamespaceStore, PodInfo, PodStore, ServiceAccountStore, events},
     metrics::Metrics,
     optout::OptOuts,
     policy::PolicyConfig,
@@ -41,7 +41,8 @@ pub(super) struct PodGrant {
     pod: Arc<PodInfo>,
     request: RoleRequest,
     chosen_by: ChosenBy,
-    cgroup: Arc<Resolved>,
+    /// `None` for a caller with no connection behind it (no audit record then).
+    cgroup: Option<Arc<Resolved>>,
     pid: u32,
 }
 
@@ -75,7 +76,7 @@ impl imds::Backend for KubeBackend {
     }
 
     fn authorize(&self, caller: &Caller) -> Authorization<PodGrant> {
-        let verdict = self.resolver.decide(&caller.uid);
+        let verdict = self.resolver.decide(caller);
         let label = match &verdict {
             Verdict::Decided { outcome, .. } => outcome.metric_label(),
             Verdict::Gone => "gone",
@@ -93,7 +94,7 @@ impl imds::Backend for KubeBackend {
                 pod,
                 request,
                 chosen_by: source.into(),
-                cgroup: Arc::clone(&caller.cgroup),
+                cgroup: caller.cgroup().cloned(),
                 pid: caller.pid,
             }),
             Verdict::Decided {
@@ -114,18 +115,21 @@ impl imds::Backend for KubeBackend {
                     expiration: credentials.expiration,
                     chosen_by: grant.chosen_by,
                 };
-                if let Some(record) =
-                    self.audit
-                        .handed_out(grant.cgroup.cgroup_id, &pod.uid, &handed, || {
-                            audit::Container::of(&grant.cgroup, grant.pid, pod)
-                        })
+                if let Some(cgroup) = &grant.cgroup
+                    && let Some(record) =
+                        self.audit
+                            .handed_out(cgroup.cgroup_id, &pod.uid, &handed, || {
+                                audit::Container::of(cgroup, grant.pid, pod)
+                            })
                 {
                     record.log();
                 }
                 Ok(credentials)
             }
             Err(error @ CredentialsError::Refused { .. }) => {
-                if self.events.warn(pod, "AssumeRoleFailed", error.to_string())
+                if self
+                    .events
+                    .warn(pod, "AssumeRoleFailed", error.event_message())
                     == events::Posted::Sent
                 {
                     tracing::warn!(pod = %pod.key(), %error, "STS refused the pod's role");
@@ -168,7 +172,7 @@ pub(super) async fn start(
         Some(config.node.clone()),
         events::Limits::default(),
     );
-    let resolver = Arc::new(Resolver::new(
+    let resolver = Resolver::new(
         shared.index.clone(),
         pods.clone(),
         namespaces.clone(),
@@ -176,7 +180,20 @@ pub(super) async fn start(
         config.node_identity_namespaces.clone(),
         config.unknown_pod_wait,
         events.clone(),
-    ));
+    )
+    .with_session(config.session.clone());
+    let resolver = if config.service_account_roles {
+        let accounts = ServiceAccountStore::new();
+        tasks.spawn(k8s::service_accounts::follow(
+            client.clone(),
+            pods.clone(),
+            accounts.clone(),
+        ));
+        resolver.with_service_accounts(accounts)
+    } else {
+        resolver
+    };
+    let resolver = Arc::new(resolver);
     tasks.spawn(
         OptOuts::new(resolver.clone(), pods.clone(), shared.datapath.exempt())
             .run(OPT_OUT_INTERVAL),
@@ -252,7 +269,7 @@ impl admin::State for KubeState {
             .into_iter()
             .map(|pod| {
                 let cgroups = self.shared.index.cgroups_of_pod(&pod.uid);
-                let decision = match self.resolver.decide(&pod.uid) {
+                let decision = match self.resolver.decide(&Caller::for_pod(&pod.uid)) {
                     Verdict::Decided {
                         outcome: Outcome::Role { request, source },
                         ..

@@ -8,7 +8,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::{
     credentials::{CredentialCache, session_name},
     k8s::{NamespaceStore, PodChange, PodInfo, PodStore},
-    resolve::{Outcome, Resolver, Verdict},
+    resolve::{Caller, Outcome, Resolver, Verdict},
 };
 
 pub(super) async fn follow_pods(
@@ -25,7 +25,7 @@ pub(super) async fn follow_pods(
         if let Verdict::Decided {
             outcome: Outcome::Role { request, .. },
             ..
-        } = resolver.decide(&pod.uid)
+        } = resolver.decide(&Caller::for_pod(&pod.uid))
         {
             credentials.prefetch(&request);
         }
@@ -35,7 +35,16 @@ pub(super) async fn follow_pods(
         let live: BTreeSet<String> = pods
             .pods()
             .iter()
-            .map(|pod| session_name(&pod.namespace, &pod.name))
+            .flat_map(|pod| {
+                // The pod's session, and its containers' own (`container-roles`).
+                let containers = pod.containers.iter().map(Some);
+                std::iter::once(None)
+                    .chain(containers)
+                    .map(|container| {
+                        session_name(&pod.namespace, &pod.name, container.map(String::as_str))
+                    })
+                    .collect::<Vec<_>>()
+            })
             .collect();
         credentials.retain(|key| live.contains(&*key.request.session_name));
     };

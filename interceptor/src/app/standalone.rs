@@ -87,6 +87,7 @@ impl imds::Backend for StandaloneBackend {
                         role_arn: binding.role.to_string().into(),
                         external_id: binding.external_id.as_deref().map(Into::into),
                         session_name: binding.name.as_str().into(),
+                        ..RoleRequest::default()
                     },
                 })
             }

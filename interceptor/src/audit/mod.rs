@@ -44,8 +44,12 @@ pub(crate) const MAX_REMEMBERED: usize = 65_536;
 pub(crate) enum ChosenBy {
     /// The pod's role annotation.
     PodAnnotation,
-    /// The pod's ServiceAccount.
+    /// The pod's `container-roles` entry for the calling container.
+    ContainerAnnotation,
+    /// The pod's ServiceAccount (`--iam-role-key` on it).
     ServiceAccount,
+    /// The ServiceAccount's IRSA annotation (`--irsa-annotations`).
+    Irsa,
     /// `--default-role`.
     Default,
     /// Standalone mode's bindings file (cgroup -> role).
@@ -56,7 +60,9 @@ impl ChosenBy {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::PodAnnotation => "pod_annotation",
+            Self::ContainerAnnotation => "container_annotation",
             Self::ServiceAccount => "service_account",
+            Self::Irsa => "irsa",
             Self::Default => "default",
             Self::ContainerMap => "container_map",
         }
@@ -180,6 +186,9 @@ impl From<crate::policy::RoleSource> for ChosenBy {
     fn from(source: crate::policy::RoleSource) -> Self {
         match source {
             crate::policy::RoleSource::Annotation => Self::PodAnnotation,
+            crate::policy::RoleSource::Container => Self::ContainerAnnotation,
+            crate::policy::RoleSource::ServiceAccount => Self::ServiceAccount,
+            crate::policy::RoleSource::Irsa => Self::Irsa,
             crate::policy::RoleSource::Default => Self::Default,
         }
     }

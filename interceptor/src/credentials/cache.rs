@@ -239,7 +239,8 @@ impl Slot {
 /// and the old key stays until the pod is deleted: a pod changing its external id in a
 /// loop would otherwise grow the cache and the refreshers without bound. Four covers a
 /// role change and an external id change overlapping; a fifth evicts the oldest (its
-/// refresher stops). Counted by session name, which names the pod (namespace and name).
+/// refresher stops). Counted by session name, which names the pod (namespace and name),
+/// or a container that has a role of its own.
 pub(crate) const SLOTS_PER_POD: usize = 4;
 
 pub struct CredentialCache {
@@ -599,6 +600,7 @@ mod tests {
             role_arn: "arn:aws:iam::123456789012:role/app".into(),
             external_id: Some(format!("id-{external_id}").into()),
             session_name: pod.into(),
+            ..RoleRequest::default()
         }
     }
 

@@ -26,17 +26,21 @@ pub use cache::{
     CacheStats, CredentialCache, Key, MAX_SESSION, MIN_SESSION, PREFETCH_CONCURRENCY,
     SDK_REFRESH_WINDOW, Settings,
 };
-pub use session::session_name;
+pub use session::{SessionTags, session_name, source_identity};
 pub use sts::{StsConfig, StsError, endpoint_url, sts_client};
 
-/// What a pod's role is assumed with. The strings are shared (`Arc<str>`): a request is
-/// built once per decision and cloned per metadata request and cache lookup without
-/// allocating.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// What a pod's role is assumed with. The strings are shared (`Arc<str>`, tags behind an
+/// `Arc`): a request is built once per decision and cloned per metadata request and cache
+/// lookup without allocating.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct RoleRequest {
     pub role_arn: Arc<str>,
     pub external_id: Option<Arc<str>>,
     pub session_name: Arc<str>,
+    /// Transitive session tags (`--session-tags`); empty for none.
+    pub tags: SessionTags,
+    /// `--source-identity`.
+    pub source_identity: Option<Arc<str>>,
 }
 
 /// Temporary credentials. `Debug` never shows the secret or the token.
@@ -95,6 +99,33 @@ pub enum CredentialsError {
 }
 
 impl CredentialsError {
+    /// The permission a role's trust policy lacks, when STS names one that the agent's
+    /// own options call for (`--session-tags`, `--source-identity`).
+    pub fn missing_permission(&self) -> Option<&'static str> {
+        let Self::Refused { message, .. } = self else {
+            return None;
+        };
+        ["sts:TagSession", "sts:SetSourceIdentity"]
+            .into_iter()
+            .find(|permission| message.contains(permission))
+    }
+
+    /// What a pod's Event says: the error, and the trust policy change it needs.
+    pub fn event_message(&self) -> String {
+        match self.missing_permission() {
+            Some(permission) => format!(
+                "{self} (the role's trust policy must allow {permission} for the agent's role: \
+                 interceptor runs with {})",
+                if permission == "sts:TagSession" {
+                    "--session-tags"
+                } else {
+                    "--source-identity"
+                }
+            ),
+            None => self.to_string(),
+        }
+    }
+
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Refused { .. } => "refused",

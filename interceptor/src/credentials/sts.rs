@@ -107,6 +107,20 @@ pub(super) async fn assume_role(
     if let Some(external_id) = &request.external_id {
         call = call.external_id(&**external_id);
     }
+    for (key, value) in request.tags.iter() {
+        let tag = aws_sdk_sts::types::Tag::builder()
+            .key(key)
+            .value(value)
+            .build()
+            .map_err(|error| StsError::Refused {
+                code: "InvalidTag".into(),
+                message: error.to_string(),
+            })?;
+        call = call.tags(tag).transitive_tag_keys(key);
+    }
+    if let Some(source_identity) = &request.source_identity {
+        call = call.source_identity(&**source_identity);
+    }
     let output = call.send().await.map_err(|error| {
         let raw = error.raw_response();
         let status = raw.map(|raw| raw.status().as_u16());

@@ -15,15 +15,20 @@ fn valid_for_sts(name: &str) -> bool {
 
 #[test]
 fn session_names_identify_the_pod_within_sts_rules() {
-    assert_eq!(session_name("team-a", "web-5f7d8"), "team-a.web-5f7d8");
+    assert_eq!(
+        session_name("team-a", "web-5f7d8", None),
+        "team-a.web-5f7d8"
+    );
     let long = session_name(
         "a-very-long-namespace-name-for-a-team",
         "and-an-even-longer-pod-name-abcdef-12345",
+        None,
     );
     assert_eq!(long.len(), 64);
     let other = session_name(
         "a-very-long-namespace-name-for-a-team",
         "and-an-even-longer-pod-name-abcdef-12346",
+        None,
     );
     assert_ne!(
         long, other,
@@ -34,21 +39,47 @@ fn session_names_identify_the_pod_within_sts_rules() {
         session_name(
             "a-very-long-namespace-name-for-a-team",
             "and-an-even-longer-pod-name-abcdef-12345",
+            None
         ),
         "deterministic"
     );
-    let odd = session_name("ns", "pod/with spaces");
+    let odd = session_name("ns", "pod/with spaces", None);
     assert!(odd.starts_with("ns.pod-with-spaces-"), "{odd}");
-    assert_ne!(odd, session_name("ns", "pod-with-spaces"));
-    let unicode = session_name("ns", "pød-é");
-    let empty = session_name("", "");
+    assert_ne!(odd, session_name("ns", "pod-with-spaces", None));
+    let unicode = session_name("ns", "pød-é", None);
+    let empty = session_name("", "", None);
     for name in [&long, &odd, &unicode, &empty] {
         assert!(valid_for_sts(name), "{name}");
     }
     // Exactly at the limit: kept as is.
-    let at_limit = session_name(&"n".repeat(30), &"p".repeat(33));
+    let at_limit = session_name(&"n".repeat(30), &"p".repeat(33), None);
     assert_eq!(at_limit.len(), 64);
     assert!(!at_limit.contains('-'), "{at_limit}");
+}
+
+#[test]
+fn container_sessions_are_distinct_from_every_pod_session() {
+    // A pod named `web.app` and the container `app` of the pod `web` must not share a
+    // session: `@` is in no Kubernetes name.
+    assert_eq!(session_name("ns", "web", Some("app")), "ns.web@app");
+    assert_ne!(
+        session_name("ns", "web", Some("app")),
+        session_name("ns", "web.app", None)
+    );
+    assert_ne!(
+        session_name("ns", "web", Some("app")),
+        session_name("ns", "web", Some("sidecar"))
+    );
+    let long = session_name(&"n".repeat(63), &"p".repeat(253), Some("istio-proxy"));
+    let other = session_name(&"n".repeat(63), &"p".repeat(253), Some("app"));
+    assert!(
+        valid_for_sts(&long) && valid_for_sts(&other),
+        "{long} {other}"
+    );
+    assert_ne!(long, other, "truncation keeps containers apart");
+    let identity = super::source_identity("team-a", "web-1");
+    assert_eq!(identity, "team-a.web-1");
+    assert!(valid_for_sts(&super::source_identity(&"n".repeat(63), "p")));
 }
 
 const MIN: Duration = Duration::from_secs(60);
@@ -135,4 +166,44 @@ fn failed_refreshes_back_off_with_jitter_up_to_a_minute() {
         retry_wait(u32::MAX, &settings, 1.0),
         Duration::from_secs(61)
     );
+}
+
+#[test]
+fn refusals_name_the_trust_policy_permission_the_options_need() {
+    let refused = |message: &str| super::CredentialsError::Refused {
+        role: "arn:aws:iam::123456789012:role/app".into(),
+        code: "AccessDenied".into(),
+        message: message.into(),
+    };
+    let cases = [
+        (
+            "User: arn:aws:sts::123456789012:assumed-role/node/i-1 is not authorized to perform: sts:TagSession on resource: arn:aws:iam::123456789012:role/app",
+            Some("sts:TagSession"),
+        ),
+        (
+            "... is not authorized to perform: sts:SetSourceIdentity on resource: ...",
+            Some("sts:SetSourceIdentity"),
+        ),
+        (
+            "... is not authorized to perform: sts:AssumeRole on resource: ...",
+            None,
+        ),
+    ];
+    for (message, expected) in cases {
+        let error = refused(message);
+        assert_eq!(error.missing_permission(), expected, "{message}");
+        let event = error.event_message();
+        match expected {
+            Some(permission) => assert!(
+                event.contains(&format!("must allow {permission}")),
+                "{event}"
+            ),
+            None => assert_eq!(event, error.to_string()),
+        }
+    }
+    let unavailable = super::CredentialsError::Unavailable {
+        role: "r".into(),
+        reason: "sts:TagSession".into(),
+    };
+    assert_eq!(unavailable.missing_permission(), None);
 }

@@ -12,6 +12,7 @@ pub mod events;
 pub mod namespaces;
 pub mod node;
 pub mod pods;
+pub mod service_accounts;
 
 use std::path::Path;
 
@@ -22,6 +23,7 @@ use kube::{
 };
 pub use namespaces::{NamespaceInfo, NamespaceStore};
 pub use pods::{Lookup, PodChange, PodInfo, PodStore};
+pub use service_accounts::ServiceAccountStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

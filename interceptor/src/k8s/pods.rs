@@ -23,6 +23,12 @@ pub struct PodInfo {
     pub annotations: BTreeMap<String, String>,
     pub host_network: bool,
     pub service_account: Option<String>,
+    /// Names of the pod's containers, init and ephemeral ones included.
+    pub containers: Vec<String>,
+    /// Container id (without the `containerd://` scheme) -> container name, from the
+    /// pod's status: which container a connection came from. A container is listed only
+    /// once the kubelet has reported it.
+    pub container_ids: Vec<(String, String)>,
 }
 
 impl PodInfo {
@@ -37,13 +43,49 @@ impl PodInfo {
             annotations: meta.annotations.clone().unwrap_or_default(),
             host_network: spec.and_then(|spec| spec.host_network).unwrap_or(false),
             service_account: spec.and_then(|spec| spec.service_account_name.clone()),
+            containers: spec.map(container_names).unwrap_or_default(),
+            container_ids: pod.status.as_ref().map(container_ids).unwrap_or_default(),
         })
+    }
+
+    /// The name of the container with this id (as the cgroup path spells it), if the
+    /// pod's status lists it.
+    pub fn container_name(&self, id: &str) -> Option<&str> {
+        self.container_ids
+            .iter()
+            .find(|(known, _)| known == id)
+            .map(|(_, name)| name.as_str())
     }
 
     /// `namespace/name`, for logs and errors.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+fn container_names(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
+    let names = spec.containers.iter().map(|c| &c.name);
+    let init = spec.init_containers.iter().flatten().map(|c| &c.name);
+    let ephemeral = spec.ephemeral_containers.iter().flatten().map(|c| &c.name);
+    names.chain(init).chain(ephemeral).cloned().collect()
+}
+
+fn container_ids(status: &k8s_openapi::api::core::v1::PodStatus) -> Vec<(String, String)> {
+    let all = [
+        &status.container_statuses,
+        &status.init_container_statuses,
+        &status.ephemeral_container_statuses,
+    ];
+    all.into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|status| {
+            // `<runtime>://<id>`; the cgroup path has the id alone.
+            let full = status.container_id.as_deref()?;
+            let id = full.rsplit_once("://").map_or(full, |(_, id)| id);
+            (!id.is_empty()).then(|| (id.to_ascii_lowercase(), status.name.clone()))
+        })
+        .collect()
 }
 
 /// A pod looked up by UID.

@@ -38,6 +38,14 @@ pub const DEFAULT_EXTERNAL_ID_KEY: &str = "iam.amazonaws.com/external-id";
 pub const DEFAULT_NAMESPACE_KEY: &str = "iam.amazonaws.com/allowed-roles";
 /// kiam's namespace annotation: one regexp of permitted roles.
 pub const KIAM_PERMITTED_KEY: &str = "iam.amazonaws.com/permitted";
+/// kiam's pod annotation choosing the STS session name: not honoured (session names are
+/// the audit trail back to the pod, docs/migrating.md); a pod using it gets an Event.
+pub const KIAM_SESSION_NAME_KEY: &str = "iam.amazonaws.com/session-name";
+/// IRSA's ServiceAccount annotation, honoured with `--irsa-annotations`.
+pub const IRSA_ROLE_KEY: &str = "eks.amazonaws.com/role-arn";
+/// Pod annotation: a JSON object from container name to role (name, ARN, or `""` for no
+/// credentials), see [`ContainerRoles`].
+pub const CONTAINER_ROLES_KEY: &str = "iam.amazonaws.com/container-roles";
 
 /// Restriction entries per namespace at most (each is compiled).
 pub const MAX_RESTRICTIONS: usize = 256;
@@ -188,6 +196,9 @@ pub struct PolicyConfig {
     /// partitions kube2iam users run in); a cluster in one partition may narrow this to
     /// its own. Others (`aws-iso*`, typos) are refused.
     pub allowed_partitions: Vec<String>,
+    /// `--irsa-annotations`: a ServiceAccount's `eks.amazonaws.com/role-arn` names its
+    /// pods' role when neither the pod nor the ServiceAccount carry `--iam-role-key`.
+    pub irsa_annotations: bool,
 }
 
 impl Default for PolicyConfig {
@@ -201,6 +212,7 @@ impl Default for PolicyConfig {
             namespace_key: DEFAULT_NAMESPACE_KEY.into(),
             restriction_format: RestrictionFormat::Glob,
             allowed_partitions: vec!["aws".into(), "aws-cn".into(), "aws-us-gov".into()],
+            irsa_annotations: false,
         }
     }
 }
@@ -246,6 +258,18 @@ pub enum PolicyError {
         namespace: String,
         key: String,
     },
+    #[error("pod annotation {key} is invalid: {why}")]
+    InvalidContainerRoles { key: String, why: String },
+    #[error(
+        "the connection comes from a container the pod's status does not list yet (or from \
+         outside its containers), and the pod gives its containers different roles: refused \
+         until the kubelet reports the container"
+    )]
+    UnknownContainer,
+    #[error(
+        "the pod's ServiceAccount is not known yet (it may name the pod's role): refused until it is"
+    )]
+    ServiceAccountPending,
 }
 
 impl PolicyError {
@@ -258,6 +282,9 @@ impl PolicyError {
             Self::InvalidRestrictions { .. } => "invalid_restrictions",
             Self::NoAllowedRoles { .. } => "no_allowed_roles",
             Self::NotAllowed { .. } => "not_allowed",
+            Self::InvalidContainerRoles { .. } => "invalid_container_roles",
+            Self::UnknownContainer => "unknown_container",
+            Self::ServiceAccountPending => "service_account_pending",
         }
     }
 
@@ -266,6 +293,9 @@ impl PolicyError {
         match self {
             Self::NotAllowed { .. } | Self::NoAllowedRoles { .. } => "RoleNotAllowed",
             Self::InvalidRestrictions { .. } => "InvalidNamespaceRestrictions",
+            Self::InvalidContainerRoles { .. } => "InvalidContainerRoles",
+            Self::UnknownContainer => "UnknownContainer",
+            Self::ServiceAccountPending => "ServiceAccountPending",
             _ => "InvalidRoleAnnotation",
         }
     }
@@ -275,6 +305,12 @@ impl PolicyError {
 pub enum RoleSource {
     /// The pod's role annotation.
     Annotation,
+    /// The pod's `container-roles` entry for the calling container.
+    Container,
+    /// The ServiceAccount's `--iam-role-key` annotation.
+    ServiceAccount,
+    /// The ServiceAccount's IRSA annotation (`--irsa-annotations`).
+    Irsa,
     /// `--default-role`.
     Default,
 }
@@ -285,6 +321,9 @@ pub enum Decision {
         arn: RoleArn,
         external_id: Option<String>,
         source: RoleSource,
+        /// The container this role is for, when the pod gives it a role of its own
+        /// (`container-roles`): its credentials are a session of their own.
+        container: Option<String>,
     },
     /// No annotation (or an empty one) and no default role.
     NoRole,
@@ -599,21 +638,167 @@ fn matcher(entry: &str, config: &PolicyConfig) -> Result<Matcher, String> {
     }
 }
 
-/// The decision for a pod, given its annotations and its namespace's policy.
+/// The decision for a pod, given its annotations and its namespace's policy (no
+/// ServiceAccount, no container: see [`decide_for`]).
 pub fn decide(
     pod_annotations: &BTreeMap<String, String>,
     namespace: &NamespacePolicy,
     config: &PolicyConfig,
 ) -> Decision {
-    let (written, source) = match pod_annotations.get(&config.iam_role_key) {
-        // Present but empty: the pod asks for no role, not for the default.
-        Some(value) if value.trim().is_empty() => return Decision::NoRole,
-        Some(value) => (value.trim(), RoleSource::Annotation),
-        None => match config.default_role.as_deref().map(str::trim) {
-            Some(default) if !default.is_empty() => (default, RoleSource::Default),
-            _ => return Decision::NoRole,
+    decide_for(
+        &Subject {
+            pod: pod_annotations,
+            service_account: None,
+            service_account_pending: false,
+            containers: &[],
+            caller: Caller::Pod,
         },
+        namespace,
+        config,
+    )
+}
+
+/// Which of a pod's containers is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller<'a> {
+    /// No connection: the pod as a whole (prefetch, `/debug/store`).
+    Pod,
+    /// A connection from this container (its name, from the pod's status).
+    Container(&'a str),
+    /// A connection whose container the pod's status does not list (yet), or from the
+    /// pod's own cgroup outside any container.
+    Unattributed,
+}
+
+/// Everything a decision is made from.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub pod: &'a BTreeMap<String, String>,
+    /// The annotations of the pod's ServiceAccount, if it exists and is known.
+    pub service_account: Option<&'a BTreeMap<String, String>>,
+    /// The pod's ServiceAccount is not known yet (its watch has not listed it): a pod
+    /// without a role of its own is refused meanwhile rather than given the default.
+    pub service_account_pending: bool,
+    /// The names of the pod's containers (init, sidecar and ephemeral included), to check
+    /// `container-roles` against.
+    pub containers: &'a [String],
+    pub caller: Caller<'a>,
+}
+
+/// `iam.amazonaws.com/container-roles`: a JSON object from container name to role.
+///
+/// Fail closed: a malformed object, or one naming a container the pod does not have (a
+/// typo would otherwise hand the pod's role to the very sidecar the entry was meant to
+/// keep off it), refuses every container of the pod until it is fixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRoles(BTreeMap<String, String>);
+
+/// Entries in `container-roles` at most (a pod has a handful of containers).
+pub const MAX_CONTAINER_ROLES: usize = 64;
+
+impl ContainerRoles {
+    pub fn parse(value: &str, containers: &[String]) -> Result<Self, PolicyError> {
+        let invalid = |why: String| PolicyError::InvalidContainerRoles {
+            key: CONTAINER_ROLES_KEY.to_owned(),
+            why,
+        };
+        let map: BTreeMap<String, serde_json::Value> = serde_json::from_str(value)
+            .map_err(|error| invalid(format!("not a JSON object of strings: {error}")))?;
+        if map.len() > MAX_CONTAINER_ROLES {
+            return Err(invalid(format!(
+                "{} entries, more than the {MAX_CONTAINER_ROLES} allowed",
+                map.len()
+            )));
+        }
+        let mut roles = BTreeMap::new();
+        for (name, role) in map {
+            if !containers.contains(&name) {
+                return Err(invalid(format!(
+                    "container {:?} is not a container of the pod",
+                    evidence(&name)
+                )));
+            }
+            let role = role.as_str().ok_or_else(|| {
+                invalid(format!(
+                    "the role of container {:?} is not a string",
+                    evidence(&name)
+                ))
+            })?;
+            roles.insert(name, role.trim().to_owned());
+        }
+        Ok(Self(roles))
+    }
+
+    /// The role written for `container`, if it has one of its own.
+    pub fn get(&self, container: &str) -> Option<&str> {
+        self.0.get(container).map(String::as_str)
+    }
+}
+
+/// The decision for a pod's caller. Precedence: the calling container's entry in
+/// `container-roles`, the pod's role annotation, the ServiceAccount's (`--iam-role-key`,
+/// then IRSA's with `--irsa-annotations`), `--default-role`. An empty value at any level
+/// means no role and stops there. Namespace restrictions apply to the result.
+pub fn decide_for(
+    subject: &Subject<'_>,
+    namespace: &NamespacePolicy,
+    config: &PolicyConfig,
+) -> Decision {
+    let mut container = None;
+    let mut chosen = None;
+    if let Some(value) = subject.pod.get(CONTAINER_ROLES_KEY) {
+        let roles = match ContainerRoles::parse(value, subject.containers) {
+            Ok(roles) => roles,
+            Err(error) => return Decision::Denied(error),
+        };
+        match subject.caller {
+            Caller::Unattributed => return Decision::Denied(PolicyError::UnknownContainer),
+            Caller::Pod => {}
+            Caller::Container(name) => {
+                if let Some(role) = roles.get(name) {
+                    container = Some(name.to_owned());
+                    chosen = Some((role.to_owned(), RoleSource::Container));
+                }
+            }
+        }
+    }
+    let from_service_account = || {
+        let annotations = subject.service_account?;
+        if let Some(value) = annotations.get(&config.iam_role_key) {
+            return Some((value.clone(), RoleSource::ServiceAccount));
+        }
+        if config.irsa_annotations {
+            return annotations
+                .get(IRSA_ROLE_KEY)
+                .map(|value| (value.clone(), RoleSource::Irsa));
+        }
+        None
     };
+    let chosen = chosen.or_else(|| {
+        subject
+            .pod
+            .get(&config.iam_role_key)
+            .map(|value| (value.clone(), RoleSource::Annotation))
+    });
+    if chosen.is_none() && subject.service_account_pending {
+        return Decision::Denied(PolicyError::ServiceAccountPending);
+    }
+    let chosen = chosen.or_else(from_service_account).or_else(|| {
+        config
+            .default_role
+            .as_deref()
+            .map(str::trim)
+            .filter(|default| !default.is_empty())
+            .map(|default| (default.to_owned(), RoleSource::Default))
+    });
+    let Some((written, source)) = chosen else {
+        return Decision::NoRole;
+    };
+    // Present but empty: no role, not the next level's.
+    let written = written.trim();
+    if written.is_empty() {
+        return Decision::NoRole;
+    }
     let arn = match resolve_role(written, config) {
         Ok(arn) => arn,
         Err(error) => return Decision::Denied(error),
@@ -621,7 +806,8 @@ pub fn decide(
     if let Err(error) = namespace.check(written, &arn, config) {
         return Decision::Denied(error);
     }
-    let external_id = pod_annotations
+    let external_id = subject
+        .pod
         .get(&config.iam_external_id_key)
         .map_or(Ok(None), |value| external_id(value));
     match external_id {
@@ -629,6 +815,7 @@ pub fn decide(
             arn,
             external_id,
             source,
+            container,
         },
         Err(error) => Decision::Denied(error),
     }

@@ -83,6 +83,7 @@ fn names_and_arns_resolve_like_kube2iam() {
         arn,
         source,
         external_id,
+        ..
     } = decide(&role("team/app"), &ns, &config)
     else {
         panic!("team/app must resolve")
@@ -608,4 +609,252 @@ fn glob_matching() {
     for (pattern, text, expected) in cases {
         assert_eq!(glob_match(pattern, text), expected, "{pattern:?} {text:?}");
     }
+}
+
+/// Annotations as written in a table.
+type Pairs<'a> = &'a [(&'a str, &'a str)];
+
+/// One caller's outcome under `decide_for`: pod annotations, ServiceAccount annotations,
+/// container names and the calling container.
+fn decide_subject(
+    pod: &[(&str, &str)],
+    service_account: Option<&[(&str, &str)]>,
+    caller: Caller<'_>,
+    config: &PolicyConfig,
+) -> String {
+    let containers = [
+        "app".to_owned(),
+        "istio-proxy".to_owned(),
+        "init".to_owned(),
+    ];
+    let pod = annotations(pod);
+    let service_account = service_account.map(annotations);
+    let subject = Subject {
+        pod: &pod,
+        service_account: service_account.as_ref(),
+        service_account_pending: false,
+        containers: &containers,
+        caller,
+    };
+    let ns = namespace(&[], config);
+    outcome(decide_for(&subject, &ns, config))
+}
+
+#[test]
+fn role_precedence_pod_then_service_account_then_default() {
+    let plain = config();
+    let irsa = PolicyConfig {
+        irsa_annotations: true,
+        default_role: Some("fallback".into()),
+        ..config()
+    };
+    let with_default = PolicyConfig {
+        default_role: Some("fallback".into()),
+        ..config()
+    };
+    let sa_role: &[(&str, &str)] = &[(DEFAULT_ROLE_KEY, "from-sa")];
+    let sa_irsa: &[(&str, &str)] = &[(IRSA_ROLE_KEY, "arn:aws:iam::123456789012:role/irsa")];
+    let sa_both: &[(&str, &str)] = &[
+        (DEFAULT_ROLE_KEY, "from-sa"),
+        (IRSA_ROLE_KEY, "arn:aws:iam::123456789012:role/irsa"),
+    ];
+    let sa_empty: &[(&str, &str)] = &[(DEFAULT_ROLE_KEY, "")];
+    let cases: [(Pairs<'_>, Option<Pairs<'_>>, &PolicyConfig, String); 10] = [
+        (
+            &[(DEFAULT_ROLE_KEY, "pod")],
+            Some(sa_role),
+            &plain,
+            format!("{BASE}pod"),
+        ),
+        (&[], Some(sa_role), &plain, format!("{BASE}from-sa")),
+        (&[], Some(sa_role), &with_default, format!("{BASE}from-sa")),
+        (&[], None, &with_default, format!("{BASE}fallback")),
+        // IRSA's annotation only with --irsa-annotations, and after ours.
+        (&[], Some(sa_irsa), &plain, "no role".into()),
+        (&[], Some(sa_irsa), &irsa, format!("{BASE}irsa")),
+        (&[], Some(sa_both), &irsa, format!("{BASE}from-sa")),
+        // An empty ServiceAccount annotation opts its pods out of the default.
+        (&[], Some(sa_empty), &with_default, "no role".into()),
+        // The pod's empty annotation wins over the ServiceAccount's role.
+        (
+            &[(DEFAULT_ROLE_KEY, "")],
+            Some(sa_role),
+            &plain,
+            "no role".into(),
+        ),
+        (
+            &[],
+            Some(&[(DEFAULT_ROLE_KEY, "arn:bad")]),
+            &plain,
+            "denied: invalid_arn".into(),
+        ),
+    ];
+    for (pod, sa, config, expected) in cases {
+        assert_eq!(
+            decide_subject(pod, sa, Caller::Pod, config),
+            expected,
+            "pod {pod:?} sa {sa:?}"
+        );
+    }
+}
+
+#[test]
+fn service_account_roles_obey_namespace_restrictions() {
+    let config = restricted(RestrictionFormat::Glob);
+    let ns = namespace(&[(DEFAULT_NAMESPACE_KEY, r#"["allowed"]"#)], &config);
+    let pod = annotations(&[]);
+    let decide_sa = |role: &str| {
+        let sa = annotations(&[(DEFAULT_ROLE_KEY, role)]);
+        let subject = Subject {
+            pod: &pod,
+            service_account: Some(&sa),
+            service_account_pending: false,
+            containers: &[],
+            caller: Caller::Pod,
+        };
+        outcome(decide_for(&subject, &ns, &config))
+    };
+    assert_eq!(decide_sa("allowed"), format!("{BASE}allowed"));
+    assert_eq!(decide_sa("admin"), "denied: not_allowed");
+}
+
+#[test]
+fn container_roles_per_calling_container() {
+    let config = config();
+    let map =
+        r#"{"istio-proxy": "", "init": "arn:aws:iam::999999999999:role/setup", "app": "app-own"}"#;
+    let pod: &[(&str, &str)] = &[(DEFAULT_ROLE_KEY, "pod-role"), (CONTAINER_ROLES_KEY, map)];
+    let only_sidecar: &[(&str, &str)] = &[
+        (DEFAULT_ROLE_KEY, "pod-role"),
+        (CONTAINER_ROLES_KEY, r#"{"istio-proxy": ""}"#),
+    ];
+    let cases: [(Pairs<'_>, Caller<'_>, String); 9] = [
+        (pod, Caller::Container("app"), format!("{BASE}app-own")),
+        (pod, Caller::Container("istio-proxy"), "no role".into()),
+        (pod, Caller::Container("init"), format!("{OTHER}setup")),
+        // Unlisted containers, and the pod as a whole (prefetch), get the pod's role.
+        (
+            only_sidecar,
+            Caller::Container("app"),
+            format!("{BASE}pod-role"),
+        ),
+        (only_sidecar, Caller::Pod, format!("{BASE}pod-role")),
+        // A container the status does not list yet never gets the pod's role.
+        (
+            only_sidecar,
+            Caller::Unattributed,
+            "denied: unknown_container".into(),
+        ),
+        // Fail closed on a typo or bad JSON, for every container.
+        (
+            &[
+                (DEFAULT_ROLE_KEY, "pod-role"),
+                (CONTAINER_ROLES_KEY, r#"{"istio-proxi": ""}"#),
+            ],
+            Caller::Container("app"),
+            "denied: invalid_container_roles".into(),
+        ),
+        (
+            &[(CONTAINER_ROLES_KEY, r#"["app"]"#)],
+            Caller::Container("app"),
+            "denied: invalid_container_roles".into(),
+        ),
+        (
+            &[(CONTAINER_ROLES_KEY, r#"{"app": 5}"#)],
+            Caller::Container("app"),
+            "denied: invalid_container_roles".into(),
+        ),
+    ];
+    for (pod, caller, expected) in cases {
+        assert_eq!(
+            decide_subject(pod, None, caller, &config),
+            expected,
+            "{pod:?} {caller:?}"
+        );
+    }
+    // Without the annotation nothing changes, whoever calls.
+    assert_eq!(
+        decide_subject(
+            &[(DEFAULT_ROLE_KEY, "pod-role")],
+            None,
+            Caller::Unattributed,
+            &config
+        ),
+        format!("{BASE}pod-role")
+    );
+    // The container's role is scoped to it (its own session).
+    let pod = annotations(pod);
+    let containers = [
+        "app".to_owned(),
+        "istio-proxy".to_owned(),
+        "init".to_owned(),
+    ];
+    let subject = Subject {
+        pod: &pod,
+        service_account: None,
+        service_account_pending: false,
+        containers: &containers,
+        caller: Caller::Container("app"),
+    };
+    let Decision::Role {
+        container, source, ..
+    } = decide_for(&subject, &namespace(&[], &config), &config)
+    else {
+        panic!("a role");
+    };
+    assert_eq!(
+        (container.as_deref(), source),
+        (Some("app"), RoleSource::Container)
+    );
+}
+
+#[test]
+fn container_roles_obey_namespace_restrictions() {
+    let config = restricted(RestrictionFormat::Glob);
+    let ns = namespace(&[(DEFAULT_NAMESPACE_KEY, r#"["pod-role"]"#)], &config);
+    let pod = annotations(&[
+        (DEFAULT_ROLE_KEY, "pod-role"),
+        (CONTAINER_ROLES_KEY, r#"{"app": "admin"}"#),
+    ]);
+    let containers = ["app".to_owned(), "sidecar".to_owned()];
+    let decide_as = |caller| {
+        let subject = Subject {
+            pod: &pod,
+            service_account: None,
+            service_account_pending: false,
+            containers: &containers,
+            caller,
+        };
+        outcome(decide_for(&subject, &ns, &config))
+    };
+    assert_eq!(decide_as(Caller::Container("app")), "denied: not_allowed");
+    assert_eq!(
+        decide_as(Caller::Container("sidecar")),
+        format!("{BASE}pod-role")
+    );
+}
+
+#[test]
+fn a_pending_service_account_holds_back_pods_without_their_own_role() {
+    let config = PolicyConfig {
+        default_role: Some("fallback".into()),
+        ..config()
+    };
+    let ns = namespace(&[], &config);
+    let decide_pending = |pod: &[(&str, &str)]| {
+        let pod = annotations(pod);
+        let subject = Subject {
+            pod: &pod,
+            service_account: None,
+            service_account_pending: true,
+            containers: &[],
+            caller: Caller::Pod,
+        };
+        outcome(decide_for(&subject, &ns, &config))
+    };
+    assert_eq!(decide_pending(&[]), "denied: service_account_pending");
+    assert_eq!(
+        decide_pending(&[(DEFAULT_ROLE_KEY, "own")]),
+        format!("{BASE}own")
+    );
 }

@@ -356,6 +356,24 @@ impl FakeApiServer {
         self.get(Kind::Namespace, "", name)
     }
 
+    /// Creates a ServiceAccount in its `metadata.namespace`. Panics if it exists.
+    pub fn add_service_account(
+        &self,
+        account: k8s_openapi::api::core::v1::ServiceAccount,
+    ) -> k8s_openapi::api::core::v1::ServiceAccount {
+        self.add(Kind::ServiceAccount, account)
+    }
+
+    /// Changes a ServiceAccount with `change`. Panics if there is no such object.
+    pub fn update_service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+        change: impl FnOnce(&mut k8s_openapi::api::core::v1::ServiceAccount),
+    ) -> k8s_openapi::api::core::v1::ServiceAccount {
+        self.update(Kind::ServiceAccount, namespace, name, change)
+    }
+
     /// Creates a node. Panics if it exists.
     pub fn add_node(&self, node: Node) -> Node {
         self.add(Kind::Node, node)

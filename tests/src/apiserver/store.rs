@@ -14,6 +14,7 @@ pub(crate) enum Kind {
     Pod,
     Namespace,
     Node,
+    ServiceAccount,
     /// `v1` `Event` (`/api/v1/namespaces/{ns}/events`).
     CoreEvent,
     /// `events.k8s.io/v1` `Event` (what `kube::runtime::events::Recorder` writes).
@@ -26,6 +27,7 @@ impl Kind {
             Self::Pod => "Pod",
             Self::Namespace => "Namespace",
             Self::Node => "Node",
+            Self::ServiceAccount => "ServiceAccount",
             Self::CoreEvent | Self::Event => "Event",
         }
     }
@@ -43,6 +45,7 @@ impl Kind {
             Self::Pod => "pods",
             Self::Namespace => "namespaces",
             Self::Node => "nodes",
+            Self::ServiceAccount => "serviceaccounts",
             Self::CoreEvent | Self::Event => "events",
         }
     }
@@ -56,7 +59,10 @@ impl Kind {
     }
 
     pub(crate) fn namespaced(self) -> bool {
-        matches!(self, Self::Pod | Self::CoreEvent | Self::Event)
+        matches!(
+            self,
+            Self::Pod | Self::ServiceAccount | Self::CoreEvent | Self::Event
+        )
     }
 
     /// The kind served at `/{api prefix}/{plural}` for API group `group` ("" = core).
@@ -65,6 +71,7 @@ impl Kind {
             ("", "pods") => Some(Self::Pod),
             ("", "namespaces") => Some(Self::Namespace),
             ("", "nodes") => Some(Self::Node),
+            ("", "serviceaccounts") => Some(Self::ServiceAccount),
             ("", "events") => Some(Self::CoreEvent),
             ("events.k8s.io", "events") => Some(Self::Event),
             _ => None,
@@ -88,6 +95,7 @@ impl Kind {
             ]),
             Self::Namespace => Some(&["metadata.name", "status.phase"]),
             Self::Node => Some(&["metadata.name", "spec.unschedulable"]),
+            Self::ServiceAccount => Some(&["metadata.name", "metadata.namespace"]),
             Self::CoreEvent | Self::Event => None,
         }
     }
@@ -466,7 +474,7 @@ fn apply_defaults(kind: Kind, name: &str, obj: &mut Value) {
                 obj["status"]["phase"] = json!("Pending");
             }
         }
-        Kind::Node | Kind::CoreEvent | Kind::Event => {}
+        Kind::Node | Kind::ServiceAccount | Kind::CoreEvent | Kind::Event => {}
     }
 }
 
