@@ -410,7 +410,7 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
             assert!(
                 second_ids
                     .iter()
-                    .any(|id| out.starts_with(&format!("{id}: "))),
+                    .any(|id| out.lines().any(|line| line.starts_with(&format!("{id}: ")))),
                 "`{command}` shows none of {second_ids:?}:\n{out}"
             );
         }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::{ebpf, run, setup};
+use crate::{ebpf, leftovers, run, setup};
 
 #[derive(Args)]
 pub struct BenchOptions {
@@ -24,6 +24,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     if !run::is_root() {
         bail!("cargo xtask bench must run as root (it loads eBPF programs)");
     }
+    leftovers::sweep();
     setup::run(false)?;
     let object = ebpf::build(&ebpf::BuildOptions::default())?;
     // What is measured is the release build of the agent, and the load client and the

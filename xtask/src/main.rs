@@ -6,6 +6,7 @@
 mod bench;
 mod ebpf;
 mod fuzz;
+mod leftovers;
 mod run;
 mod setup;
 mod test;

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::{ebpf, run, setup};
+use crate::{ebpf, leftovers, run, setup};
 
 #[derive(Args)]
 pub struct TestOptions {
@@ -27,6 +27,7 @@ pub fn run(options: &TestOptions) -> Result<()> {
         // The tests load eBPF programs and create network namespaces and cgroups.
         bail!("cargo xtask test must run as root (the tests load eBPF programs)");
     }
+    leftovers::sweep();
     if !options.no_setup {
         setup::run(false)?;
     }
@@ -141,6 +142,7 @@ pub fn demo() -> Result<()> {
     if !run::is_root() {
         bail!("cargo xtask demo must run as root (it loads eBPF programs)");
     }
+    leftovers::sweep();
     setup::run(false)?;
     let object = ebpf::build(&ebpf::BuildOptions::default())?;
     // The demo runs the real agent binary.
