@@ -39,7 +39,8 @@ def from_port(port: str, host: str, host_port: str) -> None:
 
 
 def hold() -> None:
-    sock = socket.create_connection(("169.254.169.254", 80), timeout=60)
+    # Long enough for the floods the test may need before it resumes the agent.
+    sock = socket.create_connection(("169.254.169.254", 80), timeout=300)
     sock.sendall(LISTING)
     print("sent", flush=True)
     try:
