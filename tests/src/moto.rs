@@ -45,15 +45,21 @@ impl MotoServer {
             .spawn()
             .expect("start moto_server");
         let addr = SocketAddr::from((host, port));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut moto = Self { child, addr };
+        // Python's imports take seconds on a loaded 2-core machine: a generous bound, but
+        // a moto that exited is reported at once.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = moto.child.try_wait() {
+                panic!("moto_server exited ({status}) before listening on {addr}");
+            }
             assert!(
                 Instant::now() < deadline,
-                "moto_server did not listen on {addr}"
+                "moto_server did not listen on {addr} within 60 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, addr }
+        moto
     }
 
     pub fn addr(&self) -> SocketAddr {
