@@ -157,7 +157,16 @@ impl Stat {
             .spawn()
             .context("starting perf stat (Debian package linux-perf)")?;
         let stat = Self { perf, out };
-        // perf attaches after it has started: give it the time to open its events.
+        // perf writes its output file's header once it runs; on a loaded machine that can
+        // take seconds. Then give it the time to open its events.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !stat.out.exists() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "perf stat did not start within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         std::thread::sleep(std::time::Duration::from_millis(300));
         Ok(stat)
     }
