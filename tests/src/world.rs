@@ -53,7 +53,9 @@ const WORLD_NETNS: &str = "INTERCEPTOR_TEST_WORLD_NETNS";
 
 fn netns_inode() -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/net").ok().map(|meta| meta.ino())
+    std::fs::metadata("/proc/self/ns/net")
+        .ok()
+        .map(|meta| meta.ino())
 }
 
 fn enter() -> Result<(), String> {
