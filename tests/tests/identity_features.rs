@@ -336,6 +336,11 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
         ],
         "pod, then ServiceAccount, then IRSA's annotation\n{log}"
     );
+    // One watch per ServiceAccount the node's pods use: `builder` (two pods) and `irsa`.
+    assert_eq!(
+        agent.metric("interceptor_tracked{kind=\"service_accounts\"}"),
+        2.0
+    );
 
     // The ServiceAccount's annotation changes: its pods follow, the pod with its own
     // role does not.
