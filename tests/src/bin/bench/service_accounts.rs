@@ -22,7 +22,9 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use serde_json::json;
 
 use crate::{
-    METADATA, NODE, World, agent_metric, credentials_path, places,
+    METADATA, NODE, World, agent_metric, credentials_path,
+    load::run_all,
+    places,
     report::{Figure, Report},
     run_strings, start_agent_on, usage,
 };
@@ -145,11 +147,22 @@ async fn measure(world: &World, node: &Node, pods: &[Pod], namespaces: usize) ->
         &[],
     )?;
     wait_for_namespaces(&agent, namespaces).await?;
-    // Every pod is served its ServiceAccount's role: the watches are open and read.
+    // Every pod is served its ServiceAccount's role: the watches are open and read. The
+    // first credential is waited for as an SDK retries (STS may be cold when this
+    // scenario runs alone), then each pod makes a few more requests.
+    let path = credentials_path(ROLE);
+    let firsts = run_all(&places(pods), &["first", METADATA, &path, "30000"])?;
+    if let Some(load) = firsts.iter().find(|load| load.ok != 1) {
+        bail!(
+            "{namespaces} namespaces: a pod got no credentials from its ServiceAccount: {:?}\n{}",
+            load.first_error,
+            agent.log_text()
+        );
+    }
     let args = [
         "http".to_owned(),
         METADATA.to_owned(),
-        credentials_path(ROLE),
+        path,
         "new".to_owned(),
         "1".to_owned(),
         "20".to_owned(),
