@@ -5,7 +5,9 @@
 //! Two conditions, each on an API server of its own: the same handful of pods on the
 //! agent's node, in a cluster of `namespaces` namespaces with [`ACCOUNTS`] ServiceAccounts
 //! each (and one pod on another node per 100 namespaces), against the same with
-//! [`BASELINE_NAMESPACES`] namespaces. Figures: the agent's RSS and peak RSS (VmRSS,
+//! [`BASELINE_NAMESPACES`] namespaces, and, as a control, the large cluster with
+//! `--no-service-account-roles` (the same role as the default), which splits what the
+//! namespaces cost from what following ServiceAccounts costs. Figures: the agent's RSS and peak RSS (VmRSS,
 //! VmHWM) after every pod has been served credentials from its ServiceAccount's role,
 //! and the ServiceAccount watches it opened, counted by the API server. That count must
 //! equal the ServiceAccounts the node's pods use (a correctness check, not a time).
@@ -53,8 +55,11 @@ struct Measured {
     peak_kib: u64,
     /// Distinct ServiceAccounts the API server saw a watch for.
     watched: BTreeSet<String>,
-    /// The agent's own count (`interceptor_tracked{kind="service_accounts"}`).
-    followed: f64,
+    /// The agent's own count (`interceptor_tracked{kind="service_accounts"}`); absent
+    /// with `--no-service-account-roles`.
+    followed: Option<f64>,
+    /// Whether ServiceAccount roles were on.
+    roles_on: bool,
     /// Namespaces the agent holds (`interceptor_tracked{kind="namespaces"}`).
     tracked_namespaces: f64,
 }
@@ -137,14 +142,23 @@ fn watched_accounts(api: &FakeApiServer) -> Result<BTreeSet<String>> {
     Ok(watched)
 }
 
-async fn measure(world: &World, node: &Node, pods: &[Pod], namespaces: usize) -> Result<Measured> {
+/// One agent on a cluster of `namespaces`; with `roles_on` false, the control: no
+/// ServiceAccount roles (`--no-service-account-roles`), the same role as the default.
+async fn measure(
+    world: &World,
+    node: &Node,
+    pods: &[Pod],
+    namespaces: usize,
+    roles_on: bool,
+) -> Result<Measured> {
     let api = cluster(namespaces, pods).await;
+    let control = ["--no-service-account-roles", "--default-role", ROLE];
     let agent = start_agent_on(
         world,
         &api,
-        &format!("bench-accounts-{namespaces}"),
+        &format!("bench-accounts-{namespaces}-{roles_on}"),
         node,
-        &[],
+        if roles_on { &[] } else { &control },
     )?;
     wait_for_namespaces(&agent, namespaces).await?;
     // Every pod is served its ServiceAccount's role: the watches are open and read. The
@@ -182,7 +196,8 @@ async fn measure(world: &World, node: &Node, pods: &[Pod], namespaces: usize) ->
         rss_kib,
         peak_kib,
         watched: watched_accounts(&api)?,
-        followed: agent_metric(&agent, "interceptor_tracked{kind=\"service_accounts\"}")?,
+        followed: agent_metric(&agent, "interceptor_tracked{kind=\"service_accounts\"}").ok(),
+        roles_on,
         tracked_namespaces: agent_metric(&agent, "interceptor_tracked{kind=\"namespaces\"}")?,
     };
     drop(agent);
@@ -210,17 +225,24 @@ pub async fn service_accounts(world: &World, node: &Node, report: &mut Report) -
         .iter()
         .map(|(ns, service_account)| format!("{}/{service_account}", namespace(*ns)))
         .collect();
-    let baseline = measure(world, node, &pods, BASELINE_NAMESPACES).await?;
-    let large = measure(world, node, &pods, world.sizes.namespaces).await?;
+    let baseline = measure(world, node, &pods, BASELINE_NAMESPACES, true).await?;
+    let large = measure(world, node, &pods, world.sizes.namespaces, true).await?;
+    let control = measure(world, node, &pods, world.sizes.namespaces, false).await?;
     for measured in [&baseline, &large] {
-        if measured.watched != expected || measured.followed != expected.len() as f64 {
+        if measured.watched != expected || measured.followed != Some(expected.len() as f64) {
             bail!(
-                "{} namespaces: the agent watched {:?} (and follows {}), its node's pods use {expected:?}",
+                "{} namespaces: the agent watched {:?} (and follows {:?}), its node's pods use {expected:?}",
                 measured.namespaces,
                 measured.watched,
                 measured.followed
             );
         }
+    }
+    if !control.watched.is_empty() {
+        bail!(
+            "--no-service-account-roles, yet ServiceAccounts were watched: {:?}",
+            control.watched
+        );
     }
     let mib = |kib: u64| kib as f64 / 1024.0;
     let label = format!(
@@ -247,13 +269,24 @@ pub async fn service_accounts(world: &World, node: &Node, report: &mut Report) -
     });
     report.add(Figure {
         scenario: "8",
+        measure: format!(
+            "agent RSS, {} namespaces, ServiceAccount roles on vs off",
+            large.namespaces
+        ),
+        ours: mib(large.rss_kib),
+        baseline: Some(mib(control.rss_kib)),
+        unit: "MiB",
+        target: None,
+    });
+    report.add(Figure {
+        scenario: "8",
         measure: format!("ServiceAccount watches, {label}"),
         ours: large.watched.len() as f64,
         baseline: Some(baseline.watched.len() as f64),
         unit: "watches",
         target: None,
     });
-    let details: Vec<_> = [&baseline, &large]
+    let details: Vec<_> = [&baseline, &large, &control]
         .iter()
         .map(|measured| {
             json!({
@@ -266,6 +299,7 @@ pub async fn service_accounts(world: &World, node: &Node, report: &mut Report) -
                 "peak_mib": mib(measured.peak_kib),
                 "watched": measured.watched,
                 "followed": measured.followed,
+                "service_account_roles": measured.roles_on,
             })
         })
         .collect();
