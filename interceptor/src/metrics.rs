@@ -110,7 +110,7 @@ impl Metrics {
         let tracked = IntGaugeVec::new(
             Opts::new(
                 "tracked",
-                "Objects tracked now (pods, namespaces, cgroups, credentials, kernel map entries)",
+                "Objects tracked now (pods, namespaces, ServiceAccounts, cgroups, credentials, kernel map entries)",
             ),
             &["kind"],
         )

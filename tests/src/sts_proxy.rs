@@ -34,14 +34,28 @@ struct State {
     counts: HashMap<String, u64>,
     /// `RoleArn` of every AssumeRole call, in order.
     assumed: Vec<String>,
-    /// The form parameters of every AssumeRole call, in order.
-    assume_params: Vec<Vec<(String, String)>>,
+    /// Every AssumeRole call, in order of arrival.
+    assume_calls: Vec<AssumeCall>,
     /// When each AssumeRole call arrived.
     assume_times: Vec<Instant>,
     fault: Option<Fault>,
     delay: Duration,
     /// AssumeRole answers carry credentials expiring this long after the answer.
     expires_in: Option<Duration>,
+}
+
+/// One AssumeRole call as it reached STS.
+#[derive(Debug, Clone, Default)]
+pub struct AssumeCall {
+    /// Its form parameters (`RoleArn`, `RoleSessionName`, `Tags.member.1.Key`,
+    /// `SourceIdentity`...).
+    pub params: Vec<(String, String)>,
+    /// The access key id that signed it (from its SigV4 `Authorization` header): whose
+    /// credentials made the call.
+    pub signer: Option<String>,
+    /// The access key id of the credentials STS answered with, when it answered them:
+    /// a later call signed with it was made with this call's session (role chaining).
+    pub issued: Option<String>,
 }
 
 #[derive(Clone)]
@@ -111,7 +125,18 @@ impl StsProxy {
     /// The form parameters (`RoleSessionName`, `Tags.member.1.Key`, `SourceIdentity`...)
     /// of every AssumeRole call so far, in order.
     pub fn assume_params(&self) -> Vec<Vec<(String, String)>> {
-        self.state.lock().unwrap().assume_params.clone()
+        let state = self.state.lock().unwrap();
+        state
+            .assume_calls
+            .iter()
+            .map(|call| call.params.clone())
+            .collect()
+    }
+
+    /// Every AssumeRole call so far, in order of arrival, with who signed it and the key
+    /// it was answered with.
+    pub fn assume_calls(&self) -> Vec<AssumeCall> {
+        self.state.lock().unwrap().assume_calls.clone()
     }
 
     /// When each AssumeRole call arrived, in order (to see backoff).
@@ -149,17 +174,25 @@ async fn forward(
     let role_arn = form_urlencoded::parse(&body)
         .find(|(key, _)| key == "RoleArn")
         .map(|(_, value)| value.into_owned());
-    let (fault, delay, expires_in) = {
+    let signer = parts
+        .headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(signing_key);
+    let (fault, delay, expires_in, call) = {
         let mut state = state.lock().unwrap();
         *state.counts.entry(action.clone()).or_default() += 1;
-        if action == "AssumeRole" {
+        let call = (action == "AssumeRole").then(|| {
             state.assume_times.push(Instant::now());
-            state.assume_params.push(
-                form_urlencoded::parse(&body)
+            state.assume_calls.push(AssumeCall {
+                params: form_urlencoded::parse(&body)
                     .map(|(key, value)| (key.into_owned(), value.into_owned()))
                     .collect(),
-            );
-        }
+                signer,
+                issued: None,
+            });
+            state.assume_calls.len() - 1
+        });
         state.assumed.extend(role_arn);
         let fault = match state.fault.clone().unwrap_or(Fault::None) {
             Fault::ThrottleNext(0) => Fault::None,
@@ -169,7 +202,7 @@ async fn forward(
             }
             fault => fault,
         };
-        (fault, state.delay, state.expires_in)
+        (fault, state.delay, state.expires_in, call)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -197,6 +230,10 @@ async fn forward(
     let response = sender.send_request(upstream_request).await?;
     let (mut parts, body) = response.into_parts();
     let mut body = body.collect().await?.to_bytes();
+    if let Some(index) = call {
+        let issued = element_text(&body, "AccessKeyId");
+        state.lock().unwrap().assume_calls[index].issued = issued;
+    }
     if let Some(expires_in) = expires_in.filter(|_| action == "AssumeRole") {
         let expiration =
             interceptor::imds::ec2::timestamp(std::time::SystemTime::now() + expires_in);
@@ -207,11 +244,32 @@ async fn forward(
     Ok(Response::from_parts(parts, Full::new(body)))
 }
 
+/// The access key id in a SigV4 `Authorization` header
+/// (`AWS4-HMAC-SHA256 Credential=AKID/date/region/service/aws4_request, ...`).
+fn signing_key(authorization: &str) -> Option<String> {
+    let credential = authorization.split_once("Credential=")?.1;
+    let key = credential.split('/').next()?;
+    Some(key.to_owned()).filter(|key| !key.is_empty())
+}
+
+/// The text of the first `<name>` element of `xml`, if there is one.
+fn element_text(xml: &[u8], name: &str) -> Option<String> {
+    let xml = String::from_utf8_lossy(xml);
+    let (start, end) = element_span(&xml, name)?;
+    Some(xml[start..end].trim().to_owned())
+}
+
 /// `xml` with the text of its first `<name>` element replaced by `text`.
 fn replace_element(xml: &[u8], name: &str, text: &str) -> String {
     let xml = String::from_utf8_lossy(xml);
-    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
-    let start = xml.find(&open).expect("the element in STS's answer") + open.len();
-    let end = start + xml[start..].find(&close).expect("the element closed");
+    let (start, end) = element_span(&xml, name).expect("the element in STS's answer");
     format!("{}{text}{}", &xml[..start], &xml[end..])
+}
+
+/// Where the text of the first `<name>` element of `xml` starts and ends.
+fn element_span(xml: &str, name: &str) -> Option<(usize, usize)> {
+    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+    let start = xml.find(&open)? + open.len();
+    let end = start + xml[start..].find(&close)?;
+    Some((start, end))
 }

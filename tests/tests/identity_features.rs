@@ -336,6 +336,11 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
         ],
         "pod, then ServiceAccount, then IRSA's annotation\n{log}"
     );
+    // One watch per ServiceAccount the node's pods use: `builder` (two pods) and `irsa`.
+    assert_eq!(
+        agent.metric("interceptor_tracked{kind=\"service_accounts\"}"),
+        2.0
+    );
 
     // The ServiceAccount's annotation changes: its pods follow, the pod with its own
     // role does not.
@@ -444,4 +449,138 @@ async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
         },
     )
     .await;
+}
+
+/// kube2iam's `--assume-role-arn`: the agent assumes one intermediate role with its own
+/// credentials, then every pod's role with the intermediate session's. The pod's
+/// SourceIdentity and tags go on the pod's (chained) call; the intermediate session,
+/// shared by all pods, carries neither, since AWS keeps a SourceIdentity and transitive
+/// tags for the rest of a chain and would then refuse every pod's own (docs/identity.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediate_role() {
+    if !require_root(
+        "source_identity_and_tags_go_on_the_chained_call_through_the_intermediate_role",
+    ) {
+        return;
+    }
+    const HOP: &str = "arn:aws:iam::123456789012:role/interceptor-hop";
+    let node = Node::new();
+    let pod = node.pod();
+    let server = FakeApiServer::start().await;
+    server.add_namespace(new_namespace("team-a"));
+    let mut api = api_pod(&pod.uid, "team-a", "web", Some("app-role"));
+    api.spec.get_or_insert_default().service_account_name = Some("web-sa".into());
+    server.add_pod(api);
+    let moto = MotoServer::start_on(node.address, &[]);
+    let sts = StsProxy::start(moto.addr()).await;
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let (agent, _) = start_agent(
+        "identity-chained",
+        &node,
+        Peers {
+            api: &server,
+            upstream: &upstream,
+            sts: &sts.endpoint(),
+        },
+        &[
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--assume-role-arn",
+            HOP,
+            "--session-tags",
+            "--source-identity",
+        ],
+        &AGENT_ENV,
+        None,
+    )
+    .await;
+    let whoami = moto.endpoint();
+    let uid = pod.uid.clone();
+    let answer = tokio::task::spawn_blocking(move || boto3(&pod, &whoami))
+        .await
+        .unwrap();
+    let log = agent.log_text();
+    assert_eq!(
+        answer,
+        format!("{ACCOUNT_ARN}/app-role/team-a.web"),
+        "the pod's SDK holds the pod's role\n{log}"
+    );
+
+    let calls = sts.assume_calls();
+    let role_of = |call: &interceptor_tests::sts_proxy::AssumeCall| {
+        param(&call.params, "RoleArn").map(str::to_owned)
+    };
+    let hops: Vec<_> = calls
+        .iter()
+        .filter(|call| role_of(call).as_deref() == Some(HOP))
+        .collect();
+    let pod_calls: Vec<_> = calls
+        .iter()
+        .filter(|call| role_of(call).as_deref() == Some("arn:aws:iam::123456789012:role/app-role"))
+        .collect();
+    assert!(
+        !hops.is_empty(),
+        "the intermediate role is assumed: {calls:?}"
+    );
+    assert!(
+        !pod_calls.is_empty(),
+        "the pod's role is assumed: {calls:?}"
+    );
+    let agent_key = AGENT_ENV
+        .iter()
+        .find_map(|(name, value)| (*name == "AWS_ACCESS_KEY_ID").then_some(*value));
+    for hop in &hops {
+        assert_eq!(
+            hop.signer.as_deref(),
+            agent_key,
+            "the intermediate role is assumed with the agent's own credentials: {hop:?}"
+        );
+        assert_eq!(
+            param(&hop.params, "SourceIdentity"),
+            None,
+            "the shared intermediate session sets no SourceIdentity (it could never be \
+             changed for a pod afterwards): {hop:?}"
+        );
+        assert_eq!(
+            tags(&hop.params),
+            (BTreeMap::new(), Vec::new()),
+            "and no tags: {hop:?}"
+        );
+    }
+    let hop_keys: Vec<&str> = hops
+        .iter()
+        .filter_map(|hop| hop.issued.as_deref())
+        .collect();
+    let expected: BTreeMap<String, String> = [
+        ("kubernetes-namespace", "team-a"),
+        ("kubernetes-service-account", "web-sa"),
+        ("kubernetes-pod-name", "web"),
+        ("kubernetes-pod-uid", uid.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    for call in &pod_calls {
+        assert!(
+            call.signer
+                .as_deref()
+                .is_some_and(|signer| hop_keys.contains(&signer)),
+            "the pod's role is assumed with the intermediate session's credentials \
+             ({hop_keys:?}), not the agent's own: {call:?}"
+        );
+        assert_eq!(
+            param(&call.params, "SourceIdentity"),
+            Some("team-a.web"),
+            "the chained call carries the pod's SourceIdentity: {call:?}"
+        );
+        assert_eq!(param(&call.params, "RoleSessionName"), Some("team-a.web"));
+        let (pod_tags, mut transitive) = tags(&call.params);
+        assert_eq!(pod_tags, expected, "{call:?}");
+        transitive.sort();
+        assert_eq!(
+            transitive,
+            expected.keys().cloned().collect::<Vec<_>>(),
+            "all tags transitive"
+        );
+    }
 }

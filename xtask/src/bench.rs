@@ -18,6 +18,9 @@ pub struct BenchOptions {
     /// Where the JSON report goes (default: `bench/report.json` in the target directory).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run only this scenario (1-8, docs/performance.md); repeatable. Default: all.
+    #[arg(long = "scenario", value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub scenarios: Vec<u8>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<()> {
@@ -49,6 +52,9 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     let mut bench = std::process::Command::new(run::target_dir().join("release/bench"));
     if options.quick {
         bench.arg("--quick");
+    }
+    for scenario in &options.scenarios {
+        bench.arg("--scenario").arg(scenario.to_string());
     }
     run::status(
         bench

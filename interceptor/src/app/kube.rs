@@ -182,16 +182,17 @@ pub(super) async fn start(
         events.clone(),
     )
     .with_session(config.session.clone());
-    let resolver = if config.service_account_roles {
-        let accounts = ServiceAccountStore::new();
-        tasks.spawn(k8s::service_accounts::follow(
-            client.clone(),
-            pods.clone(),
-            accounts.clone(),
-        ));
-        resolver.with_service_accounts(accounts)
-    } else {
-        resolver
+    let accounts = config.service_account_roles.then(ServiceAccountStore::new);
+    let resolver = match &accounts {
+        Some(accounts) => {
+            tasks.spawn(k8s::service_accounts::follow(
+                client.clone(),
+                pods.clone(),
+                accounts.clone(),
+            ));
+            resolver.with_service_accounts(accounts.clone())
+        }
+        None => resolver,
     };
     let resolver = Arc::new(resolver);
     tasks.spawn(
@@ -238,6 +239,7 @@ pub(super) async fn start(
         resolver,
         pods,
         namespaces,
+        accounts,
     });
     Ok(Kube { backend, state })
 }
@@ -248,6 +250,8 @@ pub(super) struct KubeState {
     resolver: Arc<Resolver>,
     pods: Arc<PodStore>,
     namespaces: Arc<NamespaceStore>,
+    /// The ServiceAccounts followed (one watch each), unless `--no-service-account-roles`.
+    accounts: Option<Arc<ServiceAccountStore>>,
 }
 
 impl admin::State for KubeState {
@@ -259,6 +263,11 @@ impl admin::State for KubeState {
         tracked
             .with_label_values(&["namespaces"])
             .set(self.namespaces.len() as i64);
+        if let Some(accounts) = &self.accounts {
+            tracked
+                .with_label_values(&["service_accounts"])
+                .set(accounts.len() as i64);
+        }
         self.shared.refresh(metrics);
     }
 

@@ -64,6 +64,11 @@ pub async fn sts_client(config: &StsConfig) -> Client {
     let Some(intermediate) = &config.intermediate_role else {
         return Client::new(&base);
     };
+    // The intermediate session is shared by every pod, so it carries nothing of any pod:
+    // no SourceIdentity (AWS keeps one for the rest of a chain and does not let it change,
+    // so every other pod's own would be refused) and no session tags (transitive ones
+    // would follow into every pod's session). Each pod's SourceIdentity and tags go on
+    // its own, chained, AssumeRole (docs/identity.md).
     let provider = aws_config::sts::AssumeRoleProvider::builder(intermediate)
         .session_name("interceptor")
         .configure(&base)

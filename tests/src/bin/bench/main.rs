@@ -3,13 +3,14 @@
 //! because absolute times on a shared 2-core machine are noise. Prints a table and writes
 //! the same figures as JSON (docs/performance.md explains each scenario).
 //!
-//! Usage: bench [--quick] [--out PATH]
+//! Usage: bench [--quick] [--out PATH] [--scenario N]...
 
 mod floor;
 mod iptables;
 mod load;
 mod profile;
 mod report;
+mod service_accounts;
 
 use std::{
     collections::BTreeMap,
@@ -118,12 +119,28 @@ impl Sizes {
 struct Options {
     quick: bool,
     out: PathBuf,
+    /// `--scenario N` (repeatable): only these; all when empty.
+    scenarios: Vec<String>,
 }
+
+impl Options {
+    /// Whether any of `scenarios` is to run.
+    fn wants(&self, scenarios: &[&str]) -> bool {
+        self.scenarios.is_empty()
+            || scenarios
+                .iter()
+                .any(|wanted| self.scenarios.iter().any(|given| given == wanted))
+    }
+}
+
+/// Every scenario, as `--scenario` names them.
+const SCENARIOS: [&str; 8] = ["1", "2", "3", "4", "5", "6", "7", "8"];
 
 fn main() -> ExitCode {
     let mut options = Options {
         quick: false,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/report.json"),
+        scenarios: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -139,8 +156,13 @@ fn main() -> ExitCode {
             }
             "--quick" => options.quick = true,
             "--out" if let Some(path) = args.next() => options.out = PathBuf::from(path),
+            "--scenario"
+                if let Some(n) = args.next().filter(|n| SCENARIOS.contains(&n.as_str())) =>
+            {
+                options.scenarios.push(n);
+            }
             _ => {
-                eprintln!("usage: bench [--quick] [--out PATH]");
+                eprintln!("usage: bench [--quick] [--out PATH] [--scenario 1..8]...");
                 return ExitCode::from(2);
             }
         }
@@ -194,13 +216,48 @@ async fn run(options: &Options) -> Result<()> {
     let started = Instant::now();
 
     let agent_node = Node::new();
+    if options.wants(&SCENARIOS[..7]) {
+        agent_scenarios(options, &world, &agent_node, &mut report).await?;
+    }
+    if options.wants(&["8"]) {
+        service_accounts::service_accounts(&world, &agent_node, &mut report).await?;
+    }
+
+    let environment = json!({
+        "kernel": interceptor_tests::cmd::run("uname", &["-r"]).trim(),
+        "cpus": std::thread::available_parallelism().map_or(0, usize::from),
+        "quick": options.quick,
+        "scenarios": if options.scenarios.is_empty() { SCENARIOS.to_vec() } else { options.scenarios.iter().map(String::as_str).collect() },
+        "agent": interceptor_tests::agent::binary().display().to_string(),
+        "seconds": started.elapsed().as_secs(),
+    });
+    report
+        .write(&options.out, environment)
+        .with_context(|| format!("writing {}", options.out.display()))?;
+    println!("\n{}", report.table());
+    println!(
+        "figures written to {} ({} s)",
+        options.out.display(),
+        started.elapsed().as_secs()
+    );
+    Ok(())
+}
+
+/// Scenarios 1 to 7: one agent serving load pods on `agent_node`, the floor server on a
+/// node of its own.
+async fn agent_scenarios(
+    options: &Options,
+    world: &World,
+    agent_node: &Node,
+    report: &mut Report,
+) -> Result<()> {
     let load_pods: Vec<Pod> = (0..world.sizes.pods).map(|_| agent_node.pod()).collect();
     for (index, pod) in load_pods.iter().enumerate() {
         world
             .api
             .add_pod(api_pod(&pod.uid, &format!("load-{index}"), ROLE));
     }
-    let agent = start_agent(&world, "bench", &agent_node, &[])?;
+    let agent = start_agent(world, "bench", agent_node, &[])?;
     // One request per pod: the caches are warm, and the document's size sizes the floor.
     let warm = run_strings(&places(&load_pods), &http_args(1, "new", 1, 0))?;
     let body_bytes = warm.iter().map(|load| load.body_bytes).max().unwrap_or(0);
@@ -208,7 +265,7 @@ async fn run(options: &Options) -> Result<()> {
         bail!("warm-up requests failed: {warm:?}\n{}", agent.log_text());
     }
 
-    {
+    if options.wants(&["1", "2", "3", "7"]) {
         let floor_node = Node::new();
         let floor_pods: Vec<Pod> = (0..world.sizes.pods).map(|_| floor_node.pod()).collect();
         let floor = Floor::start(floor_node.address, body_bytes)?;
@@ -231,40 +288,37 @@ async fn run(options: &Options) -> Result<()> {
         .context("attaching the programs for the floor")?;
         warm_up(&floor_pods)?;
 
-        warm_requests(&world, &load_pods, &floor_pods, body_bytes, &mut report)?;
-        redirect_vs_iptables(&world, &floor_node, &floor_pods, floor_addr, &mut report)?;
-        hook_cost(&world, &floor_node, &floor_pods[0], &mut report)?;
+        if options.wants(&["1"]) {
+            warm_requests(world, &load_pods, &floor_pods, body_bytes, report)?;
+        }
+        if options.wants(&["3"]) {
+            redirect_vs_iptables(world, &floor_node, &floor_pods, floor_addr, report)?;
+        }
+        if options.wants(&["2"]) {
+            hook_cost(world, &floor_node, &floor_pods[0], report)?;
+        }
         // Last: its new connections leave the pods' ports in TIME_WAIT towards the floor,
         // which slows the port search of later redirected connects (scenario 3 measured
         // 30x its own latency when it ran after this).
-        per_request_cost(
-            &world,
-            (agent.pid(), floor.pid()),
-            (&load_pods, &floor_pods),
-            &mut report,
-        )?;
+        if options.wants(&["7"]) {
+            per_request_cost(
+                world,
+                (agent.pid(), floor.pid()),
+                (&load_pods, &floor_pods),
+                report,
+            )?;
+        }
         drop(datapath);
     }
 
-    first_credentials(&world, &agent_node, agent, &mut report).await?;
-    footprint(&world, &agent_node, &load_pods, &mut report).await?;
-
-    let environment = json!({
-        "kernel": interceptor_tests::cmd::run("uname", &["-r"]).trim(),
-        "cpus": std::thread::available_parallelism().map_or(0, usize::from),
-        "quick": options.quick,
-        "agent": interceptor_tests::agent::binary().display().to_string(),
-        "seconds": started.elapsed().as_secs(),
-    });
-    report
-        .write(&options.out, environment)
-        .with_context(|| format!("writing {}", options.out.display()))?;
-    println!("\n{}", report.table());
-    println!(
-        "figures written to {} ({} s)",
-        options.out.display(),
-        started.elapsed().as_secs()
-    );
+    if options.wants(&["4", "5"]) {
+        first_credentials(world, agent_node, agent, report).await?;
+    } else {
+        drop(agent);
+    }
+    if options.wants(&["6"]) {
+        footprint(world, agent_node, &load_pods, report).await?;
+    }
     Ok(())
 }
 
@@ -314,11 +368,22 @@ fn warm_up(pods: &[Pod]) -> Result<()> {
 
 /// The real agent on `node` in API-server mode, logging at info as in production.
 fn start_agent(world: &World, name: &str, node: &Node, extra: &[&str]) -> Result<Agent> {
+    start_agent_on(world, &world.api, name, node, extra)
+}
+
+/// [`start_agent`] with its pods, namespaces and ServiceAccounts from `api`.
+fn start_agent_on(
+    world: &World,
+    api: &FakeApiServer,
+    name: &str,
+    node: &Node,
+    extra: &[&str],
+) -> Result<Agent> {
     let kubeconfig = std::env::temp_dir().join(format!(
         "interceptor-{name}-{}.kubeconfig",
         std::process::id()
     ));
-    world.api.write_kubeconfig(&kubeconfig)?;
+    api.write_kubeconfig(&kubeconfig)?;
     let mut args: Vec<String> = [
         "--log-level",
         "info",
@@ -629,12 +694,15 @@ fn hook_cost(world: &World, node: &Node, pod: &Pod, report: &mut Report) -> Resu
 
 /// A counter of the agent's `/metrics` (`interceptor_credentials_events_total{event=..}`).
 fn credentials_counter(agent: &Agent, event: &str) -> Result<u64> {
+    let series = format!("interceptor_credentials_events_total{{event=\"{event}\"}}");
+    Ok(agent_metric(agent, &series)? as u64)
+}
+
+/// One series of the agent's `/metrics` (name and labels exactly as exposed).
+fn agent_metric(agent: &Agent, series: &str) -> Result<f64> {
     let (_, metrics) = agent.admin_get("/metrics").context("agent /metrics")?;
-    let prefix = format!("interceptor_credentials_events_total{{event=\"{event}\"}}");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
-        .with_context(|| format!("no {prefix} in the agent's metrics"))
+    interceptor_tests::agent::series_value(&metrics, series)
+        .with_context(|| format!("no {series} in the agent's metrics"))
 }
 
 /// What scenario 4 saw for one agent.
