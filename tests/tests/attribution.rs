@@ -242,6 +242,12 @@ async fn an_evicted_record_refuses_the_connection() {
         &moto.endpoint(),
         &upstream,
     );
+    // The flood's connects must all complete the handshake to be recorded, so the paused
+    // agent's accept queue must hold them all: the listen backlog is capped by this
+    // namespace's somaxconn (4096 by default; per network namespace, and this one is
+    // the test's own).
+    interceptor_tests::world::assert_entered();
+    std::fs::write("/proc/sys/net/core/somaxconn", "65535").unwrap();
     let pins = Pins::new("evicted-record");
     let agent = agent_config.start(&pins);
     let misses_before = metric(&agent, "interceptor_attribution_misses_total");

@@ -174,19 +174,35 @@ pub struct App {
     drain: Drain,
 }
 
+/// Asked of `listen(2)` for the proxy: the kernel caps it at the node's
+/// `net.core.somaxconn` (4096 by default). The standard library's 128 is a burst of 128
+/// connects (a node's pods starting together, SDKs opening several connections each)
+/// before the kernel drops SYNs and the SDKs wait out a retransmission.
+const PROXY_BACKLOG: u32 = 65_535;
+
+/// A listener on `addr` with [`PROXY_BACKLOG`] (and `SO_REUSEADDR`, as `bind` sets).
+fn bind_proxy(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(PROXY_BACKLOG)
+}
+
 impl App {
     /// Binds, attaches and starts the identity source: everything but serving.
     pub async fn build(config: AgentConfig) -> Result<Self> {
         let (readiness, serving) = Readiness::new();
         let redirect = &config.datapath.redirect;
         let proxy = redirect.proxy4.context("no IPv4 proxy address")?;
-        let ipv4 = TcpListener::bind(proxy)
-            .await
+        let ipv4 = bind_proxy(proxy.into())
             .with_context(|| format!("binding the metadata proxy on {proxy}"))?;
         let ipv6 = match redirect.proxy6 {
             Some(proxy6) => Some(
-                TcpListener::bind(proxy6)
-                    .await
+                bind_proxy(proxy6.into())
                     .with_context(|| format!("binding the IPv6 metadata proxy on {proxy6}"))?,
             ),
             None => None,
