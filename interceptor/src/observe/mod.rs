@@ -1,6 +1,3 @@
-//! Not in the build yet: `lib.rs` does not declare this module until `interceptor run
-//! --observe` serves it (issue 17); its `interceptor report` command waits for the same.
-//!
 //! Observe mode (`interceptor run --observe`): the agent attaches and redirects as usual
 //! but answers every request as the node would (it forwards to the real metadata
 //! service: the situation before installing), and records, per pod and container, what
@@ -52,7 +49,8 @@ pub enum WouldGet {
 }
 
 impl WouldGet {
-    fn label(&self) -> &'static str {
+    /// `role`, `none` or `refused`: the metrics' label.
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Self::Role { .. } => "role",
             Self::None => "none",
