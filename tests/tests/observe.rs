@@ -406,7 +406,7 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
         for (tag, pod) in &loops {
             pod.wait_for(
                 0,
-                3,
+                5,
                 &format!("{tag}: the node's credentials"),
                 wait,
                 |line| served(line) == Some((NODE_ACCESS_KEY, NODE_ROLE)),
@@ -438,7 +438,13 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
             let ready_at = pod.lines().len();
             let role = format!("role-{tag}");
             let own = pod.wait_for(ready_at, 3, &format!("{tag}: its own role"), wait, |line| {
-                served(line).is_some_and(|(_, served)| served == role)
+                let served = served(line);
+                assert_ne!(
+                    served.map(|(key, _)| key),
+                    Some(NODE_ACCESS_KEY),
+                    "LEAK: the node's credentials reached pod {tag} from the enforcing agent"
+                );
+                served.is_some_and(|(_, served)| served == role)
             });
             let failed = pod.lines()[ready_at..own]
                 .iter()
