@@ -102,6 +102,9 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     }
     let node = Node::new();
     let (annotated, plain, locked) = (node.pod(), node.pod(), node.pod());
+    // A pod the API server does not know (as a static pod's cgroup is): enforcement would
+    // refuse it; observing, it is answered as the node would, like the others.
+    let stranger = node.pod();
     let server = FakeApiServer::start().await;
     let mut team = new_namespace("team");
     team.metadata.annotations = Some(BTreeMap::from([(
@@ -142,17 +145,20 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
 
     let sts = moto.endpoint();
     let (keys, pods) = tokio::task::spawn_blocking(move || {
-        let keys: Vec<(String, String)> = [&annotated, &plain, &locked]
+        let keys: Vec<(String, String)> = [&annotated, &plain, &locked, &stranger]
             .into_iter()
             .map(|pod| boto3_key(pod, &sts))
             .collect();
         flood_paths(&plain, interceptor::observe::MAX_PATHS + 8);
-        (keys, (annotated, plain, locked))
+        (keys, (annotated, plain, locked, stranger))
     })
     .await
     .unwrap();
-    let (annotated, plain, locked) = &pods;
-    for ((_, key), name) in keys.iter().zip(["annotated", "plain", "locked"]) {
+    let (annotated, plain, locked, stranger) = &pods;
+    for ((_, key), name) in keys
+        .iter()
+        .zip(["annotated", "plain", "locked", "stranger"])
+    {
         assert_eq!(
             key, NODE_ACCESS_KEY,
             "{name}: observe mode answers as the node: its credentials"
@@ -164,7 +170,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
         .filter(|request| *request == &format!("GET {CREDENTIALS}{NODE_ROLE}"))
         .count();
     assert!(
-        forwarded >= 3,
+        forwarded >= 4,
         "the node's credentials come from the agent's upstream: {:?}",
         upstream.requests()
     );
@@ -187,13 +193,15 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     let report: serde_json::Value = serde_json::from_str(&json).expect("report JSON");
     assert_eq!(report["mode"], "observe");
     assert_eq!(report["node"], "node-a");
-    for (pod, name) in [
-        (annotated, "annotated"),
-        (plain, "plain"),
-        (locked, "locked"),
+    let stranger_name = format!("uid {}", stranger.uid);
+    for (pod, name, namespace) in [
+        (annotated, "annotated", "team"),
+        (plain, "plain", "team"),
+        (locked, "locked", "team"),
+        (stranger, stranger_name.as_str(), ""),
     ] {
         let row = row(&report, name);
-        assert_eq!(row["namespace"], "team", "{name}");
+        assert_eq!(row["namespace"], namespace, "{name}");
         assert_eq!(
             row["container"],
             format!("containerd://{}", pod.container_id),
@@ -230,6 +238,10 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
         row(&report, "locked")["would_get"],
         serde_json::json!({ "outcome": "refused", "reason": "not_allowed" })
     );
+    assert_eq!(
+        row(&report, &stranger_name)["would_get"],
+        serde_json::json!({ "outcome": "refused", "reason": "unknown_pod" })
+    );
     // The flood is bounded: the paths kept, the rest counted.
     let flooded = row(&report, "plain");
     assert_eq!(
@@ -259,6 +271,10 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
         line("annotated").contains(&format!("role {ACCOUNT_ROLES}role-a (pod_annotation)")),
         "{table}"
     );
+    assert!(
+        table.contains("refused (unknown_pod)"),
+        "the stranger's line: {table}"
+    );
     for pod in ["locked", "plain", "annotated"] {
         assert_eq!(
             line(pod).split_whitespace().nth(4),
@@ -287,11 +303,15 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
             requests as f64,
             "{would_get}"
         );
+        let containers = rows
+            .iter()
+            .filter(|row| row["would_get"]["outcome"] == would_get)
+            .count();
         assert_eq!(
             value(&format!(
                 "interceptor_observed_containers{{used_node_role=\"true\",would_get=\"{would_get}\"}}"
             )),
-            1.0,
+            containers as f64,
             "{would_get}"
         );
     }
