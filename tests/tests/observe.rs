@@ -27,7 +27,7 @@ use interceptor_tests::{
     Node, Pod,
     agent::{Agent, binary, free_port, series_value},
     apiserver::{FakeApiServer, new_namespace},
-    clients::{CredsLoop, in_pod},
+    clients::{CredsLoop, FAILURES_AFTER_READY, boto3_credentials, in_pod, is_refusal},
     cluster::{AGENT_ENV, Peers, agent_setup, api_pod, start_agent},
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
@@ -37,21 +37,6 @@ use interceptor_tests::{
 
 const ACCOUNT_ROLES: &str = "arn:aws:iam::123456789012:role/";
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
-
-/// What boto3 in `pod` received: (caller ARN, AccessKeyId).
-fn boto3_key(pod: &Pod, sts: &str) -> (String, String) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/whoami.py");
-    let out = in_pod(
-        pod,
-        &venv().join("bin/python").display().to_string(),
-        &[&script.display().to_string(), sts, "--credentials"],
-    );
-    let parts: Vec<&str> = out.split_whitespace().collect();
-    let [arn, key, _secret, _token] = parts[..] else {
-        panic!("boto3 got no credentials: {out}");
-    };
-    (arn.into(), key.into())
-}
 
 /// `interceptor ARGS` as a process: (exit code, stdout). Panics with stderr if it could
 /// not run.
@@ -145,9 +130,9 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
 
     let sts = moto.endpoint();
     let (keys, pods) = tokio::task::spawn_blocking(move || {
-        let keys: Vec<(String, String)> = [&annotated, &plain, &locked, &stranger]
+        let keys: Vec<String> = [&annotated, &plain, &locked, &stranger]
             .into_iter()
-            .map(|pod| boto3_key(pod, &sts))
+            .map(|pod| boto3_credentials(pod, &sts).1)
             .collect();
         flood_paths(&plain, interceptor::observe::MAX_PATHS + 8);
         (keys, (annotated, plain, locked, stranger))
@@ -155,7 +140,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     .await
     .unwrap();
     let (annotated, plain, locked, stranger) = &pods;
-    for ((_, key), name) in keys
+    for (key, name) in keys
         .iter()
         .zip(["annotated", "plain", "locked", "stranger"])
     {
@@ -357,26 +342,11 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     assert_eq!(json["agent_mode"], "observe");
 }
 
-/// One attempt of `creds_loop.py` that is an acceptable refusal while no agent runs or
-/// as one starts: the connection refused or cut, or an HTTP 4xx or 503.
-fn is_refusal(line: &str) -> bool {
-    line.starts_with("refused ")
-        || line.strip_prefix("status ").is_some_and(|rest| {
-            let code = rest.rsplit(' ').next().unwrap_or_default();
-            code.starts_with('4') || code == "503"
-        })
-}
-
 /// The (AccessKeyId, role) of a served attempt.
 fn served(line: &str) -> Option<(&str, &str)> {
     let rest = line.strip_prefix("ok ")?;
     Some(rest.split_once(' ').unwrap_or((rest, "")))
 }
-
-/// Attempts a pod may fail after the enforcing agent is ready before it is served (as
-/// in tests/tests/restarts.rs): the one in flight when readiness was seen, and one whose
-/// line had not been read yet.
-const FAILURES_AFTER_READY: usize = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_credentials_reach_a_pod()
@@ -526,5 +496,14 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
         "{metrics}"
     );
     assert_eq!(enforcing.admin_get("/readyz").unwrap().1, "ready\n");
+    let admin = enforcing.metrics.to_string();
+    let (code, _) = interceptor(&["report", "--admin-addr", &admin]);
+    assert_ne!(code, 0, "a report from an enforcing agent");
+    let pins = setup.pin_dir.display().to_string();
+    let (_, text) = interceptor(&["status", "--bpf-pin-dir", &pins, "--admin-addr", &admin]);
+    assert!(
+        text.contains("agent:    enforce") && !text.contains("OBSERVE"),
+        "{text}"
+    );
     node.assert_no_node_imds_reached();
 }
