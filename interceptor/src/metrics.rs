@@ -41,8 +41,8 @@ pub(crate) struct Metrics {
     /// The kernel programs' totals (redirected, refused, ...), advanced at scrape.
     pub kernel_events: IntCounterVec,
     pub ready: IntGauge,
-    /// 1 for the mode the agent runs in (`enforce` or `observe`), so that observe mode
-    /// is seen on every dashboard.
+    /// 1 for the mode the agent runs in (`enforce` or `observe`), 0 for the other, so
+    /// that observe mode is seen on every dashboard and can be alerted on.
     pub mode: IntGaugeVec,
     /// Observe mode: requests answered as the node would, by what enforcement would give
     /// the caller (`role`, `none`, `refused`).

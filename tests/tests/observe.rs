@@ -274,6 +274,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
         series_value(&metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
     };
     assert_eq!(value("interceptor_mode{mode=\"observe\"}"), 1.0);
+    assert_eq!(value("interceptor_mode{mode=\"enforce\"}"), 0.0);
     let rows = report["rows"].as_array().unwrap();
     for would_get in ["role", "none", "refused"] {
         let requests: u64 = rows
@@ -493,6 +494,11 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
     assert_eq!(
         series_value(&metrics, "interceptor_mode{mode=\"enforce\"}"),
         Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        series_value(&metrics, "interceptor_mode{mode=\"observe\"}"),
+        Some(0.0),
         "{metrics}"
     );
     assert_eq!(enforcing.admin_get("/readyz").unwrap().1, "ready\n");

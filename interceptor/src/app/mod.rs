@@ -266,12 +266,15 @@ impl App {
             };
             Arc::new(ObserveStore::new(node))
         });
-        let mode = if observe.is_some() {
-            "observe"
-        } else {
-            "enforce"
-        };
-        metrics.mode.with_label_values(&[mode]).set(1);
+        // Both series, so that an alert on `mode="observe"` has a series to select.
+        metrics
+            .mode
+            .with_label_values(&["observe"])
+            .set(i64::from(observe.is_some()));
+        metrics
+            .mode
+            .with_label_values(&["enforce"])
+            .set(i64::from(observe.is_none()));
         if observe.is_some() {
             tracing::warn!(
                 "OBSERVE MODE: NOTHING IS ENFORCED. Every pod is answered as the node would \
