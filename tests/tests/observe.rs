@@ -242,6 +242,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     // The table.
     let (code, table) = interceptor(&["report", "--admin-addr", &admin]);
     assert_eq!(code, 0, "interceptor report: {table}");
+    eprintln!("{table}");
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("OBSERVE MODE on node-a"), "{table}");
     let line = |pod: &str| {
