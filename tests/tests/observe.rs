@@ -10,6 +10,8 @@
 //!   was chosen, none, or refused and why); the metrics carry the same counts; `/readyz`,
 //!   `/metrics` and `interceptor status` say observe mode. A connection the kernel did
 //!   not record is still refused, and a pod flooding distinct paths is bounded.
+//! - Standalone mode observes the same way: a bound service would get its binding's
+//!   role, an unbound one nothing; both get the node's answers meanwhile.
 //! - Switching to enforcement is a restart on the same pins: pods asking in a loop get
 //!   the node's credentials only before the observe agent goes, refusals while no agent
 //!   runs, their own role afterwards, and never the node's credentials again.
@@ -28,10 +30,13 @@ use interceptor_tests::{
     agent::{Agent, binary, free_port, series_value},
     apiserver::{FakeApiServer, new_namespace},
     clients::{CredsLoop, FAILURES_AFTER_READY, boto3_credentials, in_pod, is_refusal},
-    cluster::{AGENT_ENV, Peers, agent_setup, api_pod, start_agent},
+    cluster::{
+        AGENT_ENV, Peers, agent_setup, api_pod, bindings_file, standalone_args, start_agent,
+    },
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
     peers::venv,
+    pins::Pins,
     require_root,
 };
 
@@ -513,4 +518,73 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
         "{text}"
     );
     node.assert_no_node_imds_reached();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_observe_mode_reports_bound_and_unbound_services() {
+    if !require_root("standalone_observe_mode_reports_bound_and_unbound_services") {
+        return;
+    }
+    let node = Node::new();
+    let (bound, unbound) = (node.pod(), node.pod());
+    let file = bindings_file("observe-standalone", &[("billing", &bound, "billing")]);
+    let moto = MotoServer::start_on(node.address, &[]);
+    let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+    let mut args = standalone_args(&node, &file, &upstream, &moto.endpoint());
+    args.push("--observe".to_owned());
+    let pins = Pins::new("observe-standalone");
+    let mut agent = Agent::run(&args, &pins.0, free_port(), &AGENT_ENV);
+    agent.wait_ready(Duration::from_secs(30));
+    let sts = moto.endpoint();
+    let (keys, services) = tokio::task::spawn_blocking(move || {
+        let keys: Vec<String> = [&bound, &unbound]
+            .into_iter()
+            .map(|pod| boto3_credentials(pod, &sts).1)
+            .collect();
+        (keys, (bound, unbound))
+    })
+    .await
+    .unwrap();
+    assert_eq!(keys, [NODE_ACCESS_KEY, NODE_ACCESS_KEY]);
+    let (code, json) = interceptor(&[
+        "report",
+        "--admin-addr",
+        &agent.metrics.to_string(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{json}");
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
+    let by_cgroup = |pod: &Pod| {
+        let path = format!(
+            "/{}",
+            pod.container.path.strip_prefix(&mount).unwrap().display()
+        );
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["container"] == path.as_str())
+            .unwrap_or_else(|| panic!("no row for {path}: {report:#}"))
+            .clone()
+    };
+    let (bound, unbound) = &services;
+    assert_eq!(
+        by_cgroup(bound)["would_get"],
+        serde_json::json!({
+            "outcome": "role",
+            "arn": format!("{ACCOUNT_ROLES}billing"),
+            "chosen_by": "container_map",
+        })
+    );
+    assert_eq!(
+        by_cgroup(unbound)["would_get"],
+        serde_json::json!({ "outcome": "none" })
+    );
+    assert_eq!(by_cgroup(unbound)["used_node_role"], true);
+    assert_eq!(
+        agent.metric("interceptor_credentials_events_total{event=\"sts_calls\"}"),
+        0.0
+    );
+    let _ = std::fs::remove_file(&file);
 }
