@@ -33,6 +33,9 @@ pub const ENV_AWS_REGION: &str = "AWS_REGION";
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/interceptor";
 pub const DEFAULT_APP_PORT: u16 = 8181;
+/// `--metrics-port`'s default, and where `status` and `report` look for the agent.
+pub const DEFAULT_METRICS_PORT: u16 = 8182;
+const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:8182";
 
 /// The environment as seen by the parser.
 pub type Env = BTreeMap<String, String>;
@@ -62,6 +65,20 @@ pub enum Command {
     Status(StatusArgs),
     /// Run the agent: attach, watch this node's pods, serve the metadata API.
     Run(Box<RunArgs>),
+    /// Print what an agent in observe mode (`run --observe`) recorded: per pod and
+    /// container, the paths asked, whether it used the node's role, and what it would
+    /// get under enforcement.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The agent's admin port (`--metrics-port`).
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +107,9 @@ pub struct PinArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub pins: PinArgs,
+    /// The running agent's admin port, asked for its mode (enforce or observe).
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -141,8 +161,15 @@ pub struct RunArgs {
     pub kubeconfig: Option<PathBuf>,
     /// Port of /healthz, /readyz, /metrics (and /debug/store with --debug). Separate from
     /// the credential port, so that what can scrape metrics cannot assume roles.
-    #[arg(long, default_value_t = 8182)]
+    #[arg(long, default_value_t = DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
+    /// Observe mode, for migrating: NOTHING IS ENFORCED. Pods are answered as the node
+    /// would answer them (the node's own credentials included, forwarded from
+    /// --metadata-addr), and the agent records per container what it asked for and what
+    /// it would get under enforcement (`interceptor report`). Restart without it to
+    /// enforce.
+    #[arg(long)]
+    pub observe: bool,
     /// Serve /debug/store: pods, cgroups, decisions and credential expiries (no secrets).
     #[arg(long)]
     pub debug: bool,
@@ -526,6 +553,8 @@ mod tests {
                 && config.server.allow_route.regex.is_none()
         );
         assert_eq!(config.policy.default_role.as_deref(), Some("app"));
+        assert!(!config.observe, "enforcing unless asked");
+        assert!(run(&["--observe"]).validate(&env).unwrap().observe);
         let label = |args: &[&str], env: &Env| run(args).validate(env).unwrap_err().metric_label();
         assert_eq!(
             label(&[], &Env::from([(ENV_HOST_IP.into(), "10.0.0.7".into())])),
@@ -765,6 +794,8 @@ pub struct AgentConfig {
     /// The agent's own pod UID: its cgroups are exempted at start.
     pub pod_uid: Option<String>,
     pub mode: Mode,
+    /// `--observe`: answer as the node would and record what enforcement would do.
+    pub observe: bool,
 }
 
 /// Where and how the kernel programs are attached.
@@ -981,6 +1012,7 @@ impl RunArgs {
                 .or_else(|| env.get(ENV_POD_UID).cloned())
                 .filter(|uid| !uid.trim().is_empty()),
             mode,
+            observe: self.observe,
         })
     }
 

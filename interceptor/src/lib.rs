@@ -7,7 +7,7 @@
 #![warn(unreachable_pub)]
 
 pub mod app;
-pub(crate) mod audit;
+pub mod audit;
 pub mod bindings;
 pub mod cgroupfs;
 pub mod config;
@@ -18,8 +18,7 @@ pub mod identity;
 pub mod imds;
 pub mod k8s;
 pub(crate) mod metrics;
-// `observe` (interceptor/src/observe/: observe mode's store, report and the
-// `interceptor report` client) is not in the build until `run --observe` serves it.
+pub mod observe;
 pub mod optout;
 pub mod policy;
 pub mod resolve;

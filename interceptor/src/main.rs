@@ -7,8 +7,9 @@ use clap::Parser;
 use interceptor::{
     app::{self, App},
     cgroupfs,
-    config::{self, AttachArgs, Cli, Command, LogFormat, PinArgs, StatusArgs},
+    config::{self, AttachArgs, Cli, Command, LogFormat, PinArgs, ReportArgs, StatusArgs},
     ebpf,
+    observe::client,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         Command::Detach(args) => detach(args),
         Command::Status(args) => status(args),
         Command::Run(args) => run(args, &env),
+        Command::Report(args) => report(args),
     };
     match result {
         Ok(code) => code,
@@ -95,6 +97,34 @@ fn detach(args: &PinArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn report(args: &ReportArgs) -> Result<ExitCode> {
+    let report = client::fetch(args.admin_addr)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `status` says of the running agent's mode: observe mode is named loudly.
+fn agent_mode(addr: std::net::SocketAddr) -> (Option<String>, String) {
+    match client::mode(addr) {
+        Ok(mode) if mode == client::OBSERVE => (
+            Some(mode),
+            format!(
+                "agent:    OBSERVE MODE at {addr}: pods get the node's credentials; nothing is \
+                 enforced (`interceptor report` shows what was observed)"
+            ),
+        ),
+        Ok(mode) => {
+            let line = format!("agent:    {mode} at {addr}");
+            (Some(mode), line)
+        }
+        Err(error) => (None, format!("agent:    mode unknown: {error}")),
+    }
+}
+
 fn status(args: &StatusArgs) -> Result<ExitCode> {
     // Detaching removes the pin directory: that is "not attached" (exit 3), not an error
     // of the command (which would exit 1 and read as "status could not tell").
@@ -112,10 +142,14 @@ fn status(args: &StatusArgs) -> Result<ExitCode> {
         }
         other => other?,
     };
+    let (mode, mode_line) = agent_mode(args.admin_addr);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        let mut json = serde_json::to_value(&status)?;
+        json["agent_mode"] = mode.into();
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         println!("{status}");
+        println!("{mode_line}");
     }
     // Like `systemctl is-active`: scripts can test the exit status.
     Ok(if status.attached() {

@@ -41,6 +41,18 @@ pub(crate) struct Metrics {
     /// The kernel programs' totals (redirected, refused, ...), advanced at scrape.
     pub kernel_events: IntCounterVec,
     pub ready: IntGauge,
+    /// 1 for the mode the agent runs in (`enforce` or `observe`), 0 for the other, so
+    /// that observe mode is seen on every dashboard and can be alerted on.
+    pub mode: IntGaugeVec,
+    /// Observe mode: requests answered as the node would, by what enforcement would give
+    /// the caller (`role`, `none`, `refused`).
+    pub observed_requests: IntCounterVec,
+    /// Observe mode: requests for the node's credentials
+    /// (`iam/security-credentials/NAME`) forwarded to the metadata service.
+    pub observed_node_role_requests: IntCounter,
+    /// Observe mode: containers recorded, by what enforcement would give them and whether
+    /// they used the node's role (refreshed at scrape).
+    pub observed_containers: IntGaugeVec,
 }
 
 impl Metrics {
@@ -149,6 +161,35 @@ impl Metrics {
                 .expect("valid metric");
         let ready =
             IntGauge::new("ready", "1 when attached, synced and listening").expect("valid metric");
+        let mode = IntGaugeVec::new(
+            Opts::new(
+                "mode",
+                "1 for the mode the agent runs in: enforce, or observe (pods get the node's credentials)",
+            ),
+            &["mode"],
+        )
+        .expect("valid metric");
+        let observed_requests = IntCounterVec::new(
+            Opts::new(
+                "observed_requests_total",
+                "Observe mode: requests answered as the node would, by what enforcement would give (role, none, refused)",
+            ),
+            &["would_get"],
+        )
+        .expect("valid metric");
+        let observed_node_role_requests = IntCounter::new(
+            "observed_node_role_requests_total",
+            "Observe mode: requests for the node's credentials forwarded to the metadata service",
+        )
+        .expect("valid metric");
+        let observed_containers = IntGaugeVec::new(
+            Opts::new(
+                "observed_containers",
+                "Observe mode: containers recorded, by what enforcement would give and whether they used the node's role",
+            ),
+            &["would_get", "used_node_role"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -165,6 +206,10 @@ impl Metrics {
             Box::new(kernel_events.clone()),
             Box::new(build_info.clone()),
             Box::new(ready.clone()),
+            Box::new(mode.clone()),
+            Box::new(observed_requests.clone()),
+            Box::new(observed_node_role_requests.clone()),
+            Box::new(observed_containers.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -192,6 +237,10 @@ impl Metrics {
             credentials_events,
             kernel_events,
             ready,
+            mode,
+            observed_requests,
+            observed_node_role_requests,
+            observed_containers,
         }
     }
 

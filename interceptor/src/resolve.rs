@@ -298,6 +298,11 @@ impl Resolver {
         &self.index
     }
 
+    /// The node's pods, as the watch delivers them.
+    pub fn pods(&self) -> &Arc<PodStore> {
+        &self.pods
+    }
+
     /// The pod behind a kernel record.
     pub async fn caller(&self, record: Attributed) -> Result<Caller, Refusal> {
         let cgroup =

@@ -49,6 +49,22 @@ pub fn boto3(pod: &Pod, sts: &str) -> String {
     )
 }
 
+/// What boto3 in `pod` received: (caller ARN, AccessKeyId, secret key, session token).
+/// Panics with boto3's error if it got no credentials.
+pub fn boto3_credentials(pod: &Pod, sts: &str) -> (String, String, String, String) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/whoami.py");
+    let out = in_pod(
+        pod,
+        &venv().join("bin/python").display().to_string(),
+        &[&script.display().to_string(), sts, "--credentials"],
+    );
+    let parts: Vec<&str> = out.split_whitespace().collect();
+    let [arn, key, secret, token] = parts[..] else {
+        panic!("boto3 got no credentials: {out}");
+    };
+    (arn.into(), key.into(), secret.into(), token.into())
+}
+
 pub fn sdk_rust(pod: &Pod, sts: &str) -> String {
     // The probe binaries live beside the test executables' deps/ directory.
     let exe = std::env::current_exe().unwrap();
@@ -104,6 +120,21 @@ pub fn raw(pod: &Pod, method: &str, path: &str, headers: &[&str]) -> (u16, Strin
     let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
     (status.trim().parse().unwrap_or(0), body.to_owned())
 }
+
+/// One attempt of [`CredsLoop`] that is an acceptable refusal while an agent is away or
+/// starting: the connection refused or cut without an answer, or an HTTP 4xx or 503.
+pub fn is_refusal(line: &str) -> bool {
+    line.starts_with("refused ")
+        || line.strip_prefix("status ").is_some_and(|rest| {
+            let code = rest.rsplit(' ').next().unwrap_or_default();
+            code.starts_with('4') || code == "503"
+        })
+}
+
+/// Attempts of a [`CredsLoop`] that may fail after a new agent is ready before it is
+/// served again: the one in flight when readiness was seen, and one whose line had not
+/// been read yet.
+pub const FAILURES_AFTER_READY: usize = 2;
 
 /// `peers/py/creds_loop.py` in a pod, asking for credentials in a loop until
 /// [`stop`](Self::stop)ped (or dropped: killed by its PID); its lines are collected as

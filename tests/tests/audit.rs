@@ -9,30 +9,14 @@
 use std::{net::IpAddr, path::PathBuf};
 
 use interceptor_tests::{
-    Node, Pod,
+    Node,
     apiserver::{FakeApiServer, new_namespace},
-    clients::in_pod,
+    clients::boto3_credentials,
     cluster::{AGENT_ENV, NODE, Peers, api_pod, start_agent},
     fake_imds::FakeImds,
     moto::MotoServer,
-    peers::venv,
     require_root,
 };
-
-/// What boto3 in `pod` received: (caller ARN, AccessKeyId, secret key, session token).
-fn boto3_credentials(pod: &Pod, sts: &str) -> (String, String, String, String) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/whoami.py");
-    let out = in_pod(
-        pod,
-        &venv().join("bin/python").display().to_string(),
-        &[&script.display().to_string(), sts, "--credentials"],
-    );
-    let parts: Vec<&str> = out.split_whitespace().collect();
-    let [arn, key, secret, token] = parts[..] else {
-        panic!("boto3 got no credentials: {out}");
-    };
-    (arn.into(), key.into(), secret.into(), token.into())
-}
 
 /// The agent's audit records (JSON lines with the audit target), as their fields.
 fn audit_records(log: &str) -> Vec<serde_json::Value> {

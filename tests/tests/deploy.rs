@@ -495,6 +495,7 @@ fn the_monitoring_component_renders_validates_and_fits_together() {
         for alert in [
             "InterceptorAgentDown",
             "InterceptorAgentNotReady",
+            "InterceptorObserveMode",
             "InterceptorCallersRefused",
             "InterceptorStsErrors",
             "InterceptorCredentialsNearExpiry",

@@ -12,7 +12,7 @@ use std::{collections::HashSet, net::IpAddr, time::Duration};
 use interceptor_tests::{
     Node,
     agent::{Agent, free_port},
-    clients::CredsLoop,
+    clients::{CredsLoop, FAILURES_AFTER_READY, is_refusal},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     pins::Pins,
@@ -54,16 +54,6 @@ async fn reloading_the_programs_never_leaks_node_or_foreign_credentials() {
     restarts_under_load(Restart::Reload).await;
 }
 
-/// One attempt of `creds_loop.py` that is an acceptable refusal: the connection refused
-/// or cut without an answer, or an HTTP 4xx or 503.
-fn is_refusal(line: &str) -> bool {
-    line.starts_with("refused ")
-        || line.strip_prefix("status ").is_some_and(|rest| {
-            let code = rest.rsplit(' ').next().unwrap_or_default();
-            code.starts_with('4') || code == "503"
-        })
-}
-
 /// Panics at once if `line` is an answer with credentials other than pod `tag`'s own role
 /// (the node's, or another pod's): a leak ends the test with what leaked.
 fn assert_own(tag: &str, line: &str) {
@@ -80,10 +70,6 @@ fn assert_own(tag: &str, line: &str) {
         );
     }
 }
-
-/// Attempts a pod may fail after the new agent is ready before it is served again: the
-/// one in flight when readiness was seen, and one whose line had not been read yet.
-const FAILURES_AFTER_READY: usize = 2;
 
 async fn restarts_under_load(restart: Restart) {
     const RESTARTS: usize = 3;

@@ -1,6 +1,8 @@
-//! The admin server on `--metrics-port`: `/healthz`, `/readyz`, `/metrics`, and with
-//! `--debug` `/debug/store`. Separate from the credential port, so that what can scrape
-//! metrics cannot assume roles.
+//! The admin server on `--metrics-port`: `/healthz`, `/readyz`, `/metrics`, `/mode`
+//! (`enforce` or `observe`), in observe mode `/observe` (the report), and with `--debug`
+//! `/debug/store`. Separate from the credential port, so that what can scrape metrics
+//! cannot assume roles. The report holds pod names and metadata paths, never
+//! credentials: it is no more sensitive than `/debug/store`.
 //!
 //! Served with bounds, since anything on the node network can reach it: a client gets
 //! [`HEADER_READ_TIMEOUT`] to send each request head, at most [`MAX_CONNECTIONS`] are
@@ -19,7 +21,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
 
 use super::readiness::Readiness;
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    observe::{ObserveStore, client},
+};
 
 /// Time to send a request head (the first, and each next one on a keep-alive connection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,7 +49,14 @@ pub(super) struct Admin {
     metrics: Arc<Metrics>,
     debug: bool,
     state: Arc<dyn State>,
+    /// Observe mode's record (`None`: enforcing).
+    observe: Option<Arc<ObserveStore>>,
 }
+
+/// What `/readyz` says when ready in observe mode: a probe's body is what an operator
+/// reads when checking an agent, so it says that nothing is enforced.
+pub(super) const READY_OBSERVING: &str =
+    "ready (OBSERVE MODE: pods get the node's credentials; nothing is enforced)\n";
 
 /// One answer: status, body, content type.
 type Answer = (StatusCode, String, &'static str);
@@ -55,12 +67,29 @@ impl Admin {
         metrics: Arc<Metrics>,
         debug: bool,
         state: Arc<dyn State>,
+        observe: Option<Arc<ObserveStore>>,
     ) -> Self {
         Self {
             readiness,
             metrics,
             debug,
             state,
+            observe,
+        }
+    }
+
+    /// Copies observe mode's container counts into their gauge (every combination, so
+    /// one that dropped to zero shows zero).
+    fn refresh_observed(&self, store: &ObserveStore) {
+        let counts = store.counts();
+        for would_get in ["role", "none", "refused"] {
+            for used in [false, true] {
+                let count = counts.get(&(would_get, used)).copied().unwrap_or(0);
+                self.metrics
+                    .observed_containers
+                    .with_label_values(&[would_get, if used { "true" } else { "false" }])
+                    .set(count as i64);
+            }
         }
     }
 
@@ -68,7 +97,33 @@ impl Admin {
         let ready = self.readiness.is_ready();
         match path {
             "/healthz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
+            "/readyz" if ready && self.observe.is_some() => {
+                (StatusCode::OK, READY_OBSERVING.to_owned(), "text/plain")
+            }
             "/readyz" if ready => (StatusCode::OK, "ready\n".to_owned(), "text/plain"),
+            client::MODE_PATH => {
+                let mode = if self.observe.is_some() {
+                    client::OBSERVE
+                } else {
+                    client::ENFORCE
+                };
+                (StatusCode::OK, format!("{mode}\n"), "text/plain")
+            }
+            client::PATH => match &self.observe {
+                Some(store) => match serde_json::to_string(&store.report()) {
+                    Ok(report) => (StatusCode::OK, report, "application/json"),
+                    Err(error) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("{error}\n"),
+                        "text/plain",
+                    ),
+                },
+                None => (
+                    StatusCode::NOT_FOUND,
+                    "not in observe mode\n".to_owned(),
+                    "text/plain",
+                ),
+            },
             "/readyz" => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready\n".to_owned(),
@@ -76,6 +131,9 @@ impl Admin {
             ),
             "/metrics" => {
                 self.state.refresh(&self.metrics);
+                if let Some(store) = &self.observe {
+                    self.refresh_observed(store);
+                }
                 self.metrics.ready.set(i64::from(ready));
                 (
                     StatusCode::OK,
@@ -164,10 +222,67 @@ mod tests {
     }
 
     fn make(debug: bool) -> (Admin, Arc<Fake>, super::super::readiness::Latch) {
+        make_with(debug, None)
+    }
+
+    fn make_with(
+        debug: bool,
+        observe: Option<Arc<ObserveStore>>,
+    ) -> (Admin, Arc<Fake>, super::super::readiness::Latch) {
         let (readiness, latch) = Readiness::new();
         let fake = Arc::new(Fake::default());
-        let admin = Admin::new(readiness, Arc::new(Metrics::new()), debug, fake.clone());
+        let admin = Admin::new(
+            readiness,
+            Arc::new(Metrics::new()),
+            debug,
+            fake.clone(),
+            observe,
+        );
         (admin, fake, latch)
+    }
+
+    #[test]
+    fn observe_mode_shows_on_readyz_mode_and_metrics_and_serves_the_report() {
+        let (enforcing, _, latch) = make(false);
+        drop(latch);
+        assert_eq!(enforcing.answer("/mode").1, "enforce\n");
+        assert_eq!(enforcing.answer("/observe").0, StatusCode::NOT_FOUND);
+        let store = Arc::new(ObserveStore::new("node-a"));
+        store.record(
+            crate::observe::Who {
+                namespace: "team".into(),
+                pod: "app".into(),
+                container: "containerd://abc".into(),
+            },
+            &http::Method::GET,
+            "/latest/meta-data/iam/security-credentials/node-role",
+            crate::observe::WouldGet::None,
+        );
+        let (admin, _, latch) = make_with(false, Some(store));
+        assert_eq!(admin.answer("/readyz").0, StatusCode::SERVICE_UNAVAILABLE);
+        drop(latch);
+        assert_eq!(
+            admin.answer("/readyz"),
+            (StatusCode::OK, READY_OBSERVING.into(), "text/plain")
+        );
+        assert_eq!(admin.answer("/mode").1, "observe\n");
+        let (status, body, content_type) = admin.answer("/observe");
+        assert_eq!((status, content_type), (StatusCode::OK, "application/json"));
+        let report: crate::observe::Report = serde_json::from_str(&body).unwrap();
+        assert_eq!(report.rows.len(), 1);
+        let metrics = admin.answer("/metrics").1;
+        assert!(
+            metrics.contains(
+                "interceptor_observed_containers{used_node_role=\"true\",would_get=\"none\"} 1"
+            ),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(
+                "interceptor_observed_containers{used_node_role=\"false\",would_get=\"none\"} 0"
+            ),
+            "{metrics}"
+        );
     }
 
     #[test]

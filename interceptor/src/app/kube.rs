@@ -14,12 +14,15 @@ use crate::{
     credentials::{Credentials, CredentialsError, RoleRequest},
     ebpf::Attributed,
     identity::index::Resolved,
-    imds::{self, Authorization, CredentialsFailure},
-    k8s::{self, EventSink, NamespaceStore, PodInfo, PodStore, ServiceAccountStore, events},
+    imds::{self, Authorization, CredentialsFailure, server::Unserved},
+    k8s::{
+        self, EventSink, Lookup, NamespaceStore, PodInfo, PodStore, ServiceAccountStore, events,
+    },
     metrics::Metrics,
+    observe::Who,
     optout::OptOuts,
     policy::PolicyConfig,
-    resolve::{Caller, Outcome, Resolver, Verdict},
+    resolve::{Caller, Outcome, Refusal, Resolver, Verdict},
 };
 
 /// How often opt-outs (node-identity pods) are synced into the kernel's exempt map.
@@ -50,15 +53,59 @@ impl imds::Grant for PodGrant {
     fn arn(&self) -> &str {
         &self.request.role_arn
     }
+
+    fn chosen_by(&self) -> ChosenBy {
+        self.chosen_by
+    }
+}
+
+/// A container as observe mode's report names it: the id its pod's status shows
+/// (`containerd://...`), else the cgroup's path.
+fn container_of(cgroup: &Resolved) -> String {
+    cgroup
+        .identity
+        .as_ref()
+        .ok()
+        .and_then(|identity| identity.container.as_ref())
+        .map_or_else(
+            || cgroup.path.clone(),
+            crate::identity::ContainerRef::status_id,
+        )
+}
+
+impl KubeBackend {
+    /// A refused connection, named as far as the kernel's record and the cgroup tell.
+    fn unserved(&self, record: Attributed, refusal: &Refusal) -> Unserved {
+        let by_id = || format!("cgroup id {}", record.cgroup_id);
+        let (pod, container) = match refusal {
+            Refusal::UnknownCgroup { .. } => (String::new(), by_id()),
+            Refusal::NotAPod { path, .. } => (String::new(), path.clone()),
+            Refusal::UnknownPod { uid } | Refusal::DeletedPod { uid } => (
+                format!("uid {uid}"),
+                self.resolver
+                    .index()
+                    .resolve(record.cgroup_id, record.pid)
+                    .map_or_else(by_id, |cgroup| container_of(&cgroup)),
+            ),
+        };
+        Unserved {
+            reason: refusal.metric_label(),
+            who: Who {
+                namespace: String::new(),
+                pod,
+                container,
+            },
+        }
+    }
 }
 
 impl imds::Backend for KubeBackend {
     type Caller = Caller;
     type Grant = PodGrant;
 
-    async fn caller(&self, record: Attributed) -> Option<Caller> {
+    async fn caller(&self, record: Attributed) -> Result<Caller, Unserved> {
         match self.resolver.caller(record).await {
-            Ok(caller) => Some(caller),
+            Ok(caller) => Ok(caller),
             Err(refusal) => {
                 self.shared
                     .metrics
@@ -66,13 +113,32 @@ impl imds::Backend for KubeBackend {
                     .with_label_values(&[refusal.metric_label()])
                     .inc();
                 tracing::debug!(?refusal, cgroup_id = record.cgroup_id, "connection refused");
-                None
+                Err(self.unserved(record, &refusal))
             }
         }
     }
 
     fn binding<'a>(&self, caller: &'a Caller) -> &'a str {
         &caller.uid
+    }
+
+    fn who(&self, caller: &Caller) -> Who {
+        let container = caller
+            .cgroup()
+            .map_or_else(String::new, |cgroup| container_of(cgroup));
+        match self.resolver.pods().get(&caller.uid) {
+            Lookup::Found(pod) => Who {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                container,
+            },
+            // Deleted since the connection was attributed.
+            _ => Who {
+                namespace: String::new(),
+                pod: format!("uid {}", caller.uid),
+                container,
+            },
+        }
     }
 
     fn authorize(&self, caller: &Caller) -> Authorization<PodGrant> {
@@ -101,7 +167,7 @@ impl imds::Backend for KubeBackend {
                 outcome: Outcome::NoRole,
                 ..
             } => Authorization::NoRole,
-            _ => Authorization::Denied,
+            _ => Authorization::Denied(label),
         }
     }
 
@@ -152,8 +218,13 @@ pub(super) struct Kube {
 
 /// Starts the watches and the mode's tasks (owned by `tasks`); `synced` is released
 /// once both stores have synced.
+///
+/// In observe mode nothing is assumed (no prefetch: observe mode never calls STS) and no
+/// Event is posted: a Warning saying a pod's role was refused would be false while the
+/// pod is served the node's credentials; the report says what enforcement would refuse.
 pub(super) async fn start(
     config: &KubeConfig,
+    observe: bool,
     policy: PolicyConfig,
     shared: &Arc<Shared>,
     tasks: &mut JoinSet<()>,
@@ -168,7 +239,7 @@ pub(super) async fn start(
     ));
     tasks.spawn(k8s::namespaces::watch(client.clone(), namespaces.clone()));
     let events = EventSink::new(
-        Some(client.clone()),
+        (!observe).then(|| client.clone()),
         Some(config.node.clone()),
         events::Limits::default(),
     );
@@ -204,7 +275,7 @@ pub(super) async fn start(
         pods.clone(),
         namespaces.clone(),
         shared.credentials.clone(),
-        config.prefetch,
+        config.prefetch && !observe,
     ));
     {
         let resolver = resolver.clone();

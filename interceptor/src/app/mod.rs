@@ -8,6 +8,11 @@
 //! [`imds::Backend`] and their tasks; serving, the admin server, the readiness latch,
 //! the drain and the ownership of tasks are this module's, once.
 //!
+//! With `--observe` ([`crate::observe`]) the same agent answers pods as the node would
+//! and records what enforcement would do; the mode shows in a warning at start, on
+//! `/readyz`, on `/mode` (what `interceptor status` reads), in `interceptor_mode`, and
+//! the record on `/observe` (what `interceptor report` prints).
+//!
 //! On shutdown ([`App::run`]'s signal: SIGTERM or SIGINT in the binary) the agent turns
 //! not ready, stops accepting, lets requests in flight finish for at most
 //! `--request-timeout` plus a second, then stops its tasks and returns. The programs stay
@@ -38,6 +43,7 @@ use crate::{
     identity::index::{CgroupIndex, Limits},
     imds::{self, CredentialsFailure, ServerConfig, upstream::Upstream},
     metrics::Metrics,
+    observe::ObserveStore,
 };
 
 /// Time the drain gives beyond `--request-timeout`: a request in flight has that long to
@@ -166,6 +172,8 @@ pub struct App {
     shared: Arc<Shared>,
     upstream: Arc<Upstream>,
     identity: Identity,
+    /// Observe mode's record (`None`: enforcing).
+    observe: Option<Arc<ObserveStore>>,
     readiness: Readiness,
     /// Released when the servers run.
     serving: readiness::Latch,
@@ -265,18 +273,52 @@ impl App {
         // Session length, refresh point and serve floor derived together
         // (docs/credentials.md).
         let credentials = CredentialCache::new(sts, Settings::for_session(config.session_ttl));
+        let metrics = Arc::new(Metrics::new());
+        let observe = config.observe.then(|| {
+            let node = match &config.mode {
+                Mode::Kubernetes(kube) => kube.node.clone(),
+                Mode::Standalone { .. } => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map_or_else(|_| "localhost".to_owned(), |name| name.trim().to_owned()),
+            };
+            Arc::new(ObserveStore::new(node))
+        });
+        // Both series, so that an alert on `mode="observe"` has a series to select.
+        metrics
+            .mode
+            .with_label_values(&["observe"])
+            .set(i64::from(observe.is_some()));
+        metrics
+            .mode
+            .with_label_values(&["enforce"])
+            .set(i64::from(observe.is_none()));
+        if observe.is_some() {
+            tracing::warn!(
+                "OBSERVE MODE: NOTHING IS ENFORCED. Every pod is answered as the node would \
+                 be, the node's own credentials included; `interceptor report` shows what \
+                 each container asked for and what it would get under enforcement. Restart \
+                 without --observe to enforce."
+            );
+        }
         let shared = Arc::new(Shared {
             index,
             datapath,
             credentials,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             pin_dir: config.datapath.pin_dir.clone(),
         });
 
         let mut tasks = JoinSet::new();
         let identity = match &config.mode {
             Mode::Kubernetes(kube) => Identity::Kube(
-                kube::start(kube, policy, &shared, &mut tasks, serving.clone()).await?,
+                kube::start(
+                    kube,
+                    config.observe,
+                    policy,
+                    &shared,
+                    &mut tasks,
+                    serving.clone(),
+                )
+                .await?,
             ),
             Mode::Standalone { bindings } => {
                 Identity::Standalone(standalone::start(bindings, policy, &shared, &mut tasks)?)
@@ -289,6 +331,7 @@ impl App {
             shared,
             upstream,
             identity,
+            observe,
             readiness,
             serving,
             tasks,
@@ -305,6 +348,7 @@ impl App {
                 serve(
                     &mut self.tasks,
                     backend,
+                    self.observe.clone(),
                     &self.shared,
                     &self.upstream,
                     &self.server,
@@ -318,6 +362,7 @@ impl App {
                 serve(
                     &mut self.tasks,
                     backend.clone(),
+                    self.observe.clone(),
                     &self.shared,
                     &self.upstream,
                     &self.server,
@@ -333,6 +378,7 @@ impl App {
             self.shared.metrics.clone(),
             self.debug,
             state,
+            self.observe.clone(),
         ));
         self.tasks.spawn(admin_server.serve(admin));
         drop(self.serving);
@@ -363,6 +409,7 @@ impl App {
 fn serve<B: imds::Backend>(
     tasks: &mut JoinSet<()>,
     backend: Arc<B>,
+    observe: Option<Arc<ObserveStore>>,
     shared: &Shared,
     upstream: &Arc<Upstream>,
     config: &ServerConfig,
@@ -372,6 +419,7 @@ fn serve<B: imds::Backend>(
 ) {
     let server = Arc::new(imds::Server::new(
         backend,
+        observe,
         shared.datapath.attribution(),
         upstream.clone(),
         config.clone(),

@@ -13,11 +13,13 @@ use tokio::task::JoinSet;
 
 use super::{Shared, admin};
 use crate::{
+    audit::ChosenBy,
     bindings::{self, Bindings},
     credentials::{Credentials, CredentialsError, RoleRequest},
     ebpf::Attributed,
-    imds::{self, Authorization, CredentialsFailure},
+    imds::{self, Authorization, CredentialsFailure, server::Unserved},
     metrics::Metrics,
+    observe::Who,
     policy::PolicyConfig,
 };
 
@@ -45,15 +47,28 @@ impl imds::Grant for BindingGrant {
     fn arn(&self) -> &str {
         &self.request.role_arn
     }
+
+    fn chosen_by(&self) -> ChosenBy {
+        ChosenBy::ContainerMap
+    }
+}
+
+/// A service as observe mode's report names it: no namespace or pod, its cgroup path.
+fn service(container: String) -> Who {
+    Who {
+        namespace: String::new(),
+        pod: String::new(),
+        container,
+    }
 }
 
 impl imds::Backend for StandaloneBackend {
     type Caller = ServiceCaller;
     type Grant = BindingGrant;
 
-    async fn caller(&self, record: Attributed) -> Option<ServiceCaller> {
+    async fn caller(&self, record: Attributed) -> Result<ServiceCaller, Unserved> {
         match self.shared.index.resolve(record.cgroup_id, record.pid) {
-            Some(resolved) => Some(ServiceCaller {
+            Some(resolved) => Ok(ServiceCaller {
                 path: resolved.path.clone(),
                 token_binding: format!("cgroup-{}", resolved.cgroup_id),
             }),
@@ -63,13 +78,20 @@ impl imds::Backend for StandaloneBackend {
                     .caller_refusals
                     .with_label_values(&["unknown_cgroup"])
                     .inc();
-                None
+                Err(Unserved {
+                    reason: "unknown_cgroup",
+                    who: service(format!("cgroup id {}", record.cgroup_id)),
+                })
             }
         }
     }
 
     fn binding<'a>(&self, caller: &'a ServiceCaller) -> &'a str {
         &caller.token_binding
+    }
+
+    fn who(&self, caller: &ServiceCaller) -> Who {
+        service(caller.path.clone())
     }
 
     fn authorize(&self, caller: &ServiceCaller) -> Authorization<BindingGrant> {

@@ -41,7 +41,7 @@ pub(crate) const MAX_REMEMBERED: usize = 65_536;
 /// How the role a container got was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum ChosenBy {
+pub enum ChosenBy {
     /// The pod's role annotation.
     PodAnnotation,
     /// The pod's `container-roles` entry for the calling container.
@@ -57,7 +57,7 @@ pub(crate) enum ChosenBy {
 }
 
 impl ChosenBy {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::PodAnnotation => "pod_annotation",
             Self::ContainerAnnotation => "container_annotation",

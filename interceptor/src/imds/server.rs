@@ -4,6 +4,13 @@
 //! What a caller is and what it may have is asked of a [`Backend`] (the resolver and the
 //! credentials cache in the agent), per request, so that an annotation or namespace change
 //! takes effect on the next request of an open keep-alive connection.
+//!
+//! In observe mode (`run --observe`, [`crate::observe`]) the same decision is made per
+//! request and recorded, but every request a recorded connection sends is answered as the
+//! node would answer it: forwarded to the real metadata service, credential paths
+//! included; no credentials are fetched. IMDSv2 tokens are still the agent's own, bound
+//! to the caller, so a pod's token handling is the same in both modes. A connection the
+//! kernel did not record is refused (403) in both.
 
 use std::{
     collections::HashMap,
@@ -28,10 +35,12 @@ use super::{
     upstream::Upstream,
 };
 use crate::{
+    audit::ChosenBy,
     credentials::Credentials,
     drain::Drain,
     ebpf::{Attributed, Attribution},
     metrics::{Metrics, OpenGauge, RequestTimer},
+    observe::{ObserveStore, Who, WouldGet},
 };
 
 /// What a caller may have for one request, decided once per request.
@@ -42,7 +51,24 @@ pub enum Authorization<G> {
     /// No annotation and no default: 404, like an instance without a profile.
     NoRole,
     /// Refused by policy (reason logged and posted as an Event by the backend): 404.
-    Denied,
+    /// The reason is the refusal's metric label.
+    Denied(&'static str),
+}
+
+impl<G: Grant> Authorization<G> {
+    /// What observe mode records: the very decision enforcement would act on.
+    fn would_get(&self) -> WouldGet {
+        match self {
+            Self::Role(grant) => WouldGet::Role {
+                arn: grant.arn().to_owned(),
+                chosen_by: grant.chosen_by(),
+            },
+            Self::NoRole => WouldGet::None,
+            Self::Denied(reason) => WouldGet::Refused {
+                reason: (*reason).to_owned(),
+            },
+        }
+    }
 }
 
 /// A role granted to a caller for one request, carrying what fetching its credentials
@@ -50,6 +76,8 @@ pub enum Authorization<G> {
 pub trait Grant: Send + Sync {
     /// The role's ARN.
     fn arn(&self) -> &str;
+    /// How the role was chosen (audit record, observe mode's report).
+    fn chosen_by(&self) -> ChosenBy;
     /// What IMDS lists (the last component of the ARN).
     fn role_name(&self) -> &str {
         let arn = self.arn();
@@ -67,14 +95,30 @@ pub enum CredentialsFailure {
     Unavailable,
 }
 
+/// A connection the kernel recorded but the backend does not serve: refused (403), or in
+/// observe mode answered as the node would and recorded as refused for `reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unserved {
+    /// The refusal's metric label.
+    pub reason: &'static str,
+    /// Who it is, as far as the backend could tell.
+    pub who: Who,
+}
+
 /// What the server needs to know about callers.
 pub trait Backend: Send + Sync + 'static {
     type Caller: Send + Sync + 'static;
     type Grant: Grant;
-    /// The caller behind a kernel record; `None` refuses the connection (403).
-    fn caller(&self, record: Attributed) -> impl Future<Output = Option<Self::Caller>> + Send;
+    /// The caller behind a kernel record; an error refuses the connection (403; observe
+    /// mode answers it as the node would, and records the refusal).
+    fn caller(
+        &self,
+        record: Attributed,
+    ) -> impl Future<Output = Result<Self::Caller, Unserved>> + Send;
     /// What IMDSv2 tokens are bound to (stable for the caller's lifetime).
     fn binding<'a>(&self, caller: &'a Self::Caller) -> &'a str;
+    /// Who the caller is, for observe mode's record (namespace, pod, container).
+    fn who(&self, caller: &Self::Caller) -> Who;
     /// What the caller may have now: asked once per request, so that an annotation or
     /// namespace change takes effect on the next request of an open connection.
     fn authorize(&self, caller: &Self::Caller) -> Authorization<Self::Grant>;
@@ -159,8 +203,20 @@ impl<K: std::hash::Hash + Eq> Drop for Slot<K> {
     }
 }
 
+/// Who is on a connection.
+enum Peer<C> {
+    /// A caller the backend knows.
+    Caller(C),
+    /// Recorded by the kernel, refused by the backend (observe mode answers it).
+    Unserved(Unserved),
+    /// Not recorded by the kernel (dialled directly): refused in every mode.
+    Unrecorded,
+}
+
 pub struct Server<B: Backend> {
     backend: Arc<B>,
+    /// Observe mode's record; `None` when enforcing.
+    observe: Option<Arc<ObserveStore>>,
     attribution: Arc<Attribution>,
     upstream: Arc<Upstream>,
     tokens: Arc<TokenMinter>,
@@ -172,8 +228,10 @@ pub struct Server<B: Backend> {
 }
 
 impl<B: Backend> Server<B> {
+    /// A server for `backend`; with `observe`, in observe mode (see the module docs).
     pub(crate) fn new(
         backend: Arc<B>,
+        observe: Option<Arc<ObserveStore>>,
         attribution: Arc<Attribution>,
         upstream: Arc<Upstream>,
         config: ServerConfig,
@@ -182,6 +240,7 @@ impl<B: Backend> Server<B> {
     ) -> Self {
         Self {
             backend,
+            observe,
             attribution,
             upstream,
             tokens: Arc::new(TokenMinter::new()),
@@ -263,12 +322,15 @@ impl<B: Backend> Server<B> {
             tracing::debug!(%peer, ?cgroup, "too many connections from this cgroup: closed");
             return;
         };
-        let caller = match record {
-            Some(record) => self.backend.caller(record).await.map(Arc::new),
-            None => None,
-        };
-        let _pod_slot = match &caller {
-            Some(caller) => {
+        let who = Arc::new(match record {
+            Some(record) => match self.backend.caller(record).await {
+                Ok(caller) => Peer::Caller(caller),
+                Err(unserved) => Peer::Unserved(unserved),
+            },
+            None => Peer::Unrecorded,
+        });
+        let _pod_slot = match &*who {
+            Peer::Caller(caller) => {
                 let pod = self.backend.binding(caller).to_owned();
                 let Some(slot) = self.open_per_pod.claim(pod, max_connections_per_pod) else {
                     self.metrics
@@ -280,15 +342,13 @@ impl<B: Backend> Server<B> {
                 };
                 Some(slot)
             }
-            None => None,
+            Peer::Unserved(_) | Peer::Unrecorded => None,
         };
         let draining = self.drain.signaled();
         let service = service_fn(move |request: Request<Incoming>| {
             let server = Arc::clone(&self);
-            let caller = caller.clone();
-            async move {
-                Ok::<_, std::convert::Infallible>(server.handle(caller.as_deref(), request).await)
-            }
+            let who = Arc::clone(&who);
+            async move { Ok::<_, std::convert::Infallible>(server.handle(&who, request).await) }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -311,26 +371,44 @@ impl<B: Backend> Server<B> {
         let _ = tokio::time::timeout(request_timeout, connection).await;
     }
 
-    async fn handle(
-        &self,
-        caller: Option<&B::Caller>,
-        request: Request<Incoming>,
-    ) -> Response<Body> {
+    async fn handle(&self, peer: &Peer<B::Caller>, request: Request<Incoming>) -> Response<Body> {
         let route = classify(request.method(), request.uri().path());
         let class = route.class();
         let _timer = RequestTimer::start(&self.metrics, class);
-        let response = match caller {
-            Some(caller) => {
-                let timeout = self.config.request_timeout;
-                match tokio::time::timeout(timeout, self.respond(caller, route, &request)).await {
-                    Ok(response) => response,
-                    Err(_) => {
-                        tracing::warn!(?timeout, class, "request not answered in time: 503");
-                        ec2::error(StatusCode::SERVICE_UNAVAILABLE)
-                    }
+        let answer = async {
+            match (peer, &self.observe) {
+                (Peer::Caller(caller), None) => Some(self.respond(caller, route, &request).await),
+                (Peer::Caller(caller), Some(store)) => {
+                    let would_get = self.backend.authorize(caller).would_get();
+                    let (who, binding) = (self.backend.who(caller), self.backend.binding(caller));
+                    Some(
+                        self.observe(store, who, binding, would_get, route, &request)
+                            .await,
+                    )
                 }
+                (Peer::Unserved(unserved), Some(store)) => {
+                    let would_get = WouldGet::Refused {
+                        reason: unserved.reason.to_owned(),
+                    };
+                    // Bound to what identifies it: the cgroup it was recorded in.
+                    let binding = format!("unserved {}", unserved.who.container);
+                    let who = unserved.who.clone();
+                    Some(
+                        self.observe(store, who, &binding, would_get, route, &request)
+                            .await,
+                    )
+                }
+                (Peer::Unserved(_) | Peer::Unrecorded, _) => None,
             }
-            None => ec2::error(StatusCode::FORBIDDEN),
+        };
+        let timeout = self.config.request_timeout;
+        let response = match tokio::time::timeout(timeout, answer).await {
+            Ok(Some(response)) => response,
+            Ok(None) => ec2::error(StatusCode::FORBIDDEN),
+            Err(_) => {
+                tracing::warn!(?timeout, class, "request not answered in time: 503");
+                ec2::error(StatusCode::SERVICE_UNAVAILABLE)
+            }
         };
         self.metrics
             .requests
@@ -345,35 +423,17 @@ impl<B: Backend> Server<B> {
         route: Route<'_>,
         request: &Request<Incoming>,
     ) -> Response<Body> {
-        let headers = request.headers();
-        let binding = self.backend.binding(caller);
         let now = SystemTime::now();
-        if route == Route::Token {
-            // EC2 refuses token requests that went through a proxy.
-            if headers.contains_key("x-forwarded-for") {
-                return ec2::error(StatusCode::FORBIDDEN);
-            }
-            let Some(ttl) = parse_ttl(headers.get(TTL_HEADER).map(|value| value.as_bytes())) else {
-                return ec2::error(StatusCode::BAD_REQUEST);
-            };
-            return ec2::token(self.tokens.mint(binding, ttl, now), ttl.as_secs());
-        }
-        match headers.get(TOKEN_HEADER) {
-            Some(token) => {
-                let token = token.to_str().unwrap_or("");
-                if let Err(error) = self.tokens.verify(token, binding, now) {
-                    tracing::debug!(%error, "IMDSv2 token refused");
-                    return ec2::error(StatusCode::UNAUTHORIZED);
-                }
-            }
-            None if self.config.imdsv2_required => return ec2::error(StatusCode::UNAUTHORIZED),
-            None => {}
+        if let Some(answered) = self.tokens(&route, request, self.backend.binding(caller), now) {
+            return answered;
         }
         match route {
             Route::Token => unreachable!("answered above"),
             Route::CredentialsList => match self.backend.authorize(caller) {
                 Authorization::Role(grant) => ec2::text(grant.role_name().to_owned()),
-                Authorization::NoRole | Authorization::Denied => ec2::error(StatusCode::NOT_FOUND),
+                Authorization::NoRole | Authorization::Denied(_) => {
+                    ec2::error(StatusCode::NOT_FOUND)
+                }
             },
             Route::Credentials(asked) => match self.backend.authorize(caller) {
                 Authorization::Role(grant) if grant.role_name() == asked => {
@@ -400,27 +460,108 @@ impl<B: Backend> Server<B> {
                     let (profile_arn, profile_id) = instance_profile_of(grant.arn());
                     ec2::info(&profile_arn, &profile_id, now)
                 }
-                Authorization::NoRole | Authorization::Denied => ec2::error(StatusCode::NOT_FOUND),
+                Authorization::NoRole | Authorization::Denied(_) => {
+                    ec2::error(StatusCode::NOT_FOUND)
+                }
             },
             Route::Passthrough(path) => {
                 if !self.config.allow_route.allows(path) {
                     return ec2::error(StatusCode::NOT_FOUND);
                 }
-                let method = if request.method() == Method::HEAD {
-                    Method::HEAD
-                } else {
-                    Method::GET
-                };
-                match self.upstream.forward(&method, path).await {
-                    Ok(response) => response,
-                    Err(error) => {
-                        tracing::warn!(%error, path, "passthrough failed");
-                        ec2::error(StatusCode::BAD_GATEWAY)
-                    }
-                }
+                self.forward(request, path).await
             }
             Route::Malformed | Route::Denied => ec2::error(StatusCode::NOT_FOUND),
             Route::MethodNotAllowed => ec2::error(StatusCode::METHOD_NOT_ALLOWED),
+        }
+    }
+
+    /// IMDSv2 as EC2 does it, with tokens bound to `binding`: a token request is answered
+    /// here, as is a request whose token is refused (or missing, with
+    /// `--imdsv2-required`); `None` lets the request through.
+    fn tokens(
+        &self,
+        route: &Route<'_>,
+        request: &Request<Incoming>,
+        binding: &str,
+        now: SystemTime,
+    ) -> Option<Response<Body>> {
+        let headers = request.headers();
+        if *route == Route::Token {
+            // EC2 refuses token requests that went through a proxy.
+            if headers.contains_key("x-forwarded-for") {
+                return Some(ec2::error(StatusCode::FORBIDDEN));
+            }
+            let Some(ttl) = parse_ttl(headers.get(TTL_HEADER).map(|value| value.as_bytes())) else {
+                return Some(ec2::error(StatusCode::BAD_REQUEST));
+            };
+            return Some(ec2::token(
+                self.tokens.mint(binding, ttl, now),
+                ttl.as_secs(),
+            ));
+        }
+        match headers.get(TOKEN_HEADER) {
+            Some(token) => {
+                let token = token.to_str().unwrap_or("");
+                if let Err(error) = self.tokens.verify(token, binding, now) {
+                    tracing::debug!(%error, "IMDSv2 token refused");
+                    return Some(ec2::error(StatusCode::UNAUTHORIZED));
+                }
+                None
+            }
+            None if self.config.imdsv2_required => Some(ec2::error(StatusCode::UNAUTHORIZED)),
+            None => None,
+        }
+    }
+
+    /// `path` as the real metadata service answers it (GET, or HEAD for a HEAD).
+    async fn forward(&self, request: &Request<Incoming>, path: &str) -> Response<Body> {
+        let method = if request.method() == Method::HEAD {
+            Method::HEAD
+        } else {
+            Method::GET
+        };
+        match self.upstream.forward(&method, path).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::warn!(%error, path, "forwarding to the metadata service failed");
+                ec2::error(StatusCode::BAD_GATEWAY)
+            }
+        }
+    }
+
+    /// Observe mode: records who asked what and what enforcement would give, then
+    /// answers as the node would (see the module docs). Only paths that are not well
+    /// formed (404) and methods EC2 refuses (405) are answered here, as under
+    /// enforcement: the first could be read differently by the agent and the service.
+    async fn observe(
+        &self,
+        store: &ObserveStore,
+        who: Who,
+        binding: &str,
+        would_get: WouldGet,
+        route: Route<'_>,
+        request: &Request<Incoming>,
+    ) -> Response<Body> {
+        let path = request.uri().path();
+        self.metrics
+            .observed_requests
+            .with_label_values(&[would_get.label()])
+            .inc();
+        store.record(who, request.method(), path, would_get);
+        if let Some(answered) = self.tokens(&route, request, binding, SystemTime::now()) {
+            return answered;
+        }
+        match route {
+            Route::Token => unreachable!("answered above"),
+            Route::Malformed => ec2::error(StatusCode::NOT_FOUND),
+            Route::MethodNotAllowed => ec2::error(StatusCode::METHOD_NOT_ALLOWED),
+            Route::Credentials(_) => {
+                self.metrics.observed_node_role_requests.inc();
+                self.forward(request, path).await
+            }
+            Route::CredentialsList | Route::Info | Route::Passthrough(_) | Route::Denied => {
+                self.forward(request, path).await
+            }
         }
     }
 }

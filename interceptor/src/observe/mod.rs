@@ -1,6 +1,3 @@
-//! Not in the build yet: `lib.rs` does not declare this module until `interceptor run
-//! --observe` serves it (issue 17); its `interceptor report` command waits for the same.
-//!
 //! Observe mode (`interceptor run --observe`): the agent attaches and redirects as usual
 //! but answers every request as the node would (it forwards to the real metadata
 //! service: the situation before installing), and records, per pod and container, what
@@ -9,10 +6,27 @@
 //! (`/observe`), so a team replacing the node role, kube2iam or kiam knows which
 //! workloads still need the node's role and which would be refused, before enforcing.
 //!
+//! The answering is the metadata server's (`imds::server`, observe mode): it asks the
+//! backend for the very decision enforcement acts on (`Backend::authorize`, the resolver
+//! in Kubernetes mode) and records it here, then forwards the request with the agent's
+//! own upstream client (its IMDSv2 token handling included).
+//!
 //! Decisions written down:
 //! - Connections the kernel did not record are still refused (403) in observe mode:
 //!   before installing nothing dialled the agent's port, so nothing that does so now
 //!   is owed the node's credentials.
+//! - Connections the kernel recorded but enforcement would refuse outright (a pod the
+//!   watch does not know, as a static pod's cgroup; a cgroup that is no pod's) are
+//!   answered as the node would and recorded as refused with the reason: they are the
+//!   workloads a switch would break, and observing must not break them first.
+//! - Everything is forwarded, credential-bearing paths that enforcement never forwards
+//!   (`identity-credentials/`, the signed instance identity) included: the node answered
+//!   them before installing, and the report lists them among the paths. Only paths that
+//!   are not well formed (404) and methods EC2 refuses (405) are answered by the agent,
+//!   and IMDSv2 tokens are the agent's own, bound to the caller as under enforcement.
+//! - Nothing is assumed at STS (no prefetch, no credentials fetched) and no Event is
+//!   posted: an Event saying a pod's role was refused would be false while the pod is
+//!   served the node's credentials.
 //! - What pods send is untrusted: at most [`MAX_PATHS`] distinct paths per container,
 //!   each cut to [`MAX_PATH_CHARS`], and at most [`MAX_CONTAINERS`] containers (the
 //!   rest counted in `dropped`), so a pod cannot grow the agent's memory.
@@ -52,7 +66,8 @@ pub enum WouldGet {
 }
 
 impl WouldGet {
-    fn label(&self) -> &'static str {
+    /// `role`, `none` or `refused`: the metrics' label.
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Self::Role { .. } => "role",
             Self::None => "none",
@@ -255,10 +270,18 @@ impl Report {
                 if row.paths_dropped > 0 {
                     let _ = write!(paths, ",+{} more", row.paths_dropped);
                 }
+                // A caller the agent could not name has no namespace (nor pod).
+                let or_dash = |text: &str| {
+                    if text.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        text.to_owned()
+                    }
+                };
                 [
-                    row.who.namespace.clone(),
-                    row.who.pod.clone(),
-                    short_container(&row.who.container),
+                    or_dash(&row.who.namespace),
+                    or_dash(&row.who.pod),
+                    or_dash(&short_container(&row.who.container)),
                     row.requests.to_string(),
                     if row.used_node_role { "yes" } else { "no" }.into(),
                     would,

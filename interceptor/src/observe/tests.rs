@@ -127,13 +127,27 @@ fn the_report_round_trips_as_json_and_prints_a_table_worst_first() {
         &format!("{CREDS}node-role"),
         WouldGet::None,
     );
+    store.record(
+        Who {
+            namespace: String::new(),
+            pod: String::new(),
+            container: "cgroup id 42".into(),
+        },
+        &Method::GET,
+        CREDS,
+        WouldGet::Refused {
+            reason: "unknown_cgroup".into(),
+        },
+    );
     let report = store.report();
     let json = serde_json::to_string(&report).unwrap();
     let back: Report = serde_json::from_str(&json).unwrap();
     assert_eq!(back, report);
     let value: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(value["rows"][0]["would_get"]["outcome"], "role");
-    assert_eq!(value["rows"][0]["namespace"], "team");
+    assert_eq!(value["rows"][0]["would_get"]["outcome"], "refused");
+    assert_eq!(value["rows"][0]["namespace"], "");
+    assert_eq!(value["rows"][1]["would_get"]["outcome"], "role");
+    assert_eq!(value["rows"][1]["namespace"], "team");
     let table = report.table();
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("OBSERVE MODE on node-a"), "{table}");
@@ -141,17 +155,21 @@ fn the_report_round_trips_as_json_and_prints_a_table_worst_first() {
         lines[1].starts_with("NAMESPACE") && lines[1].contains("UNDER ENFORCEMENT"),
         "{table}"
     );
-    assert!(lines[2].contains("refused (invalid_arn)"), "{table}");
     assert!(
-        lines[3].contains("needs-node") && lines[3].contains("yes") && lines[3].contains("none"),
+        lines[2].starts_with("-          -  ") && lines[2].contains("refused (unknown_cgroup)"),
+        "an unnamed caller's empty cells: {table}"
+    );
+    assert!(lines[3].contains("refused (invalid_arn)"), "{table}");
+    assert!(
+        lines[4].contains("needs-node") && lines[4].contains("yes") && lines[4].contains("none"),
         "{table}"
     );
     assert!(
-        lines[4].contains("role arn:aws:iam::123456789012:role/fine (pod_annotation)"),
+        lines[5].contains("role arn:aws:iam::123456789012:role/fine (pod_annotation)"),
         "{table}"
     );
     assert!(
-        lines[4].contains("containerd://fine01234567 "),
+        lines[5].contains("containerd://fine01234567 "),
         "ids shortened: {table}"
     );
     // Columns line up.
