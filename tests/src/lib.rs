@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod clients;
+pub mod clock;
 pub mod cluster;
 pub mod cmd;
 pub mod control_plane;
