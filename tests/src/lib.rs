@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod ask;
 pub mod clients;
 pub mod clock;
 pub mod cluster;
