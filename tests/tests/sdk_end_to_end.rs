@@ -9,7 +9,7 @@ use interceptor_tests::{
     agent::Agent,
     apiserver::{FakeApiServer, new_namespace, new_node},
     ask::{CREDS, ask_until},
-    clients::{aws_cli, boto3, in_pod, pod_command, raw, sdk_js, sdk_rust},
+    clients::{aws_cli, boto3, in_pod, in_pod_with, raw, sdk_js, sdk_rust},
     cluster::{AGENT_ENV, NODE, Peers, api_pod, start_agent},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
@@ -464,21 +464,12 @@ impl Cluster {
 /// added: the caller ARN and the AccessKeyId boto3 received, or the error.
 fn boto3_with(pod: &interceptor_tests::Pod, sts: &str, env: &[(&str, &str)]) -> String {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/whoami.py");
-    let out = pod_command(
+    in_pod_with(
         pod,
         &venv().join("bin/python").display().to_string(),
         &[&script.display().to_string(), sts, "--credentials"],
+        env,
     )
-    .envs(env.iter().copied())
-    .output()
-    .expect("run boto3");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-    .trim()
-    .to_owned()
 }
 
 /// botocore's IPv6 endpoint mode: it asks [fd00:ec2::254] only.
