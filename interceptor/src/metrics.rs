@@ -320,8 +320,10 @@ mod tests {
             text.contains("# TYPE interceptor_credentials_events_total counter"),
             "{text}"
         );
+        // A whole line: `... 7` must not pass for `... 70`.
         assert!(
-            text.contains("interceptor_credentials_events_total{event=\"hits\"} 7"),
+            text.lines()
+                .any(|line| line == "interceptor_credentials_events_total{event=\"hits\"} 7"),
             "{text}"
         );
     }

@@ -24,7 +24,14 @@ pub fn pod_command(pod: &Pod, program: &str, args: &[&str]) -> Command {
 
 /// A client command run in `pod` with an environment that holds no credentials.
 pub fn in_pod(pod: &Pod, program: &str, args: &[&str]) -> String {
+    in_pod_with(pod, program, args, &[])
+}
+
+/// [`in_pod`] with `env` added to the environment: stdout if the client succeeded, else
+/// stdout and stderr.
+pub fn in_pod_with(pod: &Pod, program: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let out = pod_command(pod, program, args)
+        .envs(env.iter().copied())
         .output()
         .expect("run the client");
     if out.status.success() {

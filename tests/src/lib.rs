@@ -14,7 +14,9 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod ask;
 pub mod clients;
+pub mod clock;
 pub mod cluster;
 pub mod cmd;
 pub mod control_plane;

@@ -325,8 +325,17 @@ async fn watcher_recovers_when_the_server_restarts() {
     server.delete_pod("default", "a2");
     server.add_pod(new_pod("default", "a3", "node-a"));
     server.add_pod(new_pod("default", "b1", "node-b"));
-    // Let the watcher notice the outage (its connection is gone, reconnects are refused).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The watcher notices the outage (its connection is gone, reconnects are refused)
+    // before the server comes back.
+    wait_for("the watcher to see the outage", DEADLINE, || {
+        let seen = pods.seen();
+        if seen.iter().any(|e| e.starts_with("error")) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
     server.restart().await;
     assert!(server.is_running());
 

@@ -15,6 +15,7 @@ use interceptor_tests::{
     Node, Pod,
     agent::{Agent, free_port},
     apiserver::{FakeApiServer, new_namespace},
+    ask::assert_upstream_untouched,
     clients::in_pod,
     cluster::{AGENT_ENV, Peers, api_pod, start_agent},
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
@@ -144,14 +145,7 @@ fn assert_no_node_credentials(upstream: &FakeImds, answers: &[&str]) {
             "the node's identity reached a pod: {answer}"
         );
     }
-    assert!(
-        upstream
-            .requests()
-            .iter()
-            .all(|request| !request.contains("security-credentials")),
-        "the node's metadata service was asked for credentials: {:?}",
-        upstream.requests()
-    );
+    assert_upstream_untouched(upstream);
 }
 
 /// Two pods share one network namespace (as hostNetwork pods share the node's). Pod B

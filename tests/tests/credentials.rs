@@ -9,10 +9,12 @@ use std::{
 };
 
 use interceptor::credentials::{
-    CredentialCache, Credentials, CredentialsError, RoleRequest, Settings, StsConfig, session_name,
-    sts_client,
+    Clock, CredentialCache, Credentials, CredentialsError, RoleRequest, Settings, StsConfig,
+    session_name, sts_client,
 };
 use interceptor_tests::{
+    apiserver::wait_for,
+    clock::ManualClock,
     moto::MotoServer,
     sts_proxy::{Fault, StsProxy},
 };
@@ -28,14 +30,40 @@ fn agent_credentials() -> aws_credential_types::Credentials {
 }
 
 async fn cache(proxy: &StsProxy, settings: Settings) -> Arc<CredentialCache> {
-    let client = sts_client(&StsConfig {
+    CredentialCache::new(client(proxy).await, settings)
+}
+
+/// A cache whose lifetimes, holds and refresh pauses run on `clock` (STS calls and the
+/// SDK's retries stay on real time).
+async fn cache_on(
+    proxy: &StsProxy,
+    settings: Settings,
+    clock: &Arc<ManualClock>,
+) -> Arc<CredentialCache> {
+    CredentialCache::with_clock(client(proxy).await, settings, Arc::clone(clock) as _)
+}
+
+async fn client(proxy: &StsProxy) -> aws_sdk_sts::Client {
+    sts_client(&StsConfig {
         endpoint: Some(proxy.endpoint()),
         region: Some("us-east-1".into()),
         agent_credentials: Some(agent_credentials()),
         ..StsConfig::default()
     })
-    .await;
-    CredentialCache::new(client, settings)
+    .await
+}
+
+/// The one pause the refresher is in, once it is in it (after `refreshes` refreshes).
+async fn refresher_pause(clock: &ManualClock, cache: &CredentialCache, refreshes: u64) -> Duration {
+    wait_for(
+        &format!("the refresher to pause after {refreshes} refreshes"),
+        Duration::from_secs(30),
+        || match (counter(cache, "refreshes"), clock.sleeping().as_slice()) {
+            (done, [pause]) if done == refreshes => Ok(*pause),
+            (done, pauses) => Err(format!("{done} refreshes, pauses {pauses:?}")),
+        },
+    )
+    .await
 }
 
 fn request(role: &str, pod: &str) -> RoleRequest {
@@ -101,11 +129,11 @@ async fn prefetch_makes_the_first_request_a_hit() {
     let proxy = StsProxy::start(moto.addr()).await;
     let cache = cache(&proxy, Settings::default()).await;
     cache.prefetch(&request("role-a", "new-pod"));
-    interceptor_tests::apiserver::wait_for("the prefetch", Duration::from_secs(10), || match proxy
-        .count("AssumeRole")
-    {
-        1 if cache.expiries().iter().all(|(_, expiry)| expiry.is_some()) => Ok(()),
-        n => Err(format!("{n} calls")),
+    wait_for("the prefetch", Duration::from_secs(10), || {
+        match proxy.count("AssumeRole") {
+            1 if cache.expiries().iter().all(|(_, expiry)| expiry.is_some()) => Ok(()),
+            n => Err(format!("{n} calls")),
+        }
     })
     .await;
     cache.get(&request("role-a", "new-pod")).await.unwrap();
@@ -116,9 +144,9 @@ async fn prefetch_makes_the_first_request_a_hit() {
         "the prefetch's"
     );
     assert_eq!(proxy.count("AssumeRole"), 1);
-    // Prefetching what is cached costs nothing.
+    // Prefetching what is cached costs nothing: it returns without starting a prefetch
+    // (which would count one before it is spawned).
     cache.prefetch(&request("role-a", "new-pod"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(cache.stats().prefetches.load(Ordering::Relaxed), 1);
     assert_eq!(proxy.count("AssumeRole"), 1);
 }
@@ -139,12 +167,14 @@ async fn queued_prefetches_of_deleted_pods_cache_nothing() {
     }
     // Every pod is deleted while the first prefetches are waiting for STS.
     let limit = interceptor::credentials::PREFETCH_CONCURRENCY as u64;
-    interceptor_tests::apiserver::wait_for("the first prefetches", Duration::from_secs(5), || {
-        match proxy.count("AssumeRole") {
+    wait_for(
+        "the first prefetches",
+        Duration::from_secs(5),
+        || match proxy.count("AssumeRole") {
             n if n == limit => Ok(()),
             n => Err(format!("{n} calls")),
-        }
-    })
+        },
+    )
     .await;
     let deleted = |key: &interceptor::credentials::Key| !key.request.session_name.contains("gone-");
     cache.retain(deleted);
@@ -222,21 +252,23 @@ async fn a_slow_sts_call_outlives_the_request_that_started_it() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
     assert_eq!(counter(&cache, "waited_out"), 1);
-    // The call started by the first request completes in the background: a later
-    // request is a hit.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the call never completed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let hits = counter(&cache, "hits");
-        if cache.get(&request("role-a", "web")).await.is_ok() {
-            assert!(counter(&cache, "hits") > hits, "served from memory");
-            break;
-        }
-    }
+    // The call started by the first request completes in the background and stores its
+    // answer: the next request is a hit.
+    wait_for(
+        "the call to complete",
+        Duration::from_secs(15),
+        || match cache.expiries().as_slice() {
+            [(_, Some(_))] => Ok(()),
+            seen => Err(format!("{seen:?}")),
+        },
+    )
+    .await;
+    cache
+        .get(&request("role-a", "web"))
+        .await
+        .expect("served from memory");
+    assert_eq!(counter(&cache, "hits"), 1);
+    assert_eq!(counter(&cache, "misses"), 1);
     assert_eq!(
         proxy.count("AssumeRole"),
         1,
@@ -258,51 +290,64 @@ fn counter(cache: &CredentialCache, name: &str) -> u64 {
 async fn credentials_are_refreshed_before_they_expire() {
     let moto = MotoServer::start();
     let proxy = StsProxy::start(moto.addr()).await;
-    // 15-minute sessions (STS's minimum) refreshed once less than 14:58 is left: within
-    // about two seconds.
-    let cache = cache(
-        &proxy,
-        Settings {
-            session_duration: Duration::from_secs(900),
-            refresh_lead: Duration::from_secs(898),
-            serve_floor: Duration::from_secs(60),
-            min_refresh_interval: Duration::ZERO,
-            ..Settings::default()
-        },
-    )
-    .await;
+    // The agent's own settings for 15-minute sessions (STS's minimum).
+    let settings = Settings::for_session(Duration::from_secs(900));
+    let clock = ManualClock::new();
+    let cache = cache_on(&proxy, settings.clone(), &clock).await;
     let first = cache.get(&request("role-a", "web")).await.unwrap();
-    interceptor_tests::apiserver::wait_for("a background refresh", Duration::from_secs(15), || {
-        match counter(&cache, "refreshes_ok") {
-            0 => Err("no refresh yet".into()),
-            _ => Ok(()),
-        }
-    })
-    .await;
+    // The refresher waits until the refresh lead is left, shortened by at most 10 %
+    // jitter, and not a moment less than the minimum refresh interval.
+    let pause = refresher_pause(&clock, &cache, 0).await;
+    let until = first.remaining(clock.now()) - settings.refresh_lead;
+    assert!(
+        pause <= until && pause >= until.mul_f64(0.9) && pause >= settings.min_refresh_interval,
+        "paused {pause:?}; {until:?} until the refresh lead"
+    );
+    // Until then requests are served from memory.
+    clock.advance(pause - Duration::from_secs(1));
+    let served = cache.get(&request("role-a", "web")).await.unwrap();
+    assert_eq!(served.access_key_id, first.access_key_id);
+    assert_eq!(proxy.count("AssumeRole"), 1);
+    assert_eq!(counter(&cache, "refreshes"), 0);
+
+    clock.advance(Duration::from_secs(1));
+    let next = refresher_pause(&clock, &cache, 1).await;
+    assert_eq!(counter(&cache, "refreshes_ok"), 1);
     let second = cache.get(&request("role-a", "web")).await.unwrap();
     assert_ne!(
         first.access_key_id, second.access_key_id,
         "refreshed credentials are served"
     );
     assert!(second.expiration > first.expiration);
+    assert!(
+        first.remaining(clock.now()) > settings.serve_floor,
+        "refreshed before the old credentials fell below the serve floor"
+    );
     assert_eq!(
         counter(&cache, "misses"),
         1,
         "the refresh, not the request, called STS"
     );
-    assert!(proxy.count("AssumeRole") >= 2);
-    // A key nobody needs any more is forgotten and its refresher stops.
+    assert_eq!(proxy.count("AssumeRole"), 2);
+    assert!(next >= settings.min_refresh_interval, "{next:?}");
+
+    // A key nobody needs any more is forgotten and its refresher stops: no pause is left
+    // to wake it, so however far time moves no more calls are made.
     cache.forget(&request("role-a", "web"));
     assert!(cache.is_empty());
-    let calls = proxy.count("AssumeRole");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        proxy.count("AssumeRole") <= calls + 1,
-        "the refresher stops once its key is forgotten"
-    );
-    let settled = proxy.count("AssumeRole");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(proxy.count("AssumeRole"), settled);
+    wait_for(
+        "the refresher to stop",
+        Duration::from_secs(10),
+        || match clock.sleeping().as_slice() {
+            [] => Ok(()),
+            pauses => Err(format!("{pauses:?}")),
+        },
+    )
+    .await;
+    clock.advance(Duration::from_secs(3600));
+    tokio::task::yield_now().await;
+    assert_eq!(proxy.count("AssumeRole"), 2);
+    assert_eq!(counter(&cache, "refreshes"), 1);
 }
 
 #[tokio::test]
@@ -310,23 +355,26 @@ async fn outages_serve_cached_credentials_and_report_the_rest() {
     let moto = MotoServer::start();
     let proxy = StsProxy::start(moto.addr()).await;
     // Every request wants fresher credentials than it has (serve floor just below the
-    // session length), so each one calls STS: outages are visible.
-    let cache = cache(
+    // session length, once the clock has moved), so each one calls STS: outages are
+    // visible. The refresher waits 14 minutes, which this clock never reaches.
+    let clock = ManualClock::new();
+    let cache = cache_on(
         &proxy,
         Settings {
             session_duration: Duration::from_secs(900),
             refresh_lead: Duration::from_secs(60),
-            serve_floor: Duration::from_secs(899),
+            serve_floor: Duration::from_secs(890),
             stale_floor: Duration::from_secs(60),
             error_hold: Duration::from_secs(2),
             // Each call's own retries are under test: requests wait for them.
             request_wait: Duration::from_secs(30),
             ..Settings::default()
         },
+        &clock,
     )
     .await;
     let cached = cache.get(&request("role-a", "web")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_secs(20));
 
     proxy.set_fault(Fault::Unavailable);
     let during = cache
@@ -336,16 +384,18 @@ async fn outages_serve_cached_credentials_and_report_the_rest() {
     assert_eq!(during.access_key_id, cached.access_key_id);
     assert_eq!(counter(&cache, "stale_served"), 1);
     assert!(counter(&cache, "sts_unavailable") >= 1);
-    // Within the error hold, more requests are answered at once without calling STS.
+    // Within the error hold, more requests are answered from the held failure without
+    // calling STS (so without waiting for its retries), up to its last moment.
     let calls = proxy.count("AssumeRole");
-    let started = std::time::Instant::now();
     for _ in 0..20 {
         let again = cache.get(&request("role-a", "web")).await.unwrap();
         assert_eq!(again.access_key_id, cached.access_key_id);
     }
-    assert!(started.elapsed() < Duration::from_millis(500));
+    clock.advance(Duration::from_millis(1999));
+    let again = cache.get(&request("role-a", "web")).await.unwrap();
+    assert_eq!(again.access_key_id, cached.access_key_id);
     assert_eq!(proxy.count("AssumeRole"), calls);
-    assert_eq!(counter(&cache, "held"), 20);
+    assert_eq!(counter(&cache, "held"), 21);
     // Nothing cached for this key: the outage is reported, not papered over.
     match cache.get(&request("role-new", "web")).await {
         Err(error @ CredentialsError::Unavailable { .. }) => {
@@ -356,7 +406,8 @@ async fn outages_serve_cached_credentials_and_report_the_rest() {
     }
 
     proxy.set_fault(Fault::None);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once the hold is over, the next request calls STS again.
+    clock.advance(Duration::from_secs(2));
     let after = cache
         .get(&request("role-a", "web"))
         .await
@@ -372,19 +423,19 @@ async fn outages_serve_cached_credentials_and_report_the_rest() {
 async fn throttling_backs_off_and_recovers_with_bounded_calls() {
     let moto = MotoServer::start();
     let proxy = StsProxy::start(moto.addr()).await;
-    let cache = cache(
+    let clock = ManualClock::new();
+    let cache = cache_on(
         &proxy,
+        // The agent's settings for 15-minute sessions (a refresh with 10 minutes left, at
+        // most one a minute), with failed refreshes retried after 300 ms doubling.
         Settings {
-            session_duration: Duration::from_secs(900),
-            refresh_lead: Duration::from_secs(898),
-            serve_floor: Duration::from_secs(60),
-            min_refresh_interval: Duration::ZERO,
             retry_base: Duration::from_millis(300),
             error_hold: Duration::ZERO,
             // Each call's own retries are under test: requests wait for them.
             request_wait: Duration::from_secs(30),
-            ..Settings::default()
+            ..Settings::for_session(Duration::from_secs(900))
         },
+        &clock,
     )
     .await;
     // Two throttled answers, then STS recovers: the SDK's retries (backoff with jitter)
@@ -423,27 +474,36 @@ async fn throttling_backs_off_and_recovers_with_bounded_calls() {
     );
     assert!(counter(&cache, "sts_throttled") >= 1);
 
-    // Meanwhile role-a's background refresher fails and backs off (300 ms doubling, plus
-    // jitter, each refresh making up to 3 attempts): few refreshes, not a loop.
-    let refreshes = counter(&cache, "refreshes");
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let during = counter(&cache, "refreshes") - refreshes;
-    assert!((1..=5).contains(&during), "{during} refreshes in 5 s");
-    assert_eq!(counter(&cache, "refreshes_ok"), 0);
+    // Meanwhile role-a's background refresher fails and backs off: after the n-th
+    // failure in a row it pauses 300 ms doubled n times plus up to 300 ms of jitter, and
+    // calls STS only when that pause is over (one refresh of up to 3 attempts each time).
+    let first_pause = refresher_pause(&clock, &cache, 0).await;
+    clock.advance(first_pause);
+    for failures in 1..=4u32 {
+        let pause = refresher_pause(&clock, &cache, u64::from(failures)).await;
+        let backoff = Duration::from_millis(300) * 2u32.pow(failures);
+        assert!(
+            pause >= backoff && pause <= backoff + Duration::from_millis(300),
+            "pause after {failures} failures: {pause:?}"
+        );
+        assert_eq!(counter(&cache, "refreshes_ok"), 0);
+        // Just short of the pause's end nothing happens; at its end, one more refresh.
+        clock.advance(pause - Duration::from_millis(1));
+        tokio::task::yield_now().await;
+        assert_eq!(counter(&cache, "refreshes"), u64::from(failures));
+        clock.advance(Duration::from_millis(1));
+    }
+    let last = refresher_pause(&clock, &cache, 5).await;
     // Still served from memory: the credentials have most of their life left.
     let served = cache.get(&request("role-a", "web")).await.unwrap();
     assert_eq!(served.access_key_id, first.access_key_id);
 
     proxy.set_fault(Fault::None);
-    interceptor_tests::apiserver::wait_for(
-        "the refresh to recover",
-        Duration::from_secs(30),
-        || match counter(&cache, "refreshes_ok") {
-            0 => Err("not yet".into()),
-            _ => Ok(()),
-        },
-    )
-    .await;
+    clock.advance(last);
+    // Recovered, the refresher pauses again, never below the minimum interval.
+    let after = refresher_pause(&clock, &cache, 6).await;
+    assert_eq!(counter(&cache, "refreshes_ok"), 1);
+    assert!(after >= Duration::from_secs(60), "{after:?}");
     let refreshed = cache.get(&request("role-a", "web")).await.unwrap();
     assert_ne!(refreshed.access_key_id, first.access_key_id);
 }

@@ -13,12 +13,13 @@ use std::{
 };
 
 use interceptor_tests::{
-    Node, Pod,
+    Node,
     agent::{Agent, free_port},
     apiserver::{FakeApiServer, new_namespace, wait_for},
-    clients::{boto3, in_pod, raw},
+    ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
+    clients::{boto3, in_pod},
     cluster::{AGENT_ENV, Peers, agent_setup, api_pod, start_agent},
-    fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
+    fake_imds::{FakeImds, NODE_ROLE},
     moto::MotoServer,
     peers::venv,
     pins::Pins,
@@ -26,54 +27,7 @@ use interceptor_tests::{
     sts_proxy::{Fault, StsProxy},
 };
 
-const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
-
-/// One request from `pod` (a blocking client; the test's runtime keeps serving).
-fn get(pod: &Pod, path: &str) -> (u16, String) {
-    let (status, body) = tokio::task::block_in_place(|| raw(pod, "GET", path, &[]));
-    assert!(
-        !body.contains(NODE_ACCESS_KEY) && !body.contains(NODE_ROLE),
-        "the node's identity reached a pod: {body}"
-    );
-    (status, body.trim().to_owned())
-}
-
-fn access_key(body: &str) -> String {
-    let value: serde_json::Value = serde_json::from_str(body).expect("credentials JSON");
-    value["AccessKeyId"]
-        .as_str()
-        .expect("AccessKeyId")
-        .to_owned()
-}
-
-/// Asks until `check` holds (bounded); the last answer otherwise.
-async fn ask_until(
-    pod: &Pod,
-    path: &str,
-    within: Duration,
-    check: impl Fn(&(u16, String)) -> bool,
-) -> (u16, String) {
-    let deadline = Instant::now() + within;
-    loop {
-        let answer = get(pod, path);
-        if check(&answer) || Instant::now() > deadline {
-            return answer;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn assert_upstream_untouched(upstream: &FakeImds) {
-    assert!(
-        upstream
-            .requests()
-            .iter()
-            .all(|request| !request.contains("security-credentials")),
-        "the node's metadata service was asked for credentials: {:?}",
-        upstream.requests()
-    );
-}
 
 /// Whether the agent's `/debug/store` (`--debug`) holds credentials for `role`.
 fn holds_credentials(agent: &Agent, role: &str) -> bool {

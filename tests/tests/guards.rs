@@ -19,6 +19,7 @@ use std::{
 use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
 use interceptor_tests::{
     Node,
+    ask::assert_upstream_untouched,
     clients::raw,
     cluster::AGENT_ENV,
     fake_imds::FakeImds,
@@ -576,14 +577,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
     .await
     .unwrap();
     assert_eq!(served, (200, "role-a".to_owned()), "{}", agent.log_text());
-    assert!(
-        upstream
-            .requests()
-            .iter()
-            .all(|request| !request.contains("security-credentials")),
-        "the node's metadata service was asked for credentials: {:?}",
-        upstream.requests()
-    );
+    assert_upstream_untouched(&upstream);
 }
 
 /// Pinned programs of another build (same ABI version, another object hash, as a

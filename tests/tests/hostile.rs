@@ -11,7 +11,7 @@ use std::{io::Read, net::IpAddr, path::PathBuf, time::Duration};
 
 use interceptor_tests::{
     Node, Pod,
-    agent::Agent,
+    agent::{Agent, series_value},
     apiserver::{FakeApiServer, new_namespace, wait_for},
     clients::{in_pod, raw},
     cluster::{AGENT_ENV, Peers, api_pod, start_agent},
@@ -38,7 +38,8 @@ const LIMITS: [&str; 12] = [
     "--max-connections-per-cgroup",
     "16",
 ];
-const MAX_CONNECTIONS: i64 = 64;
+/// `--max-connections-per-cgroup` above.
+const PER_CGROUP: i64 = 16;
 
 /// The agent, its peers and two pods with roles. Fields drop in order: the agent first
 /// (killed, programs detached), the pods, then the node.
@@ -116,11 +117,11 @@ impl Cluster {
         );
     }
 
-    fn metric(&self, name: &str) -> Option<i64> {
+    /// The series' value, `None` while `/metrics` does not answer or lacks the series
+    /// (read exactly: `x 1` is not `x 12`).
+    fn metric(&self, series: &str) -> Option<i64> {
         let (_, metrics) = self.agent.admin_get("/metrics")?;
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        series_value(&metrics, series).map(|value| value as i64)
     }
 }
 
@@ -637,27 +638,37 @@ async fn a_connection_flood_neither_starves_other_pods_nor_grows_the_agent() {
     });
     let log = || cluster.agent.log_text();
 
+    // The flood connects one socket after another: the kernel completes each handshake
+    // into the listen backlog whatever the agent does, and the agent accepts and closes
+    // what it will not serve at once, so every connection is opened.
     let opened = flood["opened"].as_u64().unwrap_or(0);
-    assert!(
-        opened + flood["failed"].as_u64().unwrap_or(0) == FLOOD as u64 && opened > 0,
-        "{flood}"
-    );
+    assert_eq!(opened, FLOOD as u64, "{flood}");
     assert_eq!(
         flood["closed_by_server"], opened,
         "every connection of the flood was closed by the agent (limit or header timeout): {flood}"
     );
+    // The cgroup holds at most 16 at a time, each for at most the 2 s header timeout,
+    // while the flood opens 2500 within seconds: all but a few dozen are refused at once
+    // (2452 of 2500 when measured).
     let refused = cluster
         .agent
         .metric(r#"interceptor_connection_refusals_total{reason="cgroup_limit"}"#);
     assert!(
-        refused > 0.0,
-        "the per-cgroup limit never refused a connection: {flood}"
+        refused >= opened as f64 * 0.9,
+        "the per-cgroup limit refused {refused} of {opened}: {flood}"
     );
+    // The flood filled its cgroup's share (held for the header timeout, so sampled every
+    // 100 ms it is seen), and beyond it only pod b's one connection at a time, with room
+    // for a connection being closed: far below the global limit of 64.
     assert!(
-        peak_connections > 0 && peak_connections <= MAX_CONNECTIONS,
-        "open connections peaked at {peak_connections}, the limit is {MAX_CONNECTIONS}"
+        (PER_CGROUP..=PER_CGROUP + 3).contains(&peak_connections),
+        "open connections peaked at {peak_connections}; one cgroup may hold {PER_CGROUP}"
     );
-    let ceiling = rss_before + 128 * 1024;
+    // What the flood may cost: at most 16 + a few live connections, each buffering at
+    // most the 16 KiB header limit plus hyper's buffers (under 1 MiB together), and
+    // allocator slack. Measured: +1.1 MiB. 6 MiB fails a leak of 2.5 KiB per flood
+    // connection (2500 of them).
+    let ceiling = rss_before + 6 * 1024;
     assert!(
         peak_rss <= ceiling,
         "the agent's RSS grew from {rss_before} kB to {peak_rss} kB under the flood"

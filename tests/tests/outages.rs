@@ -11,12 +11,13 @@ use std::{
 };
 
 use interceptor_tests::{
-    Node, Pod,
+    Node,
     agent::Agent,
     apiserver::{FakeApiServer, new_namespace},
-    clients::{CredsLoop, raw},
+    ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
+    clients::CredsLoop,
     cluster::{AGENT_ENV, Peers, api_pod, start_agent},
-    fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
+    fake_imds::FakeImds,
     moto::MotoServer,
     require_root,
     sts_proxy::{Fault, StsProxy},
@@ -25,58 +26,10 @@ use interceptor_tests::{
 /// A bound for a broken run, never the thing tested.
 const WAIT: Duration = Duration::from_secs(60);
 
-const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
-
-/// One request from `pod` (a blocking client; the test's runtime keeps serving).
-fn get(pod: &Pod, path: &str) -> (u16, String) {
-    let (status, body) = tokio::task::block_in_place(|| raw(pod, "GET", path, &[]));
-    assert!(
-        !body.contains(NODE_ACCESS_KEY) && !body.contains(NODE_ROLE),
-        "the node's identity reached a pod: {body}"
-    );
-    (status, body.trim().to_owned())
-}
-
-fn access_key(body: &str) -> String {
-    let value: serde_json::Value = serde_json::from_str(body).expect("credentials JSON");
-    value["AccessKeyId"]
-        .as_str()
-        .expect("AccessKeyId")
-        .to_owned()
-}
-
-/// Asks until `check` holds (bounded); the last answer otherwise.
-async fn ask_until(
-    pod: &Pod,
-    path: &str,
-    within: Duration,
-    check: impl Fn(&(u16, String)) -> bool,
-) -> (u16, String) {
-    let deadline = Instant::now() + within;
-    loop {
-        let answer = get(pod, path);
-        if check(&answer) || Instant::now() > deadline {
-            return answer;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 fn counter(agent: &Agent, event: &str) -> u64 {
     agent.metric(&format!(
         "interceptor_credentials_events_total{{event=\"{event}\"}}"
     )) as u64
-}
-
-fn assert_upstream_untouched(upstream: &FakeImds) {
-    assert!(
-        upstream
-            .requests()
-            .iter()
-            .all(|request| !request.contains("security-credentials")),
-        "the node's metadata service was asked for credentials: {:?}",
-        upstream.requests()
-    );
 }
 
 /// The API server goes away: the pod the agent knows keeps being served; a pod created

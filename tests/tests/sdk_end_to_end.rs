@@ -6,8 +6,10 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::Command, t
 
 use interceptor_tests::{
     Node,
+    agent::Agent,
     apiserver::{FakeApiServer, new_namespace, new_node},
-    clients::{aws_cli, boto3, raw, sdk_js, sdk_rust},
+    ask::{CREDS, ask_until},
+    clients::{aws_cli, boto3, in_pod, in_pod_with, raw, sdk_js, sdk_rust},
     cluster::{AGENT_ENV, NODE, Peers, api_pod, start_agent},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
@@ -160,22 +162,14 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
             .all(|r| !r.contains(NODE_ACCESS_KEY) && !r.contains("security-credentials/node")),
         "{upstream_requests:?}"
     );
-    let (status, metrics) = agent.admin_get("/metrics").expect("metrics");
-    assert_eq!(status, 200);
-    assert!(metrics.contains("interceptor_requests_total"), "{metrics}");
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    };
+    let value = |series: &str| agent.metric(series);
     // Pods with roles were prefetched when the watch delivered them, so their requests
     // were answered from memory: one AssumeRole per pod, not per request.
-    assert!(value(r#"interceptor_credentials_events_total{event="prefetches"}"#) >= 2);
-    assert!(value(r#"interceptor_credentials_events_total{event="hits"}"#) >= 2);
+    assert!(value(r#"interceptor_credentials_events_total{event="prefetches"}"#) >= 2.0);
+    assert!(value(r#"interceptor_credentials_events_total{event="hits"}"#) >= 2.0);
     assert_eq!(
         value(r#"interceptor_credentials_events_total{event="sts_calls"}"#),
-        2
+        2.0
     );
     let (_, store) = agent.admin_get("/debug/store").expect("debug store");
     assert!(
@@ -414,4 +408,339 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
         upstream_requests.contains(&"GET /latest/meta-data/placement/availability-zone".to_owned())
     );
     assert_eq!(agent.metric("interceptor_attribution_misses_total"), 1.0);
+}
+
+/// A node for the tests below: the API server, moto on the node's address (pods reach
+/// it), the agent's own upstream fake and the agent, with a namespace `team-a` holding
+/// each `(pod, name, role)`. Fields drop in order: the agent first, the node last.
+struct Cluster {
+    agent: Agent,
+    server: FakeApiServer,
+    moto: MotoServer,
+    _upstream: FakeImds,
+    _node: Node,
+}
+
+impl Cluster {
+    async fn start(
+        name: &str,
+        node: Node,
+        pods: &[(&interceptor_tests::Pod, &str, Option<&str>)],
+        extra: &[&str],
+    ) -> Self {
+        let server = FakeApiServer::start().await;
+        server.add_namespace(new_namespace("team-a"));
+        for (pod, app, role) in pods {
+            server.add_pod(api_pod(&pod.uid, "team-a", app, *role));
+        }
+        let moto = MotoServer::start_on(node.address, &[]);
+        let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
+        let mut flags = vec!["--base-role-arn", "arn:aws:iam::123456789012:role/"];
+        flags.extend_from_slice(extra);
+        let (agent, _) = start_agent(
+            name,
+            &node,
+            Peers {
+                api: &server,
+                upstream: &upstream,
+                sts: &moto.endpoint(),
+            },
+            &flags,
+            &AGENT_ENV,
+            None,
+        )
+        .await;
+        Self {
+            agent,
+            server,
+            moto,
+            _upstream: upstream,
+            _node: node,
+        }
+    }
+}
+
+/// `whoami.py` (boto3's default chain, then GetCallerIdentity) in `pod`, with `env`
+/// added: the caller ARN and the AccessKeyId boto3 received, or the error.
+fn boto3_with(pod: &interceptor_tests::Pod, sts: &str, env: &[(&str, &str)]) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/whoami.py");
+    in_pod_with(
+        pod,
+        &venv().join("bin/python").display().to_string(),
+        &[&script.display().to_string(), sts, "--credentials"],
+        env,
+    )
+}
+
+/// botocore's IPv6 endpoint mode: it asks [fd00:ec2::254] only.
+const IPV6_MODE: [(&str, &str); 1] = [("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")];
+
+/// `--host-ipv6`: an SDK set to the IPv6 metadata endpoint gets its pod's role through
+/// the connect6 redirect. The answer really came over IPv6: once the pod cannot route to
+/// the node's IPv6 address (where connect6 sends it), the same SDK gets nothing, while
+/// IPv4 is untouched. And no connection reached the node's own service (the node's
+/// drop check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_gets_its_role_over_ipv6() {
+    if !require_root("an_sdk_gets_its_role_over_ipv6") {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.pod();
+    let host6 = node.address6.to_string();
+    let cluster = Cluster::start(
+        "e2e-ipv6",
+        node,
+        &[(&pod, "app-a", Some("role-a"))],
+        &["--host-ipv6", &host6],
+    )
+    .await;
+    let sts = cluster.moto.endpoint();
+    let (over_v6, v4, cut_off) = tokio::task::block_in_place(|| {
+        let over_v6 = boto3_with(&pod, &sts, &IPV6_MODE);
+        let v4 = boto3_with(&pod, &sts, &[]);
+        pod.netns.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "prohibit",
+            &format!("{host6}/128"),
+        ]);
+        let cut_off = boto3_with(&pod, &sts, &IPV6_MODE);
+        (over_v6, v4, cut_off)
+    });
+    let role_a = "arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a";
+    let log = || cluster.agent.log_text();
+    assert!(
+        over_v6.starts_with(&format!("{role_a} ASIA")),
+        "{over_v6}\n{}",
+        log()
+    );
+    assert!(v4.starts_with(&format!("{role_a} ASIA")), "{v4}");
+    assert!(
+        cut_off.starts_with("ERROR") && cut_off.contains("NoCredentials"),
+        "with the node's IPv6 address unreachable the SDK still got credentials: {cut_off}"
+    );
+    // The same credentials over both families: one cache, one role.
+    let key = |answer: &str| answer.split(' ').nth(1).map(str::to_owned);
+    assert_eq!(key(&over_v6), key(&v4));
+    assert!(
+        !over_v6.contains(NODE_ACCESS_KEY) && !cut_off.contains(NODE_ACCESS_KEY),
+        "{over_v6} {cut_off}"
+    );
+}
+
+/// After a pod's role annotation changes, the credentials an SDK gets are the new
+/// role's, as STS itself reports them (GetCallerIdentity with those credentials).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_annotation_change_sts_reports_the_new_role() {
+    if !require_root("after_an_annotation_change_sts_reports_the_new_role") {
+        return;
+    }
+    let node = Node::new();
+    let pod = node.pod();
+    let cluster = Cluster::start(
+        "e2e-reannotate",
+        node,
+        &[(&pod, "app-a", Some("role-a"))],
+        &[],
+    )
+    .await;
+    let sts = cluster.moto.endpoint();
+    let before = tokio::task::block_in_place(|| boto3_with(&pod, &sts, &[]));
+    assert!(
+        before.starts_with("arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a ASIA"),
+        "{before}"
+    );
+    cluster.server.update_pod("team-a", "app-a", |api| {
+        api.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("iam.amazonaws.com/role".into(), "role-b".into());
+    });
+    // The agent has seen the change once the pod's role listing names the new role.
+    let listed = ask_until(&pod, CREDS, Duration::from_secs(10), |(status, role)| {
+        *status == 200 && role == "role-b"
+    })
+    .await;
+    assert_eq!(listed, (200, "role-b".to_owned()));
+    let after = tokio::task::block_in_place(|| boto3_with(&pod, &sts, &[]));
+    assert!(
+        after.starts_with("arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-a ASIA"),
+        "{after}\n{}",
+        cluster.agent.log_text()
+    );
+    let key = |answer: &str| answer.split(' ').nth(1).map(str::to_owned);
+    assert_ne!(key(&before), key(&after), "new credentials, not role-a's");
+}
+
+/// The `/metrics` list of docs/imds.md, section "Operating it": each family
+/// (`interceptor_x{label,...}`, `{label=a|b}` naming every value, or a `*` prefix) with
+/// the words in backticks that follow it before the next family (values of its label).
+/// Spans with a space are expressions (`interceptor_tracked / interceptor_capacity`).
+fn documented_metrics() -> Vec<(String, Vec<String>)> {
+    let doc =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/imds.md"))
+            .expect("docs/imds.md");
+    let start = doc
+        .find("- `/metrics`:")
+        .expect("the /metrics list in docs/imds.md");
+    let end = start + doc[start..].find("\n- `/debug").expect("the list's end");
+    let list = &doc[start + "- `/metrics`:".len()..end];
+    let mut families: Vec<(String, Vec<String>)> = Vec::new();
+    for (index, span) in list.split('`').enumerate() {
+        if index % 2 == 0 {
+            continue;
+        }
+        // A family, not an expression over families (`a / b`).
+        if span.starts_with("interceptor_") && !span.contains(' ') {
+            families.push((span.to_owned(), Vec::new()));
+        } else if let Some((_, words)) = families.last_mut() {
+            words.push(span.to_owned());
+        }
+    }
+    families
+}
+
+/// Families exposed (from `# TYPE` lines), each with its type.
+fn exposed_families(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .map(|(name, kind)| (name.to_owned(), kind.to_owned()))
+        .collect()
+}
+
+/// Label name -> values over the series of `family` (a histogram's from its `_count`).
+fn exposed_labels(text: &str, family: &str, kind: &str) -> BTreeMap<String, Vec<String>> {
+    let series = if kind == "histogram" {
+        format!("{family}_count")
+    } else {
+        family.to_owned()
+    };
+    let mut labels: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(&series) else {
+            continue;
+        };
+        let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split_once('}')) else {
+            continue;
+        };
+        for pair in inner.0.split(',').filter(|pair| !pair.is_empty()) {
+            let (name, value) = pair.split_once('=').expect("label=value");
+            labels
+                .entry(name.to_owned())
+                .or_default()
+                .push(value.trim_matches('"').to_owned());
+        }
+    }
+    labels
+}
+
+/// Every metric family docs/imds.md lists is on a running agent's `/metrics` with the
+/// labels the document gives it (and every value it enumerates), and every family the
+/// agent exposes is in the list: a renamed, lost or undocumented metric fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_metric_is_exposed_with_its_labels() {
+    if !require_root("every_documented_metric_is_exposed_with_its_labels") {
+        return;
+    }
+    let node = Node::new();
+    let (pod, stranger, crowd) = (node.pod(), node.pod(), node.pod());
+    let cluster = Cluster::start(
+        "e2e-metrics",
+        node,
+        &[(&pod, "app-a", Some("role-a")), (&crowd, "crowd", None)],
+        &["--max-connections-per-cgroup", "2"],
+    )
+    .await;
+    // Traffic that gives each labelled family a series: a served request (requests,
+    // authorizations, credentials), a pod the API server does not know (a caller
+    // refusal), and more connections at once than one cgroup may hold (a connection
+    // refusal).
+    let sts = cluster.moto.endpoint();
+    tokio::task::block_in_place(|| {
+        let served = boto3_with(&pod, &sts, &[]);
+        assert!(served.contains("assumed-role/role-a/"), "{served}");
+        let (status, _) = raw(
+            &stranger,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/",
+            &[],
+        );
+        assert_ne!(status, 200);
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/hostile.py");
+        in_pod(
+            &crowd,
+            &venv().join("bin/python").display().to_string(),
+            &[&script.display().to_string(), "flood", "6", "1"],
+        );
+    });
+    let (status, text) = cluster.agent.admin_get("/metrics").expect("/metrics");
+    assert_eq!(status, 200);
+    let exposed = exposed_families(&text);
+    let documented = documented_metrics();
+    assert!(documented.len() >= 15, "{documented:?}");
+
+    let mut problems = Vec::new();
+    for (entry, words) in &documented {
+        if let Some(prefix) = entry.strip_suffix('*') {
+            if !exposed.keys().any(|name| name.starts_with(prefix)) {
+                problems.push(format!("no family {entry}"));
+            }
+            continue;
+        }
+        let (family, labels) = match entry.split_once('{') {
+            Some((family, labels)) => (family, labels.trim_end_matches('}')),
+            None => (entry.as_str(), ""),
+        };
+        let Some(kind) = exposed.get(family) else {
+            problems.push(format!("documented {entry} is not exposed"));
+            continue;
+        };
+        let live = exposed_labels(&text, family, kind);
+        let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for label in labels.split(',').filter(|label| !label.is_empty()) {
+            let (name, values) = label.split_once('=').unwrap_or((label, ""));
+            let values = values.split('|').filter(|value| !value.is_empty());
+            want.insert(name.to_owned(), values.map(str::to_owned).collect());
+        }
+        // The words after the credentials events are every event the cache counts, all
+        // exported from the start (copied from its counters at each scrape); the words
+        // after other families are examples of their values, not the full set.
+        if family == "interceptor_credentials_events_total" {
+            want.insert("event".into(), words.clone());
+        }
+        let live_names: Vec<&String> = live.keys().collect();
+        let want_names: Vec<&String> = want.keys().collect();
+        if live_names != want_names {
+            problems.push(format!(
+                "{family}: labels {live_names:?} exposed, {want_names:?} documented"
+            ));
+        }
+        for (name, values) in &want {
+            for value in values {
+                if !live.get(name).is_some_and(|seen| seen.contains(value)) {
+                    problems.push(format!("{family}: no series with {name}=\"{value}\""));
+                }
+            }
+        }
+    }
+    for family in exposed
+        .keys()
+        .filter(|name| name.starts_with("interceptor_"))
+    {
+        let listed = documented.iter().any(|(entry, _)| {
+            let documented = entry.split('{').next().unwrap_or(entry);
+            match documented.strip_suffix('*') {
+                Some(prefix) => family.starts_with(prefix),
+                None => documented == family,
+            }
+        });
+        if !listed {
+            problems.push(format!("exposed {family} is not in docs/imds.md"));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}\n{text}");
 }

@@ -313,13 +313,12 @@ mod tests {
             (StatusCode::OK, "text/plain; version=0.0.4")
         );
         assert_eq!(fake.refreshed.load(Ordering::SeqCst), 1);
-        assert!(
-            body.contains("interceptor_tracked{kind=\"pods\"} 3"),
-            "{body}"
-        );
-        assert!(body.contains("interceptor_ready 0"), "{body}");
+        // Whole lines: `x 3` must not pass for `x 30`.
+        let has = |body: &str, line: &str| body.lines().any(|seen| seen == line);
+        assert!(has(&body, "interceptor_tracked{kind=\"pods\"} 3"), "{body}");
+        assert!(has(&body, "interceptor_ready 0"), "{body}");
         drop(latch);
-        assert!(admin.answer("/metrics").1.contains("interceptor_ready 1"));
+        assert!(has(&admin.answer("/metrics").1, "interceptor_ready 1"));
     }
 
     #[test]

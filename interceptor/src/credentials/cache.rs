@@ -2,6 +2,8 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -117,6 +119,49 @@ pub(crate) fn retry_wait(failures: u32, settings: &Settings, jitter: f64) -> Dur
     backoff.min(Duration::from_secs(60)) + settings.retry_base.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
+/// The cache's time: the wall clock that credentials' lifetimes are measured on (STS
+/// gives an absolute expiry), a monotonic clock for the error hold, and the background
+/// refresher's pauses. The agent uses [`SystemClock`]; tests inject a clock they advance
+/// by hand, so that when a refresh happens and how long a failure is held are asserted
+/// by value instead of by waiting for real seconds. STS calls themselves (and the SDK's
+/// own retries and the `request_wait` bound) always run on real time.
+pub trait Clock: Send + Sync + 'static {
+    /// The wall-clock time now.
+    fn now(&self) -> SystemTime;
+    /// Monotonic time since an arbitrary origin of this clock.
+    fn monotonic(&self) -> Duration;
+    /// Completes once `duration` has passed on this clock.
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// The real clocks: `SystemTime`, `Instant` and tokio's timers.
+#[derive(Debug)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+
+    fn monotonic(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(tokio::time::sleep(duration))
+    }
+}
+
 /// Everything that changes STS's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -197,8 +242,9 @@ struct Slot {
     fetching: tokio::sync::Mutex<()>,
     /// A background refresher is running for this slot.
     refreshing: Mutex<bool>,
-    /// The last STS failure for this key, until a success.
-    failed: Mutex<Option<(Instant, CredentialsError)>>,
+    /// The last STS failure for this key (with [`Clock::monotonic`] at the time), until
+    /// a success.
+    failed: Mutex<Option<(Duration, CredentialsError)>>,
     /// Signalled when the key is forgotten: its refresher stops at once rather than
     /// sleeping until the next refresh with the credentials in memory.
     forgotten: tokio::sync::Notify,
@@ -221,15 +267,15 @@ impl Slot {
         self.forgotten.notify_one();
     }
 
-    fn record_failure(&self, error: &CredentialsError) {
-        *locked(&self.failed) = Some((Instant::now(), error.clone()));
+    fn record_failure(&self, error: &CredentialsError, at: Duration) {
+        *locked(&self.failed) = Some((at, error.clone()));
     }
 
-    /// The failure of an STS call made less than `hold` ago.
-    fn recent_failure(&self, hold: Duration) -> Option<CredentialsError> {
+    /// The failure of an STS call made less than `hold` before `now` (monotonic).
+    fn recent_failure(&self, hold: Duration, now: Duration) -> Option<CredentialsError> {
         locked(&self.failed)
             .as_ref()
-            .filter(|(at, _)| at.elapsed() < hold)
+            .filter(|(at, _)| now.saturating_sub(*at) < hold)
             .map(|(_, error)| error.clone())
     }
 }
@@ -246,6 +292,7 @@ pub(crate) const SLOTS_PER_POD: usize = 4;
 pub struct CredentialCache {
     client: aws_sdk_sts::Client,
     settings: Settings,
+    clock: Arc<dyn Clock>,
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
     /// Source of [`Slot::created`].
     next_slot: std::sync::atomic::AtomicU64,
@@ -271,9 +318,19 @@ fn random_fraction() -> f64 {
 
 impl CredentialCache {
     pub fn new(client: aws_sdk_sts::Client, settings: Settings) -> Arc<Self> {
+        Self::with_clock(client, settings, Arc::new(SystemClock::default()))
+    }
+
+    /// A cache on `clock` instead of the system's (tests advance time by hand).
+    pub fn with_clock(
+        client: aws_sdk_sts::Client,
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             client,
             settings,
+            clock,
             slots: Mutex::default(),
             next_slot: std::sync::atomic::AtomicU64::new(0),
             stats: Arc::default(),
@@ -374,7 +431,7 @@ impl CredentialCache {
 
     fn fresh(&self, slot: &Slot) -> Option<Arc<Credentials>> {
         slot.current()
-            .filter(|current| current.remaining(SystemTime::now()) > self.settings.serve_floor)
+            .filter(|current| current.remaining(self.clock.now()) > self.settings.serve_floor)
     }
 
     /// Credentials for a pod's request: from memory when they have more than the serve
@@ -430,7 +487,7 @@ impl CredentialCache {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(current);
         }
-        if let Some(error) = slot.recent_failure(self.settings.error_hold) {
+        if let Some(error) = slot.recent_failure(self.settings.error_hold, self.clock.monotonic()) {
             self.stats.held.fetch_add(1, Ordering::Relaxed);
             return self.fallback(slot, error);
         }
@@ -442,7 +499,7 @@ impl CredentialCache {
                 Ok(fresh)
             }
             Err(error) => {
-                slot.record_failure(&error);
+                slot.record_failure(&error, self.clock.monotonic());
                 self.fallback(slot, error)
             }
         }
@@ -457,7 +514,7 @@ impl CredentialCache {
     ) -> Result<Arc<Credentials>, CredentialsError> {
         if let CredentialsError::Unavailable { .. } = error
             && let Some(current) = slot.current()
-            && current.remaining(SystemTime::now()) > self.settings.stale_floor
+            && current.remaining(self.clock.now()) > self.settings.stale_floor
         {
             self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, "STS unavailable; serving cached credentials");
@@ -544,7 +601,7 @@ impl CredentialCache {
         while let Some(current) = slot.current() {
             let wait = if failures == 0 {
                 refresh_wait(
-                    current.remaining(SystemTime::now()),
+                    current.remaining(self.clock.now()),
                     &self.settings,
                     random_fraction(),
                 )
@@ -552,7 +609,7 @@ impl CredentialCache {
                 retry_wait(failures, &self.settings, random_fraction())
             };
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+                () = self.clock.sleep(wait) => {}
                 () = slot.forgotten.notified() => break,
             }
             if !self.wanted(&key, &slot) {
@@ -567,10 +624,10 @@ impl CredentialCache {
                     failures = 0;
                 }
                 Err(error) => {
-                    slot.record_failure(&error);
+                    slot.record_failure(&error, self.clock.monotonic());
                     failures = failures.saturating_add(1);
                     tracing::warn!(%error, failures, "refresh failed; retrying");
-                    if current.remaining(SystemTime::now()).is_zero() && failures > 10 {
+                    if current.remaining(self.clock.now()).is_zero() && failures > 10 {
                         break;
                     }
                 }

@@ -23,8 +23,8 @@ use std::{
 };
 
 pub use cache::{
-    CacheStats, CredentialCache, Key, MAX_SESSION, MIN_SESSION, PREFETCH_CONCURRENCY,
-    SDK_REFRESH_WINDOW, Settings,
+    CacheStats, Clock, CredentialCache, Key, MAX_SESSION, MIN_SESSION, PREFETCH_CONCURRENCY,
+    SDK_REFRESH_WINDOW, Settings, SystemClock,
 };
 pub use session::{SessionTags, session_name, source_identity};
 pub use sts::{StsConfig, StsError, endpoint_url, sts_client};

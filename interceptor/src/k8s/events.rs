@@ -215,6 +215,15 @@ mod tests {
         for i in 0..100 {
             sink.admit(&format!("u{i}"), "X", now);
         }
-        assert!(sink.state.lock().unwrap().last.len() <= 10);
+        let state = sink.state.lock().unwrap();
+        assert!(
+            (1..=10).contains(&state.last.len()),
+            "{} keys remembered",
+            state.last.len()
+        );
+        assert!(
+            state.last.contains_key(&("u99".to_owned(), "X")),
+            "the newest key is remembered"
+        );
     }
 }

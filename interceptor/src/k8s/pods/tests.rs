@@ -86,22 +86,26 @@ fn objects_without_identity_are_ignored() {
     assert!(store.is_empty());
 }
 
-#[tokio::test]
+/// On tokio's paused clock: time moves only when every task waits, straight to the next
+/// timer, so the bound is checked exactly and the waiter is known to be waiting.
+#[tokio::test(start_paused = true)]
 async fn waits_a_bounded_time_for_a_pod_that_is_not_known_yet() {
     let store = PodStore::new();
     let waiter = {
         let store = Arc::clone(&store);
         tokio::spawn(async move { store.wait_for("late", Duration::from_secs(5)).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The waiter has run and is waiting on the store after a second; the pod arrives.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiter.is_finished());
     store.apply(Event::Apply(pod("late", "new", None)));
     assert!(matches!(waiter.await.unwrap(), Lookup::Found(_)));
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     assert_eq!(
         store.wait_for("never", Duration::from_millis(100)).await,
         Lookup::Unknown
     );
-    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
 }
 
 #[test]
