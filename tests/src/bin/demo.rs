@@ -230,7 +230,13 @@ async fn standalone_act() {
     agent.wait_ready(Duration::from_secs(30));
     let status = cmd::run(
         &interceptor_tests::agent::binary().display().to_string(),
-        &["status", "--bpf-pin-dir", &pins.0.display().to_string()],
+        &[
+            "status",
+            "--bpf-pin-dir",
+            &pins.0.display().to_string(),
+            "--admin-addr",
+            &agent.metrics.to_string(),
+        ],
     );
     println!("== interceptor status\n{status}");
     let top = node.cgroup_top().display().to_string();
