@@ -69,6 +69,9 @@ async fn concurrent_pods_are_attributed_to_their_own_cgroups() {
     let listener = TcpListener::bind(proxy)
         .await
         .expect("re-bind the proxy port");
+    datapath
+        .steer_to(&listener)
+        .expect("steer to the test proxy");
     let seen: Seen = Arc::default();
     spawn_accept_loop(listener, datapath.attribution(), seen.clone());
 
@@ -175,7 +178,7 @@ async fn outside_and_exempt_cgroups_are_left_alone_and_ipv6_is_refused() {
     drop(placeholder);
     let datapath = ebpf::Datapath::open(&options(&pins, &node, proxy)).expect("attach");
     datapath.exempt().insert(exempt_pod.container.id()).unwrap();
-    let (_, seen) = test_proxy_on(proxy, datapath.attribution()).await;
+    let (_, seen) = test_proxy_on(proxy, &pins, datapath.attribution()).await;
 
     // A pod in the attached tree is redirected.
     let p = pod.clone();
@@ -263,8 +266,17 @@ async fn outside_and_exempt_cgroups_are_left_alone_and_ipv6_is_refused() {
     );
 }
 
-async fn test_proxy_on(proxy: SocketAddrV4, attribution: Arc<Attribution>) -> (SocketAddrV4, Seen) {
+/// A test proxy on `proxy`, put in the kernel's proxy map under `pins` (the steering
+/// refuses connections to the proxy address that no socket there would take).
+async fn test_proxy_on(
+    proxy: SocketAddrV4,
+    pins: &Pins,
+    attribution: Arc<Attribution>,
+) -> (SocketAddrV4, Seen) {
     let listener = TcpListener::bind(proxy).await.expect("bind the proxy port");
+    ebpf::ProxySockets::open(&pins.0)
+        .and_then(|map| map.insert(&listener))
+        .expect("steer to the test proxy");
     let seen: Seen = Arc::default();
     spawn_accept_loop(listener, attribution, seen.clone());
     (proxy, seen)
@@ -369,7 +381,7 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
     assert!(log.contains("Loaded"), "{log}");
     let first = program_ids(&pins);
     let attribution = Arc::new(Attribution::open(&pins.0).expect("open the pinned map"));
-    let (_, seen) = test_proxy_on(proxy, attribution).await;
+    let (_, seen) = test_proxy_on(proxy, &pins, attribution).await;
     let p = pod.clone();
     let report = blocking(move || probe_metadata(&p, 10, "after-exit")).await;
     assert_eq!((report.connected, report.replies), (10, 10), "{report:?}");
@@ -533,6 +545,12 @@ async fn ipv6_metadata_is_redirected_and_attributed_when_configured() {
         ..options(&pins, &node, proxy4)
     })
     .expect("attach");
+    datapath
+        .steer_to(&listener4)
+        .expect("steer to the IPv4 proxy");
+    datapath
+        .steer_to(&listener6)
+        .expect("steer to the IPv6 proxy");
     let seen: Seen = Arc::default();
     spawn_accept_loop(listener6, datapath.attribution(), seen.clone());
     spawn_accept_loop(listener4, datapath.attribution(), seen.clone());
