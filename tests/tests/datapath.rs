@@ -320,6 +320,25 @@ fn documented_bpftool(cgroup: &str, pin_dir: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Asserts that none of `ids` is loaded any more. Removing a link's pin releases the link
+/// from a kernel workqueue (`bpf_link_put` defers), so its program goes shortly after the
+/// unlink, not during it: each is waited for, within a bound (a busy machine once showed
+/// one still loaded right after `detach`).
+fn assert_unloaded(ids: &[u32], when: &str) {
+    for id in ids {
+        let loaded = || {
+            cmd::output("bpftool", &["prog", "show", "id", &id.to_string()])
+                .status
+                .success()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while loaded() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(!loaded(), "program {id} still loaded 10 s {when}");
+    }
+}
+
 fn program_ids(pins: &Pins) -> Vec<u32> {
     let out = agent_cmd(&[
         "status",
@@ -399,13 +418,7 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
         second.iter().all(|id| !first.contains(id)),
         "{first:?} -> {second:?}"
     );
-    for id in &first {
-        let shown = cmd::output("bpftool", &["prog", "show", "id", &id.to_string()]);
-        assert!(
-            !shown.status.success(),
-            "old program {id} still loaded after --reload"
-        );
-    }
+    assert_unloaded(&first, "after --reload");
     // docs/ebpf.md: its bpftool commands work on what is attached, and `status` says
     // attached (exit 0) in its text form.
     let second_ids: Vec<String> = second.iter().map(u32::to_string).collect();
@@ -484,13 +497,7 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
     assert!(!pins.0.exists());
     // The test's own map handle keeps the map (not the programs) alive; drop it first.
     drop(seen);
-    for id in &second {
-        let shown = cmd::output("bpftool", &["prog", "show", "id", &id.to_string()]);
-        assert!(
-            !shown.status.success(),
-            "program {id} still loaded after detach"
-        );
-    }
+    assert_unloaded(&second, "after detach");
     // Detached, the pod's connects go to the node's own service: exactly these two.
     node.allow_node_imds();
     let p = pod.clone();
