@@ -18,9 +18,18 @@ pub const PROG_CONNECT4: &str = "imds_connect4";
 pub const PROG_CONNECT6: &str = "imds_connect6";
 pub const PROG_SOCKOPS: &str = "imds_sockops";
 pub const PROG_EGRESS: &str = "imds_egress";
-/// Every program, in the order the loader attaches them: the raw-packet backstop first,
-/// so that it is in place before the connect hooks are.
-pub const PROGRAMS: [&str; 4] = [PROG_EGRESS, PROG_SOCKOPS, PROG_CONNECT4, PROG_CONNECT6];
+pub const PROG_STEER: &str = "imds_steer";
+/// Every program, in the order the loader attaches them: the raw-packet backstop and the
+/// steering to the agent's own socket first, so that both are in place before the connect
+/// hooks send anything to the proxy address. `PROG_STEER` attaches to the network
+/// namespace, the others to the pods' cgroup.
+pub const PROGRAMS: [&str; 5] = [
+    PROG_EGRESS,
+    PROG_STEER,
+    PROG_SOCKOPS,
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+];
 
 /// `bpftool map show` names. The kernel crate repeats these as literals in `#[map(name = ..)]`
 /// (the attribute takes no constants); a userspace test parses the built object and fails if
@@ -30,17 +39,25 @@ pub const MAP_EXEMPT: &str = "imds_exempt";
 pub const MAP_PENDING: &str = "imds_pending";
 pub const MAP_CONNS: &str = "imds_conns";
 pub const MAP_STATS: &str = "imds_stats";
+pub const MAP_PROXY: &str = "imds_proxy";
 /// aya-log's ring buffer; its name is fixed by aya-log.
 pub const MAP_LOGS: &str = "AYA_LOGS";
 /// Every map the loader pins.
-pub const MAPS: [&str; 6] = [
+pub const MAPS: [&str; 7] = [
     MAP_CONFIG,
     MAP_EXEMPT,
     MAP_PENDING,
     MAP_CONNS,
     MAP_STATS,
+    MAP_PROXY,
     MAP_LOGS,
 ];
+
+/// Slots of [`MAP_PROXY`] (a SOCKMAP): the agent's own listening sockets, the only ones
+/// connections to the proxy address reach.
+pub const PROXY_SLOT_IPV4: u32 = 0;
+pub const PROXY_SLOT_IPV6: u32 = 1;
+pub const PROXY_SLOTS: u32 = 2;
 
 /// Capacity of [`MAP_EXEMPT`]: cgroups allowed to reach the real metadata service.
 pub const EXEMPT_MAX_ENTRIES: u32 = 4096;
@@ -51,7 +68,7 @@ pub const CONNS_MAX_ENTRIES: u32 = 16384;
 
 /// Bumped whenever a shared layout or a map's meaning changes. Pinned state of another
 /// version is never reused silently.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
@@ -90,6 +107,9 @@ pub struct RedirectConfig {
     /// Hash of the eBPF object that was loaded, so an agent can tell whether the pinned
     /// programs are its own build.
     pub object_hash: u64,
+    /// Inode of the network namespace the steering program is attached to (as
+    /// `/proc/PID/ns/net` shows it), for `status` and to re-use it only there.
+    pub netns_id: u64,
 }
 
 /// Key of [`MAP_CONNS`]: the redirected connection as the proxy sees it after `accept()`.
@@ -147,7 +167,12 @@ pub mod stat {
     /// from another network namespace) and deleted it rather than substitute one caller
     /// for another.
     pub const COLLIDED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Connections to the proxy address handed to the agent's own listening socket.
+    pub const STEERED: u32 = 7;
+    /// Connections to the proxy address refused because the agent's socket is not there
+    /// (agent down, or not yet listening), whoever else listens on that address.
+    pub const PROXY_DOWN: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "exempt",
@@ -156,6 +181,8 @@ pub mod stat {
         "unrecorded",
         "backstop_dropped",
         "collided",
+        "steered",
+        "proxy_down",
     ];
 }
 
@@ -172,7 +199,7 @@ mod user {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<RedirectConfig>() == 72);
+    assert!(core::mem::size_of::<RedirectConfig>() == 80);
     assert!(core::mem::size_of::<ConnKey>() == 40);
     assert!(core::mem::size_of::<ConnRecord>() == 40);
 };

@@ -14,6 +14,12 @@
 //!   destination (connect rewrote it), so what is dropped is what the redirect did not
 //!   produce: raw sockets (CAP_NET_RAW is in the default container capability set),
 //!   UDP, hand-made SYNs.
+//! * `imds_steer` (`sk_lookup`, attached to the agent's network namespace) decides which
+//!   socket receives a TCP connection to the proxy address: only the agent's own listener,
+//!   held in the `imds_proxy` SOCKMAP. With no socket there (agent down: the kernel removes
+//!   a closed socket from the map by itself) the connection is refused, even if another
+//!   process listens on that address, so a squatter on the proxy port never receives a
+//!   pod's request.
 //!
 //! Every entry point is a thin wrapper; the raw context reads live in `ctx` below.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -22,19 +28,23 @@
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+        bindings::{
+            BPF_SK_LOOKUP_F_NO_REUSEPORT, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_TCP_CONNECT_CB,
+            bpf_sock_addr, sk_action,
+        },
         helpers::{
             bpf_get_current_pid_tgid,
             generated::{bpf_get_current_cgroup_id, bpf_skb_cgroup_id},
         },
-        macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray},
-        programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+        macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup, sock_ops},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+        programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use interceptor_ebpf::{
         AF_INET, AF_INET6, CONNS_MAX_ENTRIES, ConnKey, ConnRecord, EXEMPT_MAX_ENTRIES, FLAG_PROXY4,
-        FLAG_PROXY6, PENDING_MAX_ENTRIES, RedirectConfig, stat,
+        FLAG_PROXY6, PENDING_MAX_ENTRIES, PROXY_SLOT_IPV4, PROXY_SLOT_IPV6, PROXY_SLOTS,
+        RedirectConfig, stat,
     };
 
     const SOCK_STREAM: u32 = 1;
@@ -62,6 +72,9 @@ mod programs {
     #[map(name = "imds_stats")]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
+    #[map(name = "imds_proxy")]
+    static PROXY: SockMap = SockMap::with_max_entries(PROXY_SLOTS, 0);
+
     #[cgroup_sock_addr(connect4)]
     pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
         try_connect4(&ctx)
@@ -82,6 +95,60 @@ mod programs {
     #[cgroup_skb(egress)]
     pub fn imds_egress(ctx: SkBuffContext) -> i32 {
         try_egress(&ctx)
+    }
+
+    #[sk_lookup]
+    pub fn imds_steer(ctx: SkLookupContext) -> u32 {
+        try_steer(&ctx)
+    }
+
+    const IPPROTO_TCP: u32 = 6;
+
+    /// Steers a TCP connection to the proxy address to the agent's own socket, or refuses
+    /// it. Everything else (other addresses and ports, UDP) is left to the kernel's usual
+    /// lookup and to other programs.
+    fn try_steer(ctx: &SkLookupContext) -> u32 {
+        let lookup = ctx::sk_lookup(ctx);
+        if lookup.protocol != IPPROTO_TCP {
+            return sk_action::SK_PASS;
+        }
+        let Some(config) = CONFIG.get(0) else {
+            return sk_action::SK_PASS;
+        };
+        // local_port is host byte order here; the configured ports are network order.
+        let port = lookup.local_port;
+        let slot = if lookup.family == AF_INET {
+            if config.flags & FLAG_PROXY4 == 0
+                || port != u32::from(u16::from_be(config.proxy_port4))
+                || lookup.local_ip4 != config.proxy_ip4
+            {
+                return sk_action::SK_PASS;
+            }
+            PROXY_SLOT_IPV4
+        } else if lookup.family == AF_INET6 {
+            if config.flags & FLAG_PROXY6 == 0
+                || port != u32::from(u16::from_be(config.proxy_port6))
+                || ctx::local_ip6(ctx) != config.proxy_ip6
+            {
+                return sk_action::SK_PASS;
+            }
+            PROXY_SLOT_IPV6
+        } else {
+            return sk_action::SK_PASS;
+        };
+        // REPLACE: whatever an earlier program chose for this address, the agent's socket
+        // wins (a reload runs two of these side by side, both choosing it).
+        // NO_REUSEPORT: exactly this socket, not a member of its SO_REUSEPORT group that
+        // someone else bound beside it.
+        let flags = u64::from(BPF_SK_LOOKUP_F_REPLACE | BPF_SK_LOOKUP_F_NO_REUSEPORT);
+        if PROXY.redirect_sk_lookup(ctx, slot, flags).is_ok() {
+            count(stat::STEERED);
+            return sk_action::SK_PASS;
+        }
+        // No agent socket (or one the kernel refused to assign): refuse, whoever else
+        // listens on the address.
+        count(stat::PROXY_DOWN);
+        sk_action::SK_DROP
     }
 
     /// `cgroup_skb` verdicts.
@@ -341,13 +408,33 @@ mod programs {
         use core::ptr::{read_volatile, write_volatile};
 
         use aya_ebpf::{
-            EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie,
-            programs::SockAddrContext,
+            EbpfContext,
+            bindings::{bpf_sk_lookup, bpf_sock_addr},
+            helpers::generated::bpf_get_socket_cookie,
+            programs::{SkLookupContext, SockAddrContext},
         };
 
         pub fn sock_addr(ctx: &SockAddrContext) -> &bpf_sock_addr {
             // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime.
             unsafe { &*ctx.sock_addr }
+        }
+
+        pub fn sk_lookup(ctx: &SkLookupContext) -> &bpf_sk_lookup {
+            // SAFETY: the kernel passes a valid `bpf_sk_lookup` for the program's lifetime.
+            unsafe { &*ctx.lookup }
+        }
+
+        pub fn local_ip6(ctx: &SkLookupContext) -> [u32; 4] {
+            let lookup = ctx.lookup;
+            // SAFETY: valid context pointer (above); in-bounds u32 fields.
+            unsafe {
+                [
+                    read_volatile(&raw const (*lookup).local_ip6[0]),
+                    read_volatile(&raw const (*lookup).local_ip6[1]),
+                    read_volatile(&raw const (*lookup).local_ip6[2]),
+                    read_volatile(&raw const (*lookup).local_ip6[3]),
+                ]
+            }
         }
 
         // The verifier allows only direct, naturally sized accesses to the context, so

@@ -221,6 +221,16 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Observe mode's series exist at 0 in enforcing mode too: dashboards and alerts
+        // see 0, not "no data", and the families are always there (as `mode` is).
+        for would_get in ["role", "none", "refused"] {
+            observed_requests.with_label_values(&[would_get]);
+            for used in ["false", "true"] {
+                observed_containers
+                    .with_label_values(&[would_get, used])
+                    .set(0);
+            }
+        }
         Self {
             registry,
             requests,

@@ -69,6 +69,9 @@ async fn concurrent_pods_are_attributed_to_their_own_cgroups() {
     let listener = TcpListener::bind(proxy)
         .await
         .expect("re-bind the proxy port");
+    datapath
+        .steer_to(&listener)
+        .expect("steer to the test proxy");
     let seen: Seen = Arc::default();
     spawn_accept_loop(listener, datapath.attribution(), seen.clone());
 
@@ -175,7 +178,7 @@ async fn outside_and_exempt_cgroups_are_left_alone_and_ipv6_is_refused() {
     drop(placeholder);
     let datapath = ebpf::Datapath::open(&options(&pins, &node, proxy)).expect("attach");
     datapath.exempt().insert(exempt_pod.container.id()).unwrap();
-    let (_, seen) = test_proxy_on(proxy, datapath.attribution()).await;
+    let (_, seen) = test_proxy_on(proxy, &pins, datapath.attribution()).await;
 
     // A pod in the attached tree is redirected.
     let p = pod.clone();
@@ -263,8 +266,17 @@ async fn outside_and_exempt_cgroups_are_left_alone_and_ipv6_is_refused() {
     );
 }
 
-async fn test_proxy_on(proxy: SocketAddrV4, attribution: Arc<Attribution>) -> (SocketAddrV4, Seen) {
+/// A test proxy on `proxy`, put in the kernel's proxy map under `pins` (the steering
+/// refuses connections to the proxy address that no socket there would take).
+async fn test_proxy_on(
+    proxy: SocketAddrV4,
+    pins: &Pins,
+    attribution: Arc<Attribution>,
+) -> (SocketAddrV4, Seen) {
     let listener = TcpListener::bind(proxy).await.expect("bind the proxy port");
+    ebpf::ProxySockets::open(&pins.0)
+        .and_then(|map| map.insert(&listener))
+        .expect("steer to the test proxy");
     let seen: Seen = Arc::default();
     spawn_accept_loop(listener, attribution, seen.clone());
     (proxy, seen)
@@ -306,6 +318,25 @@ fn documented_bpftool(cgroup: &str, pin_dir: &str) -> Vec<(String, String)> {
             (format!("bpftool {rest}"), out)
         })
         .collect()
+}
+
+/// Asserts that none of `ids` is loaded any more. Removing a link's pin releases the link
+/// from a kernel workqueue (`bpf_link_put` defers), so its program goes shortly after the
+/// unlink, not during it: each is waited for, within a bound (a busy machine once showed
+/// one still loaded right after `detach`).
+fn assert_unloaded(ids: &[u32], when: &str) {
+    for id in ids {
+        let loaded = || {
+            cmd::output("bpftool", &["prog", "show", "id", &id.to_string()])
+                .status
+                .success()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while loaded() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(!loaded(), "program {id} still loaded 10 s {when}");
+    }
 }
 
 fn program_ids(pins: &Pins) -> Vec<u32> {
@@ -369,7 +400,7 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
     assert!(log.contains("Loaded"), "{log}");
     let first = program_ids(&pins);
     let attribution = Arc::new(Attribution::open(&pins.0).expect("open the pinned map"));
-    let (_, seen) = test_proxy_on(proxy, attribution).await;
+    let (_, seen) = test_proxy_on(proxy, &pins, attribution).await;
     let p = pod.clone();
     let report = blocking(move || probe_metadata(&p, 10, "after-exit")).await;
     assert_eq!((report.connected, report.replies), (10, 10), "{report:?}");
@@ -387,13 +418,7 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
         second.iter().all(|id| !first.contains(id)),
         "{first:?} -> {second:?}"
     );
-    for id in &first {
-        let shown = cmd::output("bpftool", &["prog", "show", "id", &id.to_string()]);
-        assert!(
-            !shown.status.success(),
-            "old program {id} still loaded after --reload"
-        );
-    }
+    assert_unloaded(&first, "after --reload");
     // docs/ebpf.md: its bpftool commands work on what is attached, and `status` says
     // attached (exit 0) in its text form.
     let second_ids: Vec<String> = second.iter().map(u32::to_string).collect();
@@ -472,13 +497,7 @@ async fn pins_outlive_the_loader_are_reused_reloaded_and_detached() {
     assert!(!pins.0.exists());
     // The test's own map handle keeps the map (not the programs) alive; drop it first.
     drop(seen);
-    for id in &second {
-        let shown = cmd::output("bpftool", &["prog", "show", "id", &id.to_string()]);
-        assert!(
-            !shown.status.success(),
-            "program {id} still loaded after detach"
-        );
-    }
+    assert_unloaded(&second, "after detach");
     // Detached, the pod's connects go to the node's own service: exactly these two.
     node.allow_node_imds();
     let p = pod.clone();
@@ -533,6 +552,12 @@ async fn ipv6_metadata_is_redirected_and_attributed_when_configured() {
         ..options(&pins, &node, proxy4)
     })
     .expect("attach");
+    datapath
+        .steer_to(&listener4)
+        .expect("steer to the IPv4 proxy");
+    datapath
+        .steer_to(&listener6)
+        .expect("steer to the IPv6 proxy");
     let seen: Seen = Arc::default();
     spawn_accept_loop(listener6, datapath.attribution(), seen.clone());
     spawn_accept_loop(listener4, datapath.attribution(), seen.clone());

@@ -214,6 +214,9 @@ async fn every_pod_gets_exactly_its_decision() {
         kernel_log: false,
     })
     .expect("attach");
+    datapath
+        .steer_to(&listener)
+        .expect("steer to the test proxy");
     let index = Arc::new(CgroupIndex::new(
         cgroupfs::cgroup2_mount().unwrap(),
         node.kubepods.clone(),

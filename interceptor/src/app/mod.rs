@@ -3,7 +3,9 @@
 //!
 //! Order matters for a fail-closed start: the proxy's listeners are bound first (so a
 //! redirected connection always has somewhere to go), then the programs are attached (or
-//! re-used), then the mode's identity source starts (the pod and namespace watches, or the
+//! re-used) and the listeners put in the kernel's proxy map (from then on the kernel hands
+//! connections to the proxy address to them and to nothing else; before, it refuses
+//! them), then the mode's identity source starts (the pod and namespace watches, or the
 //! bindings file). The two modes differ only in what they plug in: their
 //! [`imds::Backend`] and their tasks; serving, the admin server, the readiness latch,
 //! the drain and the ownership of tasks are this module's, once.
@@ -27,10 +29,13 @@ mod prefetch;
 mod readiness;
 mod standalone;
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    task::JoinSet,
+};
 
 use self::{admin::Admin, readiness::Readiness};
 pub use crate::config::AgentConfig;
@@ -188,31 +193,15 @@ pub struct App {
 /// before the kernel drops SYNs and the SDKs wait out a retransmission.
 const PROXY_BACKLOG: u32 = 65_535;
 
-/// A listener on `addr` with [`PROXY_BACKLOG`] (and `SO_REUSEADDR`, as `bind` sets).
-fn bind_proxy(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(PROXY_BACKLOG)
-}
-
 impl App {
     /// Binds, attaches and starts the identity source: everything but serving.
     pub async fn build(config: AgentConfig) -> Result<Self> {
         let (readiness, serving) = Readiness::new();
         let redirect = &config.datapath.redirect;
         let proxy = redirect.proxy4.context("no IPv4 proxy address")?;
-        let ipv4 = bind_proxy(proxy.into())
-            .with_context(|| format!("binding the metadata proxy on {proxy}"))?;
+        let ipv4 = bind_proxy(proxy.into())?;
         let ipv6 = match redirect.proxy6 {
-            Some(proxy6) => Some(
-                bind_proxy(proxy6.into())
-                    .with_context(|| format!("binding the IPv6 metadata proxy on {proxy6}"))?,
-            ),
+            Some(proxy6) => Some(bind_proxy(proxy6.into())?),
             None => None,
         };
         let admin = TcpListener::bind(config.admin.addr)
@@ -239,6 +228,12 @@ impl App {
             datapath.spawn_kernel_log();
         }
         tracing::info!(outcome = ?datapath.outcome(), cgroup = %cgroup_root.display(), %proxy, "programs attached");
+        for listener in std::iter::once(&listeners.ipv4).chain(listeners.ipv6.as_ref()) {
+            let addr = datapath
+                .steer_to(listener)
+                .context("putting the proxy's listener in the kernel's proxy map")?;
+            tracing::info!(%addr, "the kernel steers connections to the proxy address to this agent");
+        }
         // Exemptions pinned under an earlier configuration go; this one's are made below
         // (the agent's own pod) and by OptOuts (node-identity pods), before readiness.
         let stale = datapath.forget_exemptions()?;
@@ -402,6 +397,41 @@ impl App {
         tracing::info!("stopped; the programs stay attached (interceptor detach removes them)");
         Ok(())
     }
+}
+
+/// Binds a proxy listener, with SO_REUSEPORT so that a successor agent can bind the same
+/// address while this one still listens (an upgrade's takeover). Membership of the
+/// reuseport group grants nothing: the kernel hands connections to the proxy address only
+/// to the socket in its proxy map (`imds_steer`, docs/ebpf.md), never to another member.
+///
+/// Someone else holding the address without SO_REUSEPORT (a squatter that bound it while
+/// the agent was down) makes this fail, and the agent exits: it never serves through, or
+/// beside, a socket it does not own. Pods' connections stay refused by the kernel
+/// meanwhile (the proxy map holds no socket), never delivered to the squatter.
+fn bind_proxy(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .with_context(|| format!("creating the metadata proxy socket for {addr}"))?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    match socket.bind(addr) {
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(error).with_context(|| {
+                format!(
+                    "another process holds the metadata proxy address {addr} (find it with \
+                     `ss -ltnp 'sport = :{}'`); pods' metadata connections stay refused by the \
+                     kernel, never delivered to it, until this agent can listen there",
+                    addr.port()
+                )
+            });
+        }
+        other => other.with_context(|| format!("binding the metadata proxy on {addr}"))?,
+    }
+    socket
+        .listen(PROXY_BACKLOG)
+        .with_context(|| format!("listening on {addr}"))
 }
 
 /// Starts the metadata server on the proxy listeners.

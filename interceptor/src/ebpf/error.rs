@@ -69,6 +69,12 @@ pub enum Error {
         requested: u64,
         path: PathBuf,
     },
+    #[error(
+        "the pinned steering program is attached to network namespace {pinned}, this process \
+         runs in {current}: restart with --reload to move it (the agent must run in the \
+         node's network namespace: hostNetwork), or run `interceptor detach` first"
+    )]
+    NetnsMismatch { pinned: u64, current: u64 },
     #[error("nothing of interceptor is pinned under {0}")]
     NotAttached(PathBuf),
     #[error("{context}: {source}{}", hint(source))]
@@ -93,6 +99,7 @@ impl Error {
             Self::Attach { .. } => "attach",
             Self::AbiMismatch { .. } => "abi_mismatch",
             Self::CgroupMismatch { .. } => "cgroup_mismatch",
+            Self::NetnsMismatch { .. } => "netns_mismatch",
             Self::NotAttached(_) => "not_attached",
             Self::Io { .. } => "io",
         }

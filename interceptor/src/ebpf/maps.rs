@@ -6,14 +6,16 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
     path::Path,
     sync::Mutex,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockMap};
 use interceptor_ebpf::{
     AF_INET, AF_INET6, CONNS_MAX_ENTRIES, ConnKey, ConnRecord, EXEMPT_MAX_ENTRIES, MAP_CONFIG,
-    MAP_CONNS, MAP_EXEMPT, MAP_PENDING, MAP_STATS, PENDING_MAX_ENTRIES, RedirectConfig, stat,
+    MAP_CONNS, MAP_EXEMPT, MAP_PENDING, MAP_PROXY, MAP_STATS, PENDING_MAX_ENTRIES, PROXY_SLOT_IPV4,
+    PROXY_SLOT_IPV6, RedirectConfig, stat,
 };
 
 use super::Error;
@@ -95,6 +97,46 @@ impl ExemptCgroups {
         let mut ids: Vec<u64> = self.map().keys().filter_map(Result::ok).collect();
         ids.sort_unstable();
         ids
+    }
+}
+
+/// The proxy's listening sockets, as the steering program (`imds_steer`) finds them: a
+/// TCP connection to the proxy address reaches the socket in its family's slot, and is
+/// refused when the slot is empty. The kernel empties a slot itself when its socket
+/// closes (the agent exits or crashes), so a process that binds the proxy address while
+/// the agent is down receives nothing.
+pub struct ProxySockets(Mutex<SockMap<MapData>>);
+
+impl ProxySockets {
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        typed(dir, MAP_PROXY).map(|map| Self(Mutex::new(map)))
+    }
+
+    /// Makes `listener` (a listening TCP socket) the one connections to the proxy
+    /// address of its family reach, replacing the socket there in one step: connections
+    /// already accepted stay where they are, new ones come here. Returns the address it
+    /// is bound to.
+    pub fn insert(&self, listener: impl AsFd) -> Result<SocketAddr, Error> {
+        let socket = socket2::SockRef::from(&listener);
+        let local = socket
+            .local_addr()
+            .ok()
+            .and_then(|addr| addr.as_socket())
+            .ok_or_else(|| {
+                Error::io("reading the proxy listener's address")(std::io::Error::from(
+                    std::io::ErrorKind::InvalidInput,
+                ))
+            })?;
+        let slot = match local {
+            SocketAddr::V4(_) => PROXY_SLOT_IPV4,
+            SocketAddr::V6(_) => PROXY_SLOT_IPV6,
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set(slot, &listener.as_fd(), 0)
+            .map_err(map_error(MAP_PROXY))?;
+        Ok(local)
     }
 }
 

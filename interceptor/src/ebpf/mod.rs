@@ -3,7 +3,11 @@
 //!
 //! Everything lives under one bpffs directory (`--bpf-pin-dir`, default
 //! `/sys/fs/bpf/interceptor`): the maps by their names (`imds_config`, ...) and one pinned
-//! link per program (`link_imds_connect4`, ...). Pinned links keep the programs attached
+//! link per program (`link_imds_connect4`, ...). The connect, sock_ops and egress programs
+//! attach to the pods' cgroup; the steering program (`imds_steer`, sk_lookup) to the
+//! network namespace the calling thread runs in, which for the agent (hostNetwork) and
+//! for `interceptor attach` on the node is the node's: that is where pods' connections to
+//! the proxy address arrive. Pinned links keep the programs attached
 //! when the agent exits, so a restart or an upgrade never opens a window in which a pod
 //! reaches the real metadata service. On start the agent re-uses what is pinned; `--reload`
 //! loads this build's programs, attaches them next to the old ones, then removes the old
@@ -17,8 +21,8 @@ mod status;
 
 use std::{
     fs::{self, File},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
-    os::unix::fs::MetadataExt,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -31,7 +35,7 @@ pub use error::Error;
 use interceptor_ebpf::{
     ABI_VERSION, FLAG_PROXY4, FLAG_PROXY6, MAP_CONFIG, MAPS, PROGRAMS, RedirectConfig,
 };
-pub use maps::{Attributed, Attribution, ExemptCgroups};
+pub use maps::{Attributed, Attribution, ExemptCgroups, ProxySockets};
 pub use object::object_hash;
 pub use status::{ProgramStatus, Status, status};
 
@@ -44,6 +48,10 @@ use self::{
 pub const METADATA_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// The IPv6 address of the EC2 instance metadata service (`fd00:ec2::254`).
 pub const METADATA_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+/// The network namespace of the calling thread (a thread may have been moved to another
+/// than its process's; what counts is where this code binds and attaches).
+const OWN_NETNS: &str = "/proc/thread-self/ns/net";
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -95,6 +103,7 @@ pub struct Datapath {
     exempt: Arc<ExemptCgroups>,
     attribution: Arc<Attribution>,
     stats: Stats,
+    proxy: ProxySockets,
     kernel_log: Option<KernelLog>,
     /// The cgroup exempted as this process's own, if it was found.
     own_cgroup: Option<u64>,
@@ -119,6 +128,17 @@ impl Datapath {
                 source,
             })?
             .ino();
+        let netns = File::open(OWN_NETNS).map_err(Error::io(format!("opening {OWN_NETNS}")))?;
+        let netns_id = netns
+            .metadata()
+            .map_err(Error::io(format!("reading {OWN_NETNS}")))?
+            .ino();
+        let targets = Targets {
+            cgroup: &cgroup,
+            cgroup_id,
+            netns: &netns,
+            netns_id,
+        };
 
         let pinned = PROGRAMS
             .iter()
@@ -132,6 +152,7 @@ impl Datapath {
             .is_ok_and(|pinned| {
                 pinned.abi_version == ABI_VERSION
                     && pinned.cgroup_id == cgroup_id
+                    && pinned.netns_id == netns_id
                     && pinned.object_hash != object_hash()
             });
         if other_build && pinned == PROGRAMS.len() && !options.reload {
@@ -140,14 +161,14 @@ impl Datapath {
             );
         }
         let (outcome, kernel_log) = if pinned == PROGRAMS.len() && !options.reload && !other_build {
-            reuse(options, cgroup_id)?
+            reuse(options, &targets)?
         } else {
             let outcome = if pinned > 0 {
                 Outcome::Reloaded
             } else {
                 Outcome::Loaded
             };
-            (outcome, load_and_attach(options, &cgroup, cgroup_id)?)
+            (outcome, load_and_attach(options, &targets)?)
         };
 
         let mut datapath = Self {
@@ -156,6 +177,7 @@ impl Datapath {
             exempt: Arc::new(ExemptCgroups::open(&options.pin_dir)?),
             attribution: Arc::new(Attribution::open(&options.pin_dir)?),
             stats: Stats::open(&options.pin_dir)?,
+            proxy: ProxySockets::open(&options.pin_dir)?,
             kernel_log,
             own_cgroup: None,
         };
@@ -218,6 +240,13 @@ impl Datapath {
         Arc::clone(&self.exempt)
     }
 
+    /// Makes `listener` the socket the kernel hands connections to the proxy address of
+    /// its family (see [`ProxySockets::insert`]); returns the address it is bound to.
+    /// Until this is called, those connections are refused.
+    pub fn steer_to(&self, listener: impl AsFd) -> Result<SocketAddr, Error> {
+        self.proxy.insert(listener)
+    }
+
     /// The programs' event counters, summed over CPUs.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         self.stats.read()
@@ -235,13 +264,32 @@ fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
     pin_dir.join(format!("link_{program}"))
 }
 
-fn kernel_config(redirect: &Redirect, cgroup_id: u64, object_hash: u64) -> RedirectConfig {
+/// Where the programs attach: the pods' cgroup, and the network namespace the proxy
+/// address lives in.
+struct Targets<'a> {
+    cgroup: &'a File,
+    cgroup_id: u64,
+    netns: &'a File,
+    netns_id: u64,
+}
+
+impl Targets<'_> {
+    fn ids(&self) -> (u64, u64) {
+        (self.cgroup_id, self.netns_id)
+    }
+}
+
+/// The configuration entry the programs read; `ids` are the attach cgroup's and network
+/// namespace's.
+fn kernel_config(redirect: &Redirect, ids: (u64, u64), object_hash: u64) -> RedirectConfig {
+    let (cgroup_id, netns_id) = ids;
     let mut config = RedirectConfig {
         abi_version: ABI_VERSION,
         metadata_ip4: ipv4_to_word(*redirect.metadata4.ip()),
         metadata_ip6: ipv6_to_words(redirect.metadata6),
         metadata_port: redirect.metadata4.port().to_be(),
         cgroup_id,
+        netns_id,
         object_hash,
         ..RedirectConfig::default()
     };
@@ -260,7 +308,8 @@ fn kernel_config(redirect: &Redirect, cgroup_id: u64, object_hash: u64) -> Redir
 
 /// Re-uses pinned programs: checks they are ours to use here, then updates the redirect
 /// configuration in place (a restarted agent may have a new proxy address).
-fn reuse(options: &Options, cgroup_id: u64) -> Result<(Outcome, Option<KernelLog>), Error> {
+fn reuse(options: &Options, targets: &Targets<'_>) -> Result<(Outcome, Option<KernelLog>), Error> {
+    let cgroup_id = targets.cgroup_id;
     let mut config = ConfigMap::open(&options.pin_dir)?;
     let current = config.get()?;
     if current.abi_version != ABI_VERSION {
@@ -276,9 +325,15 @@ fn reuse(options: &Options, cgroup_id: u64) -> Result<(Outcome, Option<KernelLog
             path: options.cgroup_root.clone(),
         });
     }
+    if current.netns_id != targets.netns_id {
+        return Err(Error::NetnsMismatch {
+            pinned: current.netns_id,
+            current: targets.netns_id,
+        });
+    }
     config.set(&kernel_config(
         &options.redirect,
-        cgroup_id,
+        targets.ids(),
         current.object_hash,
     ))?;
     let kernel_log = status::program_id_of_link(&link_pin(&options.pin_dir, PROGRAMS[0]))
@@ -288,11 +343,7 @@ fn reuse(options: &Options, cgroup_id: u64) -> Result<(Outcome, Option<KernelLog
 
 /// Loads this build's programs and attaches them, replacing any pinned links only after
 /// the new ones are attached.
-fn load_and_attach(
-    options: &Options,
-    cgroup: &File,
-    cgroup_id: u64,
-) -> Result<Option<KernelLog>, Error> {
+fn load_and_attach(options: &Options, targets: &Targets<'_>) -> Result<Option<KernelLog>, Error> {
     let pin_dir = &options.pin_dir;
     let config_pin = pin_dir.join(MAP_CONFIG);
     let compatible_maps = !config_pin.exists()
@@ -328,12 +379,16 @@ fn load_and_attach(
     })?;
 
     // Configure before attaching, so the first connect the programs see is redirected.
-    ConfigMap::open(pin_dir)?.set(&kernel_config(&options.redirect, cgroup_id, object_hash()))?;
+    ConfigMap::open(pin_dir)?.set(&kernel_config(
+        &options.redirect,
+        targets.ids(),
+        object_hash(),
+    ))?;
     let kernel_log = KernelLog::from_ebpf(&mut ebpf);
 
     let mut fresh = Vec::new();
     for name in PROGRAMS {
-        let link = attach_program(&mut ebpf, name, cgroup)?;
+        let link = attach_program(&mut ebpf, name, targets)?;
         let staging = pin_dir.join(format!("link_{name}_new"));
         let _ = fs::remove_file(&staging);
         link.pin(&staging).map_err(|source| Error::Pin {
@@ -355,15 +410,18 @@ fn load_and_attach(
     Ok(kernel_log)
 }
 
-/// Loads one program and attaches it to the cgroup with a BPF link (kernel 5.7+). Cgroup
-/// links always coexist with other links on the same cgroup (the kernel rejects attach
-/// flags on them, hence `Single`, which passes none): other tools' programs stay, and a
-/// reload runs old and new side by side until the old links are removed.
+/// Loads one program and attaches it to the cgroup (or, for sk_lookup, the network
+/// namespace) with a BPF link (kernel 5.7+; sk_lookup 5.9+). Cgroup links always coexist
+/// with other links on the same cgroup (the kernel rejects attach flags on them, hence
+/// `Single`, which passes none): other tools' programs stay, and a reload runs old and
+/// new side by side until the old links are removed. sk_lookup links coexist likewise:
+/// the kernel runs every program attached to the namespace, in order.
 fn attach_program(
     ebpf: &mut aya::Ebpf,
     name: &'static str,
-    cgroup: &File,
+    targets: &Targets<'_>,
 ) -> Result<FdLink, Error> {
+    let cgroup = targets.cgroup;
     let program_error = |source| Error::Program {
         program: name,
         source: Box::new(source),
@@ -392,6 +450,14 @@ fn attach_program(
                 .map_err(program_error)?;
             let link = program.take_link(id).map_err(program_error)?;
             FdLink::try_from(link).map_err(link_error)
+        }
+        Some(Program::SkLookup(program)) => {
+            program.load().map_err(program_error)?;
+            let id = program
+                .attach(targets.netns.as_fd())
+                .map_err(program_error)?;
+            let link = program.take_link(id).map_err(program_error)?;
+            Ok(FdLink::from(link))
         }
         Some(Program::SockOps(program)) => {
             program.load().map_err(program_error)?;

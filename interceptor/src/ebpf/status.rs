@@ -40,6 +40,9 @@ pub struct ConfigView {
     pub proxy6: Option<String>,
     pub cgroup_id: u64,
     pub cgroup_path: Option<PathBuf>,
+    /// Inode of the network namespace the steering program is attached to
+    /// (`readlink /proc/PID/ns/net` shows `net:[ID]`).
+    pub netns_id: u64,
     pub object_hash: String,
     pub object_is_this_build: bool,
 }
@@ -137,6 +140,7 @@ fn view(config: RedirectConfig) -> ConfigView {
         }),
         cgroup_id: config.cgroup_id,
         cgroup_path: find_cgroup(config.cgroup_id),
+        netns_id: config.netns_id,
         object_hash: format!("{:016x}", config.object_hash),
         object_is_this_build: config.object_hash == object_hash(),
     }
@@ -191,6 +195,11 @@ impl fmt::Display for Status {
                     |p| p.display().to_string(),
                 );
                 writeln!(f, "cgroup:   {cgroup} (id {})", config.cgroup_id)?;
+                writeln!(
+                    f,
+                    "netns:    net:[{}] (steering to the agent's socket)",
+                    config.netns_id
+                )?;
                 writeln!(f, "metadata: {} and {}", config.metadata, config.metadata6)?;
                 let refused = "refused (EPERM)".to_owned();
                 writeln!(

@@ -24,11 +24,14 @@ fn kernel_config_encodes_ports_in_network_order_and_flags() {
         proxy4: Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 8181)),
         proxy6: None,
     };
-    let config = kernel_config(&redirect, 42, 7);
+    let config = kernel_config(&redirect, (42, 4026531840), 7);
     assert_eq!(config.metadata_port.to_ne_bytes(), [0, 80]);
     assert_eq!(config.proxy_port4.to_ne_bytes(), 8181u16.to_be_bytes());
     assert_eq!(config.flags, FLAG_PROXY4);
-    assert_eq!((config.cgroup_id, config.object_hash), (42, 7));
+    assert_eq!(
+        (config.cgroup_id, config.netns_id, config.object_hash),
+        (42, 4026531840, 7)
+    );
     assert_eq!(config.abi_version, ABI_VERSION);
 }
 

@@ -8,7 +8,8 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddr},
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
     process::{Child, Command, Stdio},
 };
 
@@ -24,14 +25,15 @@ pub const SERVE_FLAG: &str = "--serve-floor";
 
 /// The running server process; killed (by its PID) on drop.
 pub struct Floor {
-    pub addr: SocketAddr,
     child: Child,
 }
 
 impl Floor {
-    pub fn start(host: Ipv4Addr, body_bytes: usize) -> Result<Self> {
+    /// The floor on `addr`, its listener put in the proxy map pinned under `pins`.
+    pub fn start(addr: SocketAddrV4, body_bytes: usize, pins: &Path) -> Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args([SERVE_FLAG, &host.to_string(), &body_bytes.to_string()])
+            .args([SERVE_FLAG, &addr.to_string(), &body_bytes.to_string()])
+            .arg(pins)
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the floor server")?;
@@ -40,12 +42,12 @@ impl Floor {
             .stdout
             .take()
             .map(|out| BufReader::new(out).read_line(&mut line));
-        let floor = |addr| Self { addr, child };
-        match (read, line.trim().parse()) {
-            (Some(Ok(_)), Ok(addr)) => Ok(floor(addr)),
+        let floor = Self { child };
+        match (read, line.trim().parse::<SocketAddr>()) {
+            (Some(Ok(_)), Ok(reported)) if reported == SocketAddr::V4(addr) => Ok(floor),
             _ => {
-                drop(floor(SocketAddr::from((host, 0))));
-                bail!("the floor server did not report its address: {line:?}")
+                drop(floor);
+                bail!("the floor server did not report listening on {addr}: {line:?}")
             }
         }
     }
@@ -62,16 +64,18 @@ impl Drop for Floor {
     }
 }
 
-/// `--serve-floor HOST BODY_BYTES`: serves until killed, after printing its address.
-pub fn serve(host: &str, body_bytes: &str) -> Result<()> {
-    let host: Ipv4Addr = host.parse()?;
+/// `--serve-floor ADDR BODY_BYTES PIN_DIR`: serves until killed, after printing its
+/// address.
+pub fn serve(addr: &str, body_bytes: &str, pins: &str) -> Result<()> {
+    let addr: SocketAddrV4 = addr.parse()?;
     let body = Bytes::from(vec![b'x'; body_bytes.parse()?]);
     // The agent's runtime: tokio's default multi-thread scheduler.
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(async move {
-            let listener = TcpListener::bind((host, 0)).await?;
+            let listener = TcpListener::bind(addr).await?;
+            interceptor::ebpf::ProxySockets::open(Path::new(pins))?.insert(&listener)?;
             println!("{}", listener.local_addr()?);
             while let Ok((stream, _)) = listener.accept().await {
                 let body = body.clone();

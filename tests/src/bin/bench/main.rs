@@ -14,7 +14,7 @@ mod service_accounts;
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
@@ -145,8 +145,11 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            floor::SERVE_FLAG if let (Some(host), Some(bytes)) = (args.next(), args.next()) => {
-                return match floor::serve(&host, &bytes) {
+            floor::SERVE_FLAG
+                if let (Some(addr), Some(bytes), Some(pins)) =
+                    (args.next(), args.next(), args.next()) =>
+            {
+                return match floor::serve(&addr, &bytes, &pins) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("floor server: {error:#}");
@@ -268,11 +271,16 @@ async fn agent_scenarios(
     if options.wants(&["1", "2", "3", "7"]) {
         let floor_node = Node::new();
         let floor_pods: Vec<Pod> = (0..world.sizes.pods).map(|_| floor_node.pod()).collect();
-        let floor = Floor::start(floor_node.address, body_bytes)?;
         let pins = Pins::new("bench-floor");
-        let SocketAddr::V4(floor_addr) = floor.addr else {
-            bail!("the floor listens on IPv4");
-        };
+        // The programs point at the floor's address before it listens there; the floor
+        // puts its listener in their proxy map (what the agent does), or the steering
+        // refuses every redirected connection.
+        let floor_addr = SocketAddrV4::new(
+            floor_node.address,
+            std::net::TcpListener::bind((floor_node.address, 0))?
+                .local_addr()?
+                .port(),
+        );
         let datapath = ebpf::Datapath::open(&ebpf::Options {
             pin_dir: pins.0.clone(),
             cgroup_root: floor_node.kubepods.clone(),
@@ -286,6 +294,7 @@ async fn agent_scenarios(
             kernel_log: false,
         })
         .context("attaching the programs for the floor")?;
+        let floor = Floor::start(floor_addr, body_bytes, &pins.0)?;
         warm_up(&floor_pods)?;
 
         if options.wants(&["1"]) {
