@@ -573,6 +573,34 @@ impl Scope<'_> {
             .unwrap()
     }
 
+    /// Waits (up to 30 s) until this test's node no longer has the agent's startup
+    /// taint; the taints it has then.
+    pub async fn wait_startup_taint_removed(&self) -> Vec<String> {
+        wait_until(
+            "the startup taint's removal",
+            Duration::from_secs(30),
+            || async {
+                let taints: Vec<String> = self
+                    .node_object()
+                    .await
+                    .and_then(|node| node.spec?.taints)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|taint| taint.key)
+                    .collect();
+                if taints
+                    .iter()
+                    .any(|key| key == interceptor::k8s::node::STARTUP_TAINT)
+                {
+                    Err(format!("{taints:?}"))
+                } else {
+                    Ok(taints)
+                }
+            },
+        )
+        .await
+    }
+
     /// Creates a pod on this test's node with an optional role annotation; the server
     /// assigns its UID (the simulated pod is then made with it:
     /// `Node::pod_with_uid`).

@@ -70,30 +70,7 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
     )
     .await;
 
-    let taints = wait_until(
-        "the startup taint's removal",
-        Duration::from_secs(30),
-        || async {
-            let taints: Vec<String> = scope
-                .node_object()
-                .await
-                .and_then(|node| node.spec)
-                .and_then(|spec| spec.taints)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|taint| taint.key)
-                .collect();
-            if taints
-                .iter()
-                .any(|key| key == "interceptor.dev/agent-not-ready")
-            {
-                Err(format!("{taints:?}"))
-            } else {
-                Ok(taints)
-            }
-        },
-    )
-    .await;
+    let taints = scope.wait_startup_taint_removed().await;
     let mut taints = taints;
     taints.sort();
     // TaintNodesByCondition (real admission) added not-ready when the node registered; the

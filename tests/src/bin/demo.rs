@@ -104,26 +104,7 @@ async fn kubernetes_act() {
         None,
     )
     .await;
-    let taints = wait_until(
-        "the startup taint's removal",
-        Duration::from_secs(30),
-        || async {
-            let taints: Vec<String> = scope
-                .node_object()
-                .await
-                .and_then(|node| node.spec?.taints)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|taint| taint.key)
-                .collect();
-            if taints.iter().any(|key| key == TAINT) {
-                Err(format!("{taints:?}"))
-            } else {
-                Ok(taints)
-            }
-        },
-    )
-    .await;
+    let taints = scope.wait_startup_taint_removed().await;
     println!(
         "== the agent is ready and lifted {TAINT} from node {}: taints now {taints:?}\n",
         scope.node
