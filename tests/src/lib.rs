@@ -23,6 +23,7 @@ pub mod control_plane;
 pub mod fake_imds;
 pub mod moto;
 pub mod node;
+pub mod objects;
 pub mod peers;
 pub mod pins;
 pub mod privilege;
