@@ -40,16 +40,18 @@ pub const MAP_PENDING: &str = "imds_pending";
 pub const MAP_CONNS: &str = "imds_conns";
 pub const MAP_STATS: &str = "imds_stats";
 pub const MAP_PROXY: &str = "imds_proxy";
+pub const MAP_TOKEN_KEY: &str = "imds_token_key";
 /// aya-log's ring buffer; its name is fixed by aya-log.
 pub const MAP_LOGS: &str = "AYA_LOGS";
 /// Every map the loader pins.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     MAP_CONFIG,
     MAP_EXEMPT,
     MAP_PENDING,
     MAP_CONNS,
     MAP_STATS,
     MAP_PROXY,
+    MAP_TOKEN_KEY,
     MAP_LOGS,
 ];
 
@@ -58,6 +60,11 @@ pub const MAPS: [&str; 7] = [
 pub const PROXY_SLOT_IPV4: u32 = 0;
 pub const PROXY_SLOT_IPV6: u32 = 1;
 pub const PROXY_SLOTS: u32 = 2;
+
+/// Length of the key in [`MAP_TOKEN_KEY`]: the HMAC key the agent signs IMDSv2 session
+/// tokens with. No program reads it; it is pinned so that it outlives an agent, and a
+/// successor (an upgrade's takeover, a restart) accepts the tokens pods already hold.
+pub const TOKEN_KEY_LEN: usize = 32;
 
 /// Capacity of [`MAP_EXEMPT`]: cgroups allowed to reach the real metadata service.
 pub const EXEMPT_MAX_ENTRIES: u32 = 4096;
@@ -144,7 +151,12 @@ pub struct ConnRecord {
     pub orig_addr: [u32; 4],
     /// Original destination port, network byte order.
     pub orig_port: u16,
-    pub _pad0: [u8; 6],
+    pub _pad0: [u8; 2],
+    /// The connecting socket's cookie, low 32 bits (was padding, zero, before): when an
+    /// upgrade runs two builds' programs side by side, the second sock_ops program
+    /// finds the record the first one moved and must tell "this connection, already
+    /// recorded" from a stale record under the same addresses.
+    pub cookie: u32,
 }
 
 /// Indices into [`MAP_STATS`] (a per-CPU array of `u64` counters).

@@ -44,7 +44,7 @@ mod programs {
     use interceptor_ebpf::{
         AF_INET, AF_INET6, CONNS_MAX_ENTRIES, ConnKey, ConnRecord, EXEMPT_MAX_ENTRIES, FLAG_PROXY4,
         FLAG_PROXY6, PENDING_MAX_ENTRIES, PROXY_SLOT_IPV4, PROXY_SLOT_IPV6, PROXY_SLOTS,
-        RedirectConfig, stat,
+        RedirectConfig, TOKEN_KEY_LEN, stat,
     };
 
     const SOCK_STREAM: u32 = 1;
@@ -74,6 +74,11 @@ mod programs {
 
     #[map(name = "imds_proxy")]
     static PROXY: SockMap = SockMap::with_max_entries(PROXY_SLOTS, 0);
+
+    /// Userspace's only: the IMDSv2 token key, pinned to outlive the agent (one entry,
+    /// key 0).
+    #[map(name = "imds_token_key")]
+    static TOKEN_KEY: HashMap<u32, [u8; TOKEN_KEY_LEN]> = HashMap::with_max_entries(1, 0);
 
     #[cgroup_sock_addr(connect4)]
     pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
@@ -279,7 +284,8 @@ mod programs {
             family,
             orig_addr,
             orig_port,
-            _pad0: [0; 6],
+            _pad0: [0; 2],
+            cookie: ctx::cookie(ctx) as u32,
         };
         if PENDING.insert(ctx::cookie(ctx), record, 0).is_err() {
             count(stat::REFUSED);
@@ -319,6 +325,14 @@ mod programs {
         }
         let cookie = ctx::cookie(ctx);
         let Some(record) = PENDING.get_ptr(cookie) else {
+            // During an upgrade's overlap the other build's program ran first and moved
+            // this very connection's record: it stays.
+            // SAFETY: the pointer comes from a successful lookup; only a field is read.
+            if let Some(existing) = CONNS.get_ptr(key)
+                && unsafe { (*existing).cookie } == cookie as u32
+            {
+                return;
+            }
             // A connection made straight to the proxy (not redirected) carries no record.
             // An older record under the same addresses (a redirected connect the proxy
             // never accepted, e.g. while the agent was down) must not be inherited: a

@@ -69,6 +69,17 @@ pub enum Command {
     /// container, the paths asked, whether it used the node's role, and what it would
     /// get under enforcement.
     Report(ReportArgs),
+    /// Exit 0 when the agent that keeps FILE (`run --ready-file`) is ready, 1 when not:
+    /// the DaemonSet's readiness probe, which must judge this pod's agent and never a
+    /// predecessor sharing the metrics port during a surge.
+    Ready(ReadyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReadyArgs {
+    /// The agent's `--ready-file`.
+    #[arg(long)]
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +298,12 @@ pub struct RunArgs {
     /// are exempted at start, so its own metadata requests are never redirected to itself.
     #[arg(long)]
     pub pod_uid: Option<String>,
+    /// A file that exists while this agent is ready: created once the kernel steers pods
+    /// to it, removed when it drains. The DaemonSet's readiness probe checks it
+    /// (`interceptor ready --file`): during an upgrade's surge the metrics port is shared
+    /// with the old agent, so an HTTP probe could reach the wrong one.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
     /// Taint removed from this node once the agent is ready (register nodes with it so no
     /// pod starts before interception is active; see docs/install.md).
     #[arg(long, default_value = crate::k8s::node::STARTUP_TAINT)]
@@ -796,6 +813,8 @@ pub struct AgentConfig {
     pub mode: Mode,
     /// `--observe`: answer as the node would and record what enforcement would do.
     pub observe: bool,
+    /// `--ready-file`: exists while the agent is ready.
+    pub ready_file: Option<PathBuf>,
 }
 
 /// Where and how the kernel programs are attached.
@@ -1013,6 +1032,7 @@ impl RunArgs {
                 .filter(|uid| !uid.trim().is_empty()),
             mode,
             observe: self.observe,
+            ready_file: self.ready_file.clone(),
         })
     }
 

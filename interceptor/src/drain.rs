@@ -1,11 +1,11 @@
 //! Graceful drain: one signal that tells the servers to stop accepting, and a tracker of
 //! the connections that must finish before the process exits.
 //!
-//! On SIGTERM the app triggers the signal; the accept loops return at once (the listeners
-//! close, so new connects are refused and retried by the SDKs against the successor), idle
-//! keep-alive connections are closed, and a request in flight gets its answer. The app
-//! waits for the tracked connections at most a bound ([`Drain::wait`]); what is left then
-//! is dropped with the runtime.
+//! On SIGTERM the app triggers the signal; the accept loops hand over to the successor and
+//! then close their listeners, and every connection ends with its next answer
+//! ([`crate::imds::server`] says how). The accept loops and the connections are tracked;
+//! the app waits for them at most a bound ([`Drain::wait`]); what is left then is dropped
+//! with the runtime.
 
 use std::{future::Future, time::Duration};
 
@@ -28,8 +28,8 @@ impl Drain {
         self.signal.clone().cancelled_owned()
     }
 
-    #[cfg(test)]
-    fn is_draining(&self) -> bool {
+    /// Whether draining has started.
+    pub(crate) fn is_draining(&self) -> bool {
         self.signal.is_cancelled()
     }
 

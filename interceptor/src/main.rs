@@ -7,7 +7,9 @@ use clap::Parser;
 use interceptor::{
     app::{self, App},
     cgroupfs,
-    config::{self, AttachArgs, Cli, Command, LogFormat, PinArgs, ReportArgs, StatusArgs},
+    config::{
+        self, AttachArgs, Cli, Command, LogFormat, PinArgs, ReadyArgs, ReportArgs, StatusArgs,
+    },
     ebpf,
     observe::client,
 };
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Run(args) => run(args, &env),
         Command::Report(args) => report(args),
+        Command::Ready(args) => Ok(ready(args)),
     };
     match result {
         Ok(code) => code,
@@ -95,6 +98,16 @@ fn detach(args: &PinArgs) -> Result<ExitCode> {
         println!("removed {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `interceptor ready`: the readiness probe's answer is whether the file exists.
+fn ready(args: &ReadyArgs) -> ExitCode {
+    if args.file.exists() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("not ready: {} does not exist", args.file.display());
+        ExitCode::FAILURE
+    }
 }
 
 fn report(args: &ReportArgs) -> Result<ExitCode> {

@@ -72,10 +72,14 @@ impl Agent {
         metrics_port: u16,
         env: &[(&str, &str)],
     ) -> Self {
+        // Two agents may share a metrics port (an upgrade's surge): the count tells their
+        // logs apart.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
-            "interceptor-agent-{}-{}.log",
+            "interceptor-agent-{}-{}-{}.log",
             std::process::id(),
-            metrics_port
+            metrics_port,
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let file = std::fs::File::create(&log).expect("agent log");
         let mut command = match cgroup {

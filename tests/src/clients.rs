@@ -154,18 +154,27 @@ pub struct CredsLoop {
 
 impl CredsLoop {
     pub fn start(pod: &Pod) -> Self {
+        Self::start_with(pod, &[])
+    }
+
+    /// Like [`start`](Self::start), with one connection and one token for every attempt
+    /// (`--keep-alive`), as SDKs that pool connections and cache the token ask.
+    pub fn start_keep_alive(pod: &Pod) -> Self {
+        Self::start_with(pod, &["--keep-alive"])
+    }
+
+    fn start_with(pod: &Pod, options: &[&str]) -> Self {
         use std::io::BufRead;
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/creds_loop.py");
-        let mut child = pod_command(
-            pod,
-            &venv().join("bin/python").display().to_string(),
-            &[&script.display().to_string()],
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start creds_loop.py");
+        let script = script.display().to_string();
+        let mut args = vec![script.as_str()];
+        args.extend_from_slice(options);
+        let mut child = pod_command(pod, &venv().join("bin/python").display().to_string(), &args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start creds_loop.py");
         let stdout = child.stdout.take().expect("piped stdout");
         let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
         let reader = std::thread::spawn({

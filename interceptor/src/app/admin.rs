@@ -11,7 +11,7 @@
 //! ECONNABORTED), pausing briefly after one instead of ending and taking the kubelet's
 //! probes with it.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -197,6 +197,50 @@ impl Admin {
             });
         }
     }
+}
+
+/// Binds the admin port so that a successor agent can bind it too while this one runs
+/// (an upgrade with a surge; the pods use the host's network, so both want the same
+/// port), and so that the newest of them answers: the kubelet's probes of the new pod
+/// must reach the new agent, never the old one. SO_REUSEPORT lets both bind; a classic
+/// BPF program on the group picks its second member when there is one (the socket bound
+/// last), and the kernel's usual choice when there is one member (an index past the end
+/// falls back to it). When the old agent exits, the new one is the only member.
+pub(super) fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    use nix::sys::socket::{setsockopt, sockopt::AttachReusePortCbpf};
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .with_context(|| format!("creating the admin socket for {addr}"))?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding the metrics port {}", addr.port()))?;
+    let listener = socket
+        .listen(1024)
+        .with_context(|| format!("listening on {addr}"))?;
+    // `return 1`: the group's second socket. Attached after listen(), when the socket is
+    // in the group (attached before, it would stay with a group of its own).
+    let mut newest = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 1,
+    }];
+    let program = libc::sock_fprog {
+        len: 1,
+        filter: newest.as_mut_ptr(),
+    };
+    setsockopt(&listener, AttachReusePortCbpf, &program).with_context(|| {
+        format!(
+            "choosing the newest agent on the metrics port {}",
+            addr.port()
+        )
+    })?;
+    Ok(listener)
 }
 
 #[cfg(test)]

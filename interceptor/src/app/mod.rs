@@ -1,12 +1,14 @@
 //! The agent as a library: [`AgentConfig`] (validated from flags and environment by
 //! [`crate::config`]) -> [`App::build`] -> [`App::run`].
 //!
-//! Order matters for a fail-closed start: the proxy's listeners are bound first (so a
-//! redirected connection always has somewhere to go), then the programs are attached (or
-//! re-used) and the listeners put in the kernel's proxy map (from then on the kernel hands
-//! connections to the proxy address to them and to nothing else; before, it refuses
-//! them), then the mode's identity source starts (the pod and namespace watches, or the
-//! bindings file). The two modes differ only in what they plug in: their
+//! Order matters for a fail-closed start and a takeover without a failed request: the
+//! proxy's listeners are bound first, then the programs are attached (or re-used), then
+//! the mode's identity source starts (the pod and namespace watches, or the bindings
+//! file). Only once that source is ready does [`App::run`] put the listeners in the
+//! kernel's proxy map: from then on the kernel hands connections to the proxy address to
+//! them and to nothing else. Before, it hands them to the predecessor's socket if one is
+//! still there (an upgrade with a surge: the swap is one map update), or refuses them.
+//! `/readyz` turns ready after the swap, so Kubernetes stops the predecessor only then. The two modes differ only in what they plug in: their
 //! [`imds::Backend`] and their tasks; serving, the admin server, the readiness latch,
 //! the drain and the ownership of tasks are this module's, once.
 //!
@@ -16,8 +18,10 @@
 //! the record on `/observe` (what `interceptor report` prints).
 //!
 //! On shutdown ([`App::run`]'s signal: SIGTERM or SIGINT in the binary) the agent turns
-//! not ready, stops accepting, lets requests in flight finish for at most
-//! `--request-timeout` plus a second, then stops its tasks and returns. The programs stay
+//! not ready, hands over (accepts what the kernel gave it before a successor's swap, then
+//! closes its listeners: [`imds::server`]), lets requests in flight finish, and answers
+//! each with `Connection: close`, for at most the handover's bound plus
+//! `--request-timeout` plus a second; then it stops its tasks and returns. The programs stay
 //! attached through their pins, so pods never reach the real metadata service between an
 //! agent's exit and its successor's start; `interceptor detach` is the explicit way to
 //! remove them.
@@ -179,9 +183,15 @@ pub struct App {
     identity: Identity,
     /// Observe mode's record (`None`: enforcing).
     observe: Option<Arc<ObserveStore>>,
+    /// `/readyz`: released once the kernel steers to this agent.
     readiness: Readiness,
-    /// Released when the servers run.
-    serving: readiness::Latch,
+    ready: readiness::Latch,
+    /// The identity source's latches (stores synced, bindings read).
+    sources: Readiness,
+    /// `--ready-file`: exists while ready.
+    ready_file: Option<PathBuf>,
+    /// The IMDSv2 token key, pinned (a successor accepts the tokens pods hold).
+    token_key: [u8; imds::token::KEY_LEN],
     /// Every task the agent runs besides the servers' connections; aborted at the end.
     tasks: JoinSet<()>,
     drain: Drain,
@@ -196,7 +206,13 @@ const PROXY_BACKLOG: u32 = 65_535;
 impl App {
     /// Binds, attaches and starts the identity source: everything but serving.
     pub async fn build(config: AgentConfig) -> Result<Self> {
-        let (readiness, serving) = Readiness::new();
+        let (readiness, ready) = Readiness::new();
+        // Left by an earlier run of this container (an emptyDir outlives it): not ready
+        // until this run has taken over.
+        if let Some(file) = &config.ready_file {
+            remove_ready_file(file)?;
+        }
+        let (sources, sources_pending) = Readiness::new();
         let redirect = &config.datapath.redirect;
         let proxy = redirect.proxy4.context("no IPv4 proxy address")?;
         let ipv4 = bind_proxy(proxy.into())?;
@@ -204,9 +220,7 @@ impl App {
             Some(proxy6) => Some(bind_proxy(proxy6.into())?),
             None => None,
         };
-        let admin = TcpListener::bind(config.admin.addr)
-            .await
-            .with_context(|| format!("binding the metrics port {}", config.admin.addr.port()))?;
+        let admin = admin::bind(config.admin.addr)?;
         let listeners = Listeners { ipv4, ipv6, admin };
 
         let cgroup_root = match (&config.datapath.cgroup_root, &config.mode) {
@@ -228,12 +242,9 @@ impl App {
             datapath.spawn_kernel_log();
         }
         tracing::info!(outcome = ?datapath.outcome(), cgroup = %cgroup_root.display(), %proxy, "programs attached");
-        for listener in std::iter::once(&listeners.ipv4).chain(listeners.ipv6.as_ref()) {
-            let addr = datapath
-                .steer_to(listener)
-                .context("putting the proxy's listener in the kernel's proxy map")?;
-            tracing::info!(%addr, "the kernel steers connections to the proxy address to this agent");
-        }
+        let token_key = datapath
+            .token_key(imds::token::TokenMinter::random_key())
+            .context("reading the pinned IMDSv2 token key")?;
         // Exemptions pinned under an earlier configuration go; this one's are made below
         // (the agent's own pod) and by OptOuts (node-identity pods), before readiness.
         let stale = datapath.forget_exemptions()?;
@@ -311,7 +322,7 @@ impl App {
                     policy,
                     &shared,
                     &mut tasks,
-                    serving.clone(),
+                    sources_pending.clone(),
                 )
                 .await?,
             ),
@@ -328,7 +339,10 @@ impl App {
             identity,
             observe,
             readiness,
-            serving,
+            ready,
+            sources,
+            token_key,
+            ready_file: config.ready_file.clone(),
             tasks,
             drain: Drain::new(),
         })
@@ -336,37 +350,11 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains (see the module docs).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
         let Listeners { ipv4, ipv6, admin } = self.listeners;
         let state: Arc<dyn admin::State> = match &self.identity {
-            Identity::Kube(kube) => {
-                let backend = kube.backend.clone();
-                serve(
-                    &mut self.tasks,
-                    backend,
-                    self.observe.clone(),
-                    &self.shared,
-                    &self.upstream,
-                    &self.server,
-                    &self.drain,
-                    ipv4,
-                    ipv6,
-                );
-                kube.state.clone()
-            }
-            Identity::Standalone(backend) => {
-                serve(
-                    &mut self.tasks,
-                    backend.clone(),
-                    self.observe.clone(),
-                    &self.shared,
-                    &self.upstream,
-                    &self.server,
-                    &self.drain,
-                    ipv4,
-                    ipv6,
-                );
-                self.shared.clone()
-            }
+            Identity::Kube(kube) => kube.state.clone(),
+            Identity::Standalone(_) => self.shared.clone(),
         };
         let admin_server = Arc::new(Admin::new(
             self.readiness.clone(),
@@ -376,15 +364,66 @@ impl App {
             self.observe.clone(),
         ));
         self.tasks.spawn(admin_server.serve(admin));
-        drop(self.serving);
+
+        // Take over only with an identity source that can answer: until then a
+        // predecessor keeps serving, or the kernel refuses.
+        tokio::select! {
+            () = self.sources.released() => {}
+            () = shutdown.as_mut() => {
+                tracing::info!("stopped before serving; the programs stay attached");
+                self.tasks.shutdown().await;
+                return Ok(());
+            }
+        }
+        for listener in std::iter::once(&ipv4).chain(ipv6.as_ref()) {
+            let addr = self
+                .shared
+                .datapath
+                .steer_to(listener)
+                .context("putting the proxy's listener in the kernel's proxy map")?;
+            tracing::info!(%addr, "the kernel steers connections to the proxy address to this agent");
+        }
+        let tokens = || imds::token::TokenMinter::with_key(&self.token_key);
+        match &self.identity {
+            Identity::Kube(kube) => serve(
+                kube.backend.clone(),
+                self.observe.clone(),
+                &self.shared,
+                &self.upstream,
+                &self.server,
+                &self.drain,
+                tokens(),
+                ipv4,
+                ipv6,
+            ),
+            Identity::Standalone(backend) => serve(
+                backend.clone(),
+                self.observe.clone(),
+                &self.shared,
+                &self.upstream,
+                &self.server,
+                &self.drain,
+                tokens(),
+                ipv4,
+                ipv6,
+            ),
+        }
+        drop(self.ready);
+        if let Some(file) = &self.ready_file {
+            std::fs::write(file, "ready\n")
+                .with_context(|| format!("writing the ready file {}", file.display()))?;
+        }
 
         shutdown.await;
         self.readiness.drain();
-        let bound = self.server.request_timeout + DRAIN_MARGIN;
+        if let Some(file) = &self.ready_file {
+            remove_ready_file(file)?;
+        }
+        let bound = imds::server::HANDOVER_MAX + self.server.request_timeout + DRAIN_MARGIN;
         tracing::info!(
             connections = self.drain.open(),
             ?bound,
-            "draining: no new connections; requests in flight are answered"
+            "draining: handing over, then answering the requests in flight"
         );
         let left = self.drain.wait(bound).await;
         if left > 0 {
@@ -396,6 +435,15 @@ impl App {
         self.tasks.shutdown().await;
         tracing::info!("stopped; the programs stay attached (interceptor detach removes them)");
         Ok(())
+    }
+}
+
+fn remove_ready_file(file: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(file) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            Err(error).with_context(|| format!("removing the ready file {}", file.display()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -434,16 +482,16 @@ fn bind_proxy(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("listening on {addr}"))
 }
 
-/// Starts the metadata server on the proxy listeners.
+/// Starts the metadata server on the proxy listeners; the drain tracks the accept loops.
 #[allow(clippy::too_many_arguments)]
 fn serve<B: imds::Backend>(
-    tasks: &mut JoinSet<()>,
     backend: Arc<B>,
     observe: Option<Arc<ObserveStore>>,
     shared: &Shared,
     upstream: &Arc<Upstream>,
     config: &ServerConfig,
     drain: &Drain,
+    tokens: imds::token::TokenMinter,
     ipv4: TcpListener,
     ipv6: Option<TcpListener>,
 ) {
@@ -455,11 +503,12 @@ fn serve<B: imds::Backend>(
         config.clone(),
         shared.metrics.clone(),
         drain.clone(),
+        tokens,
     ));
     if let Some(ipv6) = ipv6 {
-        tasks.spawn(Arc::clone(&server).serve(ipv6));
+        drain.track(Arc::clone(&server).serve(ipv6));
     }
-    tasks.spawn(server.serve(ipv4));
+    drain.track(server.serve(ipv4));
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT.

@@ -14,8 +14,8 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockMap};
 use interceptor_ebpf::{
     AF_INET, AF_INET6, CONNS_MAX_ENTRIES, ConnKey, ConnRecord, EXEMPT_MAX_ENTRIES, MAP_CONFIG,
-    MAP_CONNS, MAP_EXEMPT, MAP_PENDING, MAP_PROXY, MAP_STATS, PENDING_MAX_ENTRIES, PROXY_SLOT_IPV4,
-    PROXY_SLOT_IPV6, RedirectConfig, stat,
+    MAP_CONNS, MAP_EXEMPT, MAP_PENDING, MAP_PROXY, MAP_STATS, MAP_TOKEN_KEY, PENDING_MAX_ENTRIES,
+    PROXY_SLOT_IPV4, PROXY_SLOT_IPV6, RedirectConfig, TOKEN_KEY_LEN, stat,
 };
 
 use super::Error;
@@ -137,6 +137,34 @@ impl ProxySockets {
             .set(slot, &listener.as_fd(), 0)
             .map_err(map_error(MAP_PROXY))?;
         Ok(local)
+    }
+}
+
+/// The IMDSv2 token key, pinned so that it outlives an agent: a successor (an upgrade's
+/// takeover, a restart) verifies the tokens pods already hold instead of answering them
+/// 401. No program reads it; the pin is root's (mode 0600), as the other maps.
+pub struct TokenKeyMap(HashMap<MapData, u32, [u8; TOKEN_KEY_LEN]>);
+
+impl TokenKeyMap {
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        typed(dir, MAP_TOKEN_KEY).map(Self)
+    }
+
+    /// The pinned key; `fresh` is stored first when there is none. Two agents starting at
+    /// once agree: the insert only succeeds where no key exists (`BPF_NOEXIST`), and both
+    /// then read the one that won.
+    pub fn get_or_insert(
+        &mut self,
+        fresh: [u8; TOKEN_KEY_LEN],
+    ) -> Result<[u8; TOKEN_KEY_LEN], Error> {
+        const BPF_NOEXIST: u64 = 1;
+        match self.0.insert(0, fresh, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => return Err(map_error(MAP_TOKEN_KEY)(source)),
+        }
+        self.0.get(&0, 0).map_err(map_error(MAP_TOKEN_KEY))
     }
 }
 

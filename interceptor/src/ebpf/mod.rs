@@ -24,7 +24,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -34,6 +34,7 @@ use aya::{
 pub use error::Error;
 use interceptor_ebpf::{
     ABI_VERSION, FLAG_PROXY4, FLAG_PROXY6, MAP_CONFIG, MAPS, PROGRAMS, RedirectConfig,
+    TOKEN_KEY_LEN,
 };
 pub use maps::{Attributed, Attribution, ExemptCgroups, ProxySockets};
 pub use object::object_hash;
@@ -41,7 +42,7 @@ pub use status::{ProgramStatus, Status, status};
 
 use self::{
     log::KernelLog,
-    maps::{ConfigMap, Stats, ipv4_to_word, ipv6_to_words},
+    maps::{ConfigMap, Stats, TokenKeyMap, ipv4_to_word, ipv6_to_words},
 };
 
 /// The IPv4 address of the EC2 instance metadata service.
@@ -104,6 +105,7 @@ pub struct Datapath {
     attribution: Arc<Attribution>,
     stats: Stats,
     proxy: ProxySockets,
+    token_key: Mutex<TokenKeyMap>,
     kernel_log: Option<KernelLog>,
     /// The cgroup exempted as this process's own, if it was found.
     own_cgroup: Option<u64>,
@@ -178,6 +180,7 @@ impl Datapath {
             attribution: Arc::new(Attribution::open(&options.pin_dir)?),
             stats: Stats::open(&options.pin_dir)?,
             proxy: ProxySockets::open(&options.pin_dir)?,
+            token_key: Mutex::new(TokenKeyMap::open(&options.pin_dir)?),
             kernel_log,
             own_cgroup: None,
         };
@@ -245,6 +248,15 @@ impl Datapath {
     /// Until this is called, those connections are refused.
     pub fn steer_to(&self, listener: impl AsFd) -> Result<SocketAddr, Error> {
         self.proxy.insert(listener)
+    }
+
+    /// The IMDSv2 token key pinned beside the maps; `fresh` becomes it when there is none
+    /// yet (see [`TokenKeyMap`]).
+    pub fn token_key(&self, fresh: [u8; TOKEN_KEY_LEN]) -> Result<[u8; TOKEN_KEY_LEN], Error> {
+        self.token_key
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(fresh)
     }
 
     /// The programs' event counters, summed over CPUs.

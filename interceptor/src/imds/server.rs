@@ -11,6 +11,16 @@
 //! included; no credentials are fetched. IMDSv2 tokens are still the agent's own, bound
 //! to the caller, so a pod's token handling is the same in both modes. A connection the
 //! kernel did not record is refused (403) in both.
+//!
+//! Draining (SIGTERM) is built for an upgrade's takeover, where the successor's socket
+//! already receives every new connection (the kernel's proxy map, docs/ebpf.md): the
+//! accept loop goes on while connections still arrive, since those the kernel handed to
+//! this agent before the swap wait in its listener's queue and closing it would reset
+//! them; it closes the listener after [`HANDOVER_QUIET`] without one, or after
+//! [`HANDOVER_MAX`] (with no successor, pods keep arriving). Every answer given while
+//! draining carries `Connection: close`, so a client's next request opens a new
+//! connection, which reaches the successor; idle connections end at the header read
+//! timeout, as always.
 
 use std::{
     collections::HashMap,
@@ -26,6 +36,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
+    time::Instant,
 };
 
 use super::{
@@ -213,6 +224,13 @@ enum Peer<C> {
     Unrecorded,
 }
 
+/// While draining, the listener closes once no connection arrived for this long: the
+/// successor has taken over, or no pod is asking.
+pub(crate) const HANDOVER_QUIET: Duration = Duration::from_millis(250);
+/// While draining, the listener closes after this long at the latest (connections keep
+/// arriving when there is no successor: a plain stop).
+pub(crate) const HANDOVER_MAX: Duration = Duration::from_secs(2);
+
 pub struct Server<B: Backend> {
     backend: Arc<B>,
     /// Observe mode's record; `None` when enforcing.
@@ -229,6 +247,7 @@ pub struct Server<B: Backend> {
 
 impl<B: Backend> Server<B> {
     /// A server for `backend`; with `observe`, in observe mode (see the module docs).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         backend: Arc<B>,
         observe: Option<Arc<ObserveStore>>,
@@ -237,13 +256,14 @@ impl<B: Backend> Server<B> {
         config: ServerConfig,
         metrics: Arc<Metrics>,
         drain: Drain,
+        tokens: TokenMinter,
     ) -> Self {
         Self {
             backend,
             observe,
             attribution,
             upstream,
-            tokens: Arc::new(TokenMinter::new()),
+            tokens: Arc::new(tokens),
             config,
             metrics,
             open_per_cgroup: Arc::default(),
@@ -252,19 +272,34 @@ impl<B: Backend> Server<B> {
         }
     }
 
-    /// Serves `listener` until the drain starts; then the listener is closed (new
-    /// connects are refused) and the open connections are finished under the drain.
+    /// Serves `listener`; once the drain starts, until connections stop arriving (see the
+    /// module docs), then the listener closes.
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let slots = Arc::new(Semaphore::new(self.config.max_connections));
         let mut draining = std::pin::pin!(self.drain.signaled());
+        let mut handing_over = false;
+        let mut handover_end = Instant::now();
+        let quiet = tokio::time::sleep(HANDOVER_MAX);
+        let mut quiet = std::pin::pin!(quiet);
         loop {
             let accepted = tokio::select! {
-                () = draining.as_mut() => return,
+                () = draining.as_mut(), if !handing_over => {
+                    handing_over = true;
+                    handover_end = Instant::now() + HANDOVER_MAX;
+                    quiet.as_mut().reset(Instant::now() + HANDOVER_QUIET);
+                    continue;
+                }
+                () = quiet.as_mut(), if handing_over => return,
                 accepted = async {
                     let permit = Arc::clone(&slots).acquire_owned().await;
                     (permit, listener.accept().await)
                 } => accepted,
             };
+            if handing_over {
+                quiet
+                    .as_mut()
+                    .reset((Instant::now() + HANDOVER_QUIET).min(handover_end));
+            }
             let (Ok(permit), accepted) = accepted else {
                 return;
             };
@@ -344,11 +379,20 @@ impl<B: Backend> Server<B> {
             }
             Peer::Unserved(_) | Peer::Unrecorded => None,
         };
-        let draining = self.drain.signaled();
         let service = service_fn(move |request: Request<Incoming>| {
             let server = Arc::clone(&self);
             let who = Arc::clone(&who);
-            async move { Ok::<_, std::convert::Infallible>(server.handle(&who, request).await) }
+            async move {
+                let mut response = server.handle(&who, request).await;
+                if server.drain.is_draining() {
+                    // The client's next request goes to a new connection: the successor's.
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -357,16 +401,16 @@ impl<B: Backend> Server<B> {
             .max_buf_size(max_header_bytes.max(8192));
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let mut connection = std::pin::pin!(connection);
-        let ended = tokio::select! {
-            ended = tokio::time::timeout(connection_max_age, connection.as_mut()) => ended.is_ok(),
-            () = draining => false,
-        };
-        if ended {
+        // Draining ends a connection with its next answer (`Connection: close`), or at the
+        // header read timeout when idle; the app's drain bound covers both.
+        if tokio::time::timeout(connection_max_age, connection.as_mut())
+            .await
+            .is_ok()
+        {
             return;
         }
-        // Old enough, or draining: the request in flight gets its time, then the
-        // connection closes (an idle one at once); a client that does not take its
-        // answers is dropped.
+        // Old enough: the request in flight gets its time, then the connection closes (an
+        // idle one at once); a client that does not take its answers is dropped.
         connection.as_mut().graceful_shutdown();
         let _ = tokio::time::timeout(request_timeout, connection).await;
     }

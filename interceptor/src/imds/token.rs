@@ -18,6 +18,8 @@ use ring::{
 const VERSION: u8 = 1;
 const BINDING_LEN: usize = 16;
 const MAC_LEN: usize = 32;
+/// Length of the HMAC key.
+pub const KEY_LEN: usize = 32;
 const RAW_LEN: usize = 1 + 8 + BINDING_LEN + MAC_LEN;
 /// Longer presented tokens are refused before any decoding.
 const MAX_TOKEN_LEN: usize = 128;
@@ -65,13 +67,24 @@ fn unix_seconds(at: SystemTime) -> u64 {
 impl TokenMinter {
     /// A minter with a fresh random key.
     pub fn new() -> Self {
-        let mut key = [0u8; 32];
+        Self::with_key(&Self::random_key())
+    }
+
+    /// A minter with `key`: the agent's comes from a pinned map, so that a successor
+    /// agent verifies the tokens its predecessor minted.
+    pub fn with_key(key: &[u8; KEY_LEN]) -> Self {
+        Self {
+            key: Key::new(hmac::HMAC_SHA256, key),
+        }
+    }
+
+    /// A key from the operating system's random source.
+    pub fn random_key() -> [u8; KEY_LEN] {
+        let mut key = [0u8; KEY_LEN];
         SystemRandom::new()
             .fill(&mut key)
             .expect("the operating system's random source failed");
-        Self {
-            key: Key::new(hmac::HMAC_SHA256, &key),
-        }
+        key
     }
 
     /// A token for `binding`, valid for `ttl` from `now`.
