@@ -7,7 +7,10 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Result;
 use tokio::task::JoinSet;
 
-use super::{Shared, admin, readiness::Latch};
+use super::{
+    Shared, admin,
+    readiness::{Latch, Readiness},
+};
 use crate::{
     audit::{self, AuditLog, ChosenBy},
     config::KubeConfig,
@@ -229,6 +232,7 @@ pub(super) async fn start(
     shared: &Arc<Shared>,
     tasks: &mut JoinSet<()>,
     synced: Latch,
+    ready: Readiness,
 ) -> Result<Kube> {
     let client = k8s::client(config.kubeconfig.as_deref()).await?;
     let (pods, namespaces) = (PodStore::new(), NamespaceStore::new());
@@ -295,7 +299,8 @@ pub(super) async fn start(
             namespaces.wait_synced().await;
             tracing::info!("pod and namespace stores synced");
             drop(synced);
-            // Programs attached, stores synced, listener bound: pods may come.
+            // Pods may come once the kernel steers them to this agent (after the sync).
+            ready.released().await;
             k8s::node::remove_taint_until_done(client, node, taint).await;
         });
     }

@@ -323,6 +323,7 @@ impl App {
                     &shared,
                     &mut tasks,
                     sources_pending.clone(),
+                    readiness.clone(),
                 )
                 .await?,
             ),
