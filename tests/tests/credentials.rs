@@ -13,9 +13,9 @@ use interceptor::credentials::{
     session_name, sts_client,
 };
 use interceptor_tests::{
-    apiserver::wait_for,
     clock::ManualClock,
     moto::MotoServer,
+    objects::wait_for,
     sts_proxy::{Fault, StsProxy},
 };
 
@@ -179,7 +179,18 @@ async fn queued_prefetches_of_deleted_pods_cache_nothing() {
     let deleted = |key: &interceptor::credentials::Key| !key.request.session_name.contains("gone-");
     cache.retain(deleted);
     assert_eq!(cache.len(), 0, "forgotten at once");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The queued prefetches get their turn only as the first ones finish (the limit's
+    // permits), and each finds its pod gone.
+    let queued_behind = (queued - interceptor::credentials::PREFETCH_CONCURRENCY) as u64;
+    wait_for(
+        "the queued prefetches to find their pods gone",
+        Duration::from_secs(10),
+        || match counter(&cache, "prefetches_dropped") {
+            n if n == queued_behind => Ok(()),
+            n => Err(format!("{n} dropped")),
+        },
+    )
+    .await;
     assert_eq!(
         cache.len(),
         0,
@@ -197,7 +208,13 @@ async fn concurrent_requests_make_one_call_per_key() {
     let moto = MotoServer::start();
     let proxy = StsProxy::start(moto.addr()).await;
     proxy.set_delay(Duration::from_millis(200));
-    let cache = cache(&proxy, Settings::default()).await;
+    // What is counted is calls, not time: a request waits for the one call in flight as
+    // long as it takes (a loaded machine's moto can take longer than the agent's 800 ms).
+    let settings = Settings {
+        request_wait: Duration::from_secs(30),
+        ..Settings::default()
+    };
+    let cache = cache(&proxy, settings).await;
     let mut tasks = Vec::new();
     for task in 0..30 {
         let cache = cache.clone();

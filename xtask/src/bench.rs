@@ -18,8 +18,8 @@ pub struct BenchOptions {
     /// Where the JSON report goes (default: `bench/report.json` in the target directory).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Run only this scenario (1-8, docs/performance.md); repeatable. Default: all.
-    #[arg(long = "scenario", value_parser = clap::value_parser!(u8).range(1..=8))]
+    /// Run only this scenario (1-9, docs/performance.md); repeatable. Default: all.
+    #[arg(long = "scenario", value_parser = clap::value_parser!(u8).range(1..=9))]
     pub scenarios: Vec<u8>,
 }
 

@@ -177,6 +177,8 @@ pub struct CacheStats {
     /// Requests that called STS (once per single-flight group).
     pub misses: AtomicU64,
     pub prefetches: AtomicU64,
+    /// Prefetches whose pod was gone when their turn came (no STS call).
+    pub prefetches_dropped: AtomicU64,
     /// Background refresh attempts, and the successful ones.
     pub refreshes: AtomicU64,
     pub refreshes_ok: AtomicU64,
@@ -206,6 +208,7 @@ impl CacheStats {
             ("hits", &self.hits),
             ("misses", &self.misses),
             ("prefetches", &self.prefetches),
+            ("prefetches_dropped", &self.prefetches_dropped),
             ("refreshes", &self.refreshes),
             ("refreshes_ok", &self.refreshes_ok),
             ("sts_calls", &self.sts_calls),
@@ -573,6 +576,10 @@ impl CredentialCache {
             // Queued behind other prefetches, the pod may have gone meanwhile: nothing to
             // fetch (and no STS call, no refresher) for a key that was forgotten.
             if !cache.wanted(&key, &slot) {
+                cache
+                    .stats
+                    .prefetches_dropped
+                    .fetch_add(1, Ordering::Relaxed);
                 return;
             }
             if let Err(error) = cache.get_waiting(&key, &slot).await {

@@ -11,6 +11,7 @@ mod load;
 mod profile;
 mod report;
 mod service_accounts;
+mod takeover;
 
 use std::{
     collections::BTreeMap,
@@ -134,7 +135,7 @@ impl Options {
 }
 
 /// Every scenario, as `--scenario` names them.
-const SCENARIOS: [&str; 8] = ["1", "2", "3", "4", "5", "6", "7", "8"];
+const SCENARIOS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
 
 fn main() -> ExitCode {
     let mut options = Options {
@@ -165,7 +166,7 @@ fn main() -> ExitCode {
                 options.scenarios.push(n);
             }
             _ => {
-                eprintln!("usage: bench [--quick] [--out PATH] [--scenario 1..8]...");
+                eprintln!("usage: bench [--quick] [--out PATH] [--scenario 1..9]...");
                 return ExitCode::from(2);
             }
         }
@@ -224,6 +225,9 @@ async fn run(options: &Options) -> Result<()> {
     }
     if options.wants(&["8"]) {
         service_accounts::service_accounts(&world, &agent_node, &mut report).await?;
+    }
+    if options.wants(&["9"]) {
+        tokio::task::block_in_place(|| takeover::takeovers(&world, &mut report))?;
     }
 
     let environment = json!({
