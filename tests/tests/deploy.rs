@@ -21,10 +21,10 @@ use std::{
 
 use interceptor_tests::{
     Node,
-    apiserver::{FakeApiServer, new_namespace},
     clients::{boto3, raw},
-    cluster::{AGENT_ENV, Peers, api_pod, start_agent},
+    cluster::{AGENT_ENV, Peers, start_agent},
     cmd,
+    control_plane::ControlPlane,
     fake_imds::FakeImds,
     moto::MotoServer,
     peers::venv,
@@ -645,31 +645,38 @@ fn the_series_reader_and_the_selector_check_can_tell_a_mismatch() {
 }
 
 /// Every metric and label value the alerts and the dashboard select is one that a real
-/// agent, which has served a pod its role, refused an unknown pod and denied an invalid
-/// role, exports on `/metrics`.
+/// agent (against the real kube-apiserver, with deploy/'s RBAC), which has served a pod
+/// its role, refused an unknown pod and denied an invalid role, exports on `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_alert_and_dashboard_query_selects_what_a_running_agent_exports() {
-    if !require_root("every_alert_and_dashboard_query_selects_what_a_running_agent_exports") {
+    let test = "every_alert_and_dashboard_query_selects_what_a_running_agent_exports";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("deploy-metrics");
+    scope.add_node(&[]).await;
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (served, denied, unknown) = (node.pod(), node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team"));
-    server.add_pod(api_pod(&served.uid, "team", "served", Some("role-a")));
-    server.add_pod(api_pod(
-        &denied.uid,
-        "team",
-        "denied",
-        Some("arn:aws:iam::bad"),
-    ));
+    let role = |role| [("iam.amazonaws.com/role", role)];
+    let served = scope
+        .running_pod(&node, &team, "served", &role("role-a"))
+        .await;
+    let denied = scope
+        .running_pod(&node, &team, "denied", &role("arn:aws:iam::bad"))
+        .await;
+    // A pod the API server does not know.
+    let unknown = node.pod();
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = start_agent(
         "deploy-metrics",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
