@@ -462,22 +462,25 @@ impl ControlPlane {
         }
     }
 
-    /// The sum of kube-apiserver's own `apiserver_request_total` (its `/metrics`, read as
-    /// the administrator) over the series that carry every one of `labels`, e.g.
-    /// `[("resource", "serviceaccounts"), ("verb", "WATCH")]`. The server counts every
-    /// client of this plane since it started, so on the shared plane that is every test
-    /// of the binary: an assertion that something never happened holds for them all.
-    /// `scope` is `resource` for a request naming one object, also when a list or watch
-    /// names it by `fieldSelector=metadata.name=...`; `namespace` or `cluster` otherwise.
-    pub fn requests_total(&self, labels: &[(&str, &str)]) -> Result<f64, String> {
+    /// The sum of one of kube-apiserver's own metric families (its `/metrics`, read as
+    /// the administrator) over the series that carry every one of `labels`: e.g.
+    /// `apiserver_request_total` (completed requests; a watch counts once it ends) or
+    /// `apiserver_longrunning_requests` (watches open now) with
+    /// `[("resource", "serviceaccounts"), ("verb", "LIST")]`. The server counts every
+    /// client of this plane, kube-apiserver's own informers included, so on the shared
+    /// plane that is every test of the binary. `scope` is `resource` for a request naming
+    /// one object, also when a list or watch names it by `fieldSelector=metadata.name=..`;
+    /// `namespace` or `cluster` otherwise.
+    pub fn server_metric(&self, family: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
         let text = self.kubectl(&["get", "--raw", "/metrics"])?;
+        let prefix = format!("{family}{{");
         let wanted: Vec<String> = labels
             .iter()
             .map(|(name, value)| format!("{name}=\"{value}\""))
             .collect();
         let mut total = 0.0;
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            let Some(rest) = line.strip_prefix(prefix.as_str()) else {
                 continue;
             };
             let Some((series, value)) = rest.rsplit_once("} ") else {
