@@ -461,6 +461,41 @@ impl ControlPlane {
             node: format!("{test}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
         }
     }
+
+    /// The sum of one of kube-apiserver's own metric families (its `/metrics`, read as
+    /// the administrator) over the series that carry every one of `labels`: e.g.
+    /// `apiserver_request_total` (completed requests; a watch counts once it ends) or
+    /// `apiserver_longrunning_requests` (watches open now) with
+    /// `[("resource", "serviceaccounts"), ("verb", "LIST")]`. The server counts every
+    /// client of this plane, kube-apiserver's own informers included, so on the shared
+    /// plane that is every test of the binary. `scope` is `resource` for a request naming
+    /// one object, also when a list or watch names it by `fieldSelector=metadata.name=..`;
+    /// `namespace` or `cluster` otherwise.
+    pub fn server_metric(&self, family: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
+        let text = self.kubectl(&["get", "--raw", "/metrics"])?;
+        let prefix = format!("{family}{{");
+        let wanted: Vec<String> = labels
+            .iter()
+            .map(|(name, value)| format!("{name}=\"{value}\""))
+            .collect();
+        let mut total = 0.0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            let Some((series, value)) = rest.rsplit_once("} ") else {
+                return Err(format!("unreadable series: {line}"));
+            };
+            let series: Vec<&str> = series.split(',').collect();
+            if wanted.iter().all(|label| series.contains(&label.as_str())) {
+                total += value
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|e| format!("{line}: {e}"))?;
+            }
+        }
+        Ok(total)
+    }
 }
 
 impl Drop for ControlPlane {
@@ -689,6 +724,23 @@ impl Scope<'_> {
             .into_iter()
             .map(|event| serde_json::to_value(event).unwrap())
             .collect()
+    }
+
+    /// A pod on this test's node as a cluster makes one: created through the API with
+    /// `annotations` (the server assigns its UID), simulated on `node` under that UID
+    /// (cgroups named after it, its own network), then Running with its container's id
+    /// in its status, as the kubelet writes it.
+    pub async fn running_pod(
+        &self,
+        node: &crate::Node,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) -> crate::Pod {
+        let api = self.add_pod(namespace, name, annotations).await;
+        let pod = node.pod_with_uid(api.metadata.uid.clone().expect("the server assigns a UID"));
+        self.set_running(&api, &pod).await;
+        pod
     }
 }
 

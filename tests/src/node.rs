@@ -276,7 +276,9 @@ impl Node {
         self.pod_cgroups_with_uid(uuid_like(&unique("")))
     }
 
-    fn pod_cgroups_with_uid(&self, uid: String) -> PodCgroups {
+    /// Only the cgroups of a pod with the given UID: for pods created through a real API
+    /// server first (see [`Self::pod_with_uid`]).
+    pub fn pod_cgroups_with_uid(&self, uid: String) -> PodCgroups {
         let container_id = format!("{:0>64}", unique("").replace('x', "0"));
         let slice = self
             .kubepods

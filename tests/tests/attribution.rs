@@ -1,7 +1,8 @@
 //! Faults in the kernel's attribution records, with the real agent on the simulated node:
 //! a record left behind by a connect the proxy never accepted, a record evicted because a
-//! pod flooded the map, and thousands of pods coming and going. Each connection is served
-//! its own caller's role or refused; never another's, never the node's.
+//! pod flooded the map, and thousands of pods coming and going (through the real
+//! kube-apiserver of the test binary's control plane). Each connection is served its own
+//! caller's role or refused; never another's, never the node's.
 
 use std::{
     io::{BufRead, BufReader},
@@ -11,19 +12,25 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::{StreamExt, stream};
 use interceptor_tests::{
     Node, Pod,
     agent::{Agent, free_port},
-    apiserver::{FakeApiServer, new_namespace},
     ask::assert_upstream_untouched,
     clients::in_pod,
-    cluster::{AGENT_ENV, Peers, api_pod, start_agent},
+    cluster::{AGENT_ENV, Peers, start_agent},
+    control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
     node::in_cgroup,
+    objects::new_pod,
     peers::venv,
     pins::Pins,
     require_root,
+};
+use kube::{
+    Api,
+    api::{DeleteParams, PostParams},
 };
 
 /// The cgroup id (cgroup v2 inode number) of the cgroup at `path`.
@@ -341,32 +348,44 @@ fn wait_until<T: std::fmt::Debug>(
     }
 }
 
-/// Pods come and go by the thousand (cgroups created, pods added to the API server, one
-/// credential request each from inside the pod's cgroup, then deleted). Every pod is
+/// Pods come and go by the thousand (pods created through the API server, which assigns
+/// their UIDs, cgroups created under those UIDs, one credential request each from inside
+/// the pod's cgroup, then pods deleted as the kubelet completes a deletion and their
+/// cgroups removed). The API requests of a round go 16 at a time on one client, as a
+/// busy cluster's would reach the agent's watch: in bursts. The pods get no status: this
+/// agent needs none to tell them apart (their cgroups name their UIDs). Every pod is
 /// served exactly its own role, and once they are gone the agent's pods, cgroups,
 /// credentials and kernel records are back where they started, and its memory has not
 /// grown with the number of pods that passed through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churning_thousands_of_pods_leaves_no_trace() {
-    if !require_root("churning_thousands_of_pods_leaves_no_trace") {
+    let test = "churning_thousands_of_pods_leaves_no_trace";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
     const ROUNDS: usize = 20;
     // The allocator settles in the first rounds; growth is measured after them.
     const WARM_UP: usize = 4;
     const PER_ROUND: usize = 100;
+    let scope = plane.scope("churn");
+    scope.add_node(&[]).await;
+    let namespace = scope.namespace_name("churn");
+    scope.namespace(&namespace, &[]).await;
+    let pods_api =
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(plane.client().await, &namespace);
     let node = Node::new();
     // The pods' processes share this pod's network namespace (like hostNetwork pods).
     let host = node.pod();
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("churn"));
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = start_agent(
         "churn",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -385,13 +404,38 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
     let mut rss_warm = 0;
     let mut served = 0;
     for round in 0..ROUNDS {
-        let pods: Vec<_> = (0..PER_ROUND).map(|_| node.pod_cgroups()).collect();
+        // Names repeat across rounds (as a StatefulSet's do); UIDs and roles do not.
+        let created: Vec<(usize, String)> = stream::iter(0..PER_ROUND)
+            .map(|i| {
+                let mut pod = new_pod(&namespace, &format!("app-{i}"), &scope.node);
+                pod.metadata.annotations = Some(
+                    [(
+                        "iam.amazonaws.com/role".to_owned(),
+                        format!("churn-{round}-{i}"),
+                    )]
+                    .into(),
+                );
+                let api = &pods_api;
+                async move {
+                    let pod = api
+                        .create(&PostParams::default(), &pod)
+                        .await
+                        .unwrap_or_else(|e| panic!("creating pod app-{i}: {e}"));
+                    (i, pod.metadata.uid.expect("the server assigns a UID"))
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut pods = Vec::new();
         let mut expected = std::collections::HashMap::new();
-        for (i, pod) in pods.iter().enumerate() {
-            // Names repeat across rounds (as a StatefulSet's do); UIDs and roles do not.
-            let role = format!("churn-{round}-{i}");
-            server.add_pod(api_pod(&pod.uid, "churn", &format!("app-{i}"), Some(&role)));
-            expected.insert(pod.container.procs_file().display().to_string(), role);
+        for (i, uid) in created {
+            let pod = node.pod_cgroups_with_uid(uid);
+            expected.insert(
+                pod.container.procs_file().display().to_string(),
+                format!("churn-{round}-{i}"),
+            );
+            pods.push(pod);
         }
         let known = wait_until(
             Duration::from_secs(20),
@@ -431,9 +475,24 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
             );
             served += 1;
         }
-        for i in 0..PER_ROUND {
-            server.delete_pod("churn", &format!("app-{i}"));
-        }
+        let deleted: Vec<()> = stream::iter(0..PER_ROUND)
+            .map(|i| {
+                let api = &pods_api;
+                async move {
+                    let name = format!("app-{i}");
+                    let now = DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..DeleteParams::default()
+                    };
+                    api.delete(&name, &now)
+                        .await
+                        .unwrap_or_else(|e| panic!("deleting pod {name}: {e}"));
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        assert_eq!(deleted.len(), PER_ROUND);
         drop(pods);
         let after = wait_until(
             Duration::from_secs(20),

@@ -1,5 +1,6 @@
 //! The audit record end to end: the real agent (`--log-format json`) on the simulated
-//! node, boto3 in pods getting their credentials through the metadata address. Each
+//! node, pods from the real kube-apiserver (the binary's shared control plane), boto3 in
+//! pods getting their credentials through the metadata address. Each
 //! container handed a key gets exactly one `interceptor::audit` record however often it
 //! asks, and the record holds what the SDK received (AccessKeyId, role) and what the
 //! kernel recorded (the pod's cgroup, the pid and executable of the asking process), and
@@ -10,9 +11,9 @@ use std::{net::IpAddr, path::PathBuf};
 
 use interceptor_tests::{
     Node,
-    apiserver::{FakeApiServer, new_namespace},
     clients::boto3_credentials,
-    cluster::{AGENT_ENV, NODE, Peers, api_pod, start_agent},
+    cluster::{AGENT_ENV, Peers, start_agent},
+    control_plane::ControlPlane,
     fake_imds::FakeImds,
     moto::MotoServer,
     require_root,
@@ -29,22 +30,34 @@ fn audit_records(log: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_record_per_key_and_container_matching_what_the_sdk_received() {
-    if !require_root("one_record_per_key_and_container_matching_what_the_sdk_received") {
+    let test = "one_record_per_key_and_container_matching_what_the_sdk_received";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("audit");
+    scope.add_node(&[]).await;
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (annotated, defaulted) = (node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team"));
-    server.add_pod(api_pod(&annotated.uid, "team", "annotated", Some("role-a")));
-    server.add_pod(api_pod(&defaulted.uid, "team", "defaulted", None));
+    let annotated = scope
+        .running_pod(
+            &node,
+            &team,
+            "annotated",
+            &[("iam.amazonaws.com/role", "role-a")],
+        )
+        .await;
+    let defaulted = scope.running_pod(&node, &team, "defaulted", &[]).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = start_agent(
         "audit",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -124,8 +137,8 @@ async fn one_record_per_key_and_container_matching_what_the_sdk_received() {
             "{name}"
         );
         assert_eq!(record["chosen_by"], chosen_by, "{name}");
-        assert_eq!(record["node"], NODE);
-        assert_eq!(record["namespace"], "team");
+        assert_eq!(record["node"], scope.node.as_str());
+        assert_eq!(record["namespace"], team.as_str());
         assert_eq!(record["pod"], name);
         assert_eq!(
             record["container_id"],

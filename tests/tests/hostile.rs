@@ -1,4 +1,5 @@
-//! Hostile pods against the real agent (API-server mode): forged headers, path tricks,
+//! Hostile pods against the real agent (API-server mode, against the real kube-apiserver
+//! of the test binary's shared control plane): forged headers, path tricks,
 //! request smuggling, oversized and slow requests, connection floods and forged IMDSv2
 //! tokens. None may yield another pod's or the node's credentials, the agent stays up, and
 //! what a pod can hold stays within the limits (docs/imds.md, "Limits").
@@ -12,11 +13,12 @@ use std::{io::Read, net::IpAddr, path::PathBuf, time::Duration};
 use interceptor_tests::{
     Node, Pod,
     agent::{Agent, series_value},
-    apiserver::{FakeApiServer, new_namespace, wait_for},
     clients::{in_pod, raw},
-    cluster::{AGENT_ENV, Peers, api_pod, start_agent},
+    cluster::{AGENT_ENV, Peers, start_agent},
+    control_plane::{ControlPlane, Scope},
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
+    objects::wait_for,
     peers::venv,
     require_root,
 };
@@ -41,34 +43,40 @@ const LIMITS: [&str; 12] = [
 /// `--max-connections-per-cgroup` above.
 const PER_CGROUP: i64 = 16;
 
-/// The agent, its peers and two pods with roles. Fields drop in order: the agent first
-/// (killed, programs detached), the pods, then the node.
+/// The agent, its peers and two pods with roles, in a scope of the shared control plane
+/// (its node, and a namespace `team` holding the pods). Fields drop in order: the agent
+/// first (killed, programs detached), the pods, then the node.
 struct Cluster {
     agent: Agent,
     pod_a: Pod,
     pod_b: Pod,
-    server: FakeApiServer,
+    scope: Scope<'static>,
+    team: String,
     upstream: FakeImds,
     _moto: MotoServer,
     node: Node,
 }
 
 impl Cluster {
-    async fn start(name: &str, more_pods: &[(&str, &str)]) -> (Self, Vec<Pod>) {
+    /// `None` (the test skips) when the control plane cannot start outside CI; `more_pods`
+    /// are `(name, role)`, returned in that order.
+    async fn start(test: &str, name: &str, more_pods: &[(&str, &str)]) -> Option<(Self, Vec<Pod>)> {
+        let scope = ControlPlane::shared(test)?.scope(name);
+        scope.add_node(&[]).await;
+        let team = scope.namespace_name("team");
+        scope.namespace(&team, &[]).await;
         let node = Node::new();
-        let (pod_a, pod_b) = (node.pod(), node.pod());
-        let server = FakeApiServer::start().await;
-        server.add_namespace(new_namespace("team-a"));
-        server.add_pod(api_pod(&pod_a.uid, "team-a", "app-a", Some("role-a")));
-        server.add_pod(api_pod(&pod_b.uid, "team-a", "app-b", Some("role-b")));
-        let more: Vec<Pod> = more_pods
-            .iter()
-            .map(|(app, role)| {
-                let pod = node.pod();
-                server.add_pod(api_pod(&pod.uid, "team-a", app, Some(role)));
-                pod
-            })
-            .collect();
+        let role = |role| [("iam.amazonaws.com/role", role)];
+        let pod_a = scope
+            .running_pod(&node, &team, "app-a", &role("role-a"))
+            .await;
+        let pod_b = scope
+            .running_pod(&node, &team, "app-b", &role("role-b"))
+            .await;
+        let mut more = Vec::new();
+        for (app, pod_role) in more_pods {
+            more.push(scope.running_pod(&node, &team, app, &role(pod_role)).await);
+        }
         let moto = MotoServer::start_on(node.address, &[]);
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
         let mut extra = vec![
@@ -83,7 +91,7 @@ impl Cluster {
             name,
             &node,
             Peers {
-                api: &server,
+                api: &scope,
                 upstream: &upstream,
                 sts: &moto.endpoint(),
             },
@@ -96,12 +104,13 @@ impl Cluster {
             agent,
             pod_a,
             pod_b,
-            server,
+            scope,
+            team,
             upstream,
             _moto: moto,
             node,
         };
-        (cluster, more)
+        Some((cluster, more))
     }
 
     /// Only the allowed passthrough (and the agent's own upstream token) ever reached the
@@ -223,10 +232,13 @@ impl Checks {
 /// silent clients: pod a only ever gets its own role, and the agent keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_never_yield_foreign_credentials() {
-    if !require_root("hostile_requests_never_yield_foreign_credentials") {
+    let test = "hostile_requests_never_yield_foreign_credentials";
+    if !require_root(test) {
         return;
     }
-    let (cluster, _) = Cluster::start("hostile-http", &[]).await;
+    let Some((cluster, _)) = Cluster::start(test, "hostile-http", &[]).await else {
+        return;
+    };
     let node_address = cluster.node.address;
     let failed = tokio::task::block_in_place(|| {
         let (a, b) = (&cluster.pod_a, &cluster.pod_b);
@@ -483,10 +495,15 @@ async fn hostile_requests_never_yield_foreign_credentials() {
 /// 401, never credentials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_foreign_tokens_are_refused() {
-    if !require_root("forged_and_foreign_tokens_are_refused") {
+    let test = "forged_and_foreign_tokens_are_refused";
+    if !require_root(test) {
         return;
     }
-    let (cluster, mut more) = Cluster::start("hostile-tokens", &[("app-c", "role-c")]).await;
+    let Some((cluster, mut more)) =
+        Cluster::start(test, "hostile-tokens", &[("app-c", "role-c")]).await
+    else {
+        return;
+    };
     let pod_c = more.pop().expect("pod c");
     let ttl = |seconds: u32| format!("X-aws-ec2-metadata-token-ttl-seconds={seconds}");
     let mint = |pod: &Pod, seconds: u32| {
@@ -508,7 +525,7 @@ async fn forged_and_foreign_tokens_are_refused() {
     );
 
     // Pod c is deleted from the API server and its cgroups removed; the agent forgets it.
-    cluster.server.delete_pod("team-a", "app-c");
+    cluster.scope.delete_pod(&cluster.team, "app-c").await;
     drop(pod_c);
     wait_for(
         "the agent to forget pod c",
@@ -590,11 +607,14 @@ async fn forged_and_foreign_tokens_are_refused() {
 /// memory bounded, and the other pod is served its own role throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_neither_starves_other_pods_nor_grows_the_agent() {
-    if !require_root("a_connection_flood_neither_starves_other_pods_nor_grows_the_agent") {
+    let test = "a_connection_flood_neither_starves_other_pods_nor_grows_the_agent";
+    if !require_root(test) {
         return;
     }
     const FLOOD: usize = 2500;
-    let (cluster, _) = Cluster::start("hostile-flood", &[]).await;
+    let Some((cluster, _)) = Cluster::start(test, "hostile-flood", &[]).await else {
+        return;
+    };
     let (a, b) = (&cluster.pod_a, &cluster.pod_b);
     let key_b = tokio::task::block_in_place(|| own_key(b, "role-b"));
     let rss = |pid: u32| -> u64 {

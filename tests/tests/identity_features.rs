@@ -1,22 +1,47 @@
-//! End to end on the simulated node, with boto3 in pods: per-container roles told apart
-//! by the kernel's cgroup of the connecting container, roles from ServiceAccounts (and
-//! IRSA's annotation), and Pod Identity-compatible session tags and SourceIdentity as they
-//! reach STS (through the counting forwarder in front of moto).
+//! End to end on the simulated node, with boto3 in pods and the real kube-apiserver (the
+//! test binary's shared control plane; pods, ServiceAccounts and the kubelet's status
+//! writes go through its API, and the agent's Events are read back from it):
+//! per-container roles told apart by the kernel's cgroup of the connecting container,
+//! roles from ServiceAccounts (and IRSA's annotation), and Pod Identity-compatible session
+//! tags and SourceIdentity as they reach STS (through the counting forwarder in front of
+//! moto).
+//!
+//! What the agent asks the API server for ServiceAccounts is read from the server's own
+//! metrics (`apiserver_request_total`, `apiserver_longrunning_requests`), whose `scope`
+//! label on an open watch says whether it names one object (`resource`, which a
+//! `metadata.name` field selector counts as) or a whole namespace or the cluster. They
+//! count every client of the shared plane, so they cannot be pinned to one agent: the
+//! test asserts what holds for every agent of the binary while its own runs (no watch of
+//! a namespace's ServiceAccounts open; the one cluster-wide watch open is the server's own
+//! admission informer's), what holds for its agent (its by-name watches open, no
+//! cluster-wide list while it ran: that informer lists only when it starts) and the
+//! agent's own count of watches (`interceptor_tracked`).
+//! The alternatives were weighed: a forwarder in front of the server sees only TLS unless
+//! it terminates it (a second certificate authority for the agent to trust), and the
+//! server's audit log needs a change to how the shared plane is started.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use interceptor_tests::{
     Node, Pod,
-    apiserver::{FakeApiServer, new_namespace, wait_for},
     clients::boto3,
-    cluster::{AGENT_ENV, Peers, api_pod, start_agent},
+    cluster::{AGENT_ENV, Peers, start_agent},
+    control_plane::{ControlPlane, Scope, wait_until},
     fake_imds::FakeImds,
     moto::MotoServer,
     node::Cgroup,
+    objects::new_pod,
     require_root,
     sts_proxy::{Fault, StsProxy},
 };
-use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodStatus, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, ServiceAccount};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+const ROLE: &str = "iam.amazonaws.com/role";
 
 const ACCOUNT_ARN: &str = "arn:aws:sts::123456789012:assumed-role";
 
@@ -48,8 +73,8 @@ fn container(name: &str) -> Container {
     }
 }
 
-fn status(name: &str, id: &str) -> ContainerStatus {
-    ContainerStatus {
+fn status(name: &str, id: &str) -> serde_json::Value {
+    let status = ContainerStatus {
         name: name.to_owned(),
         container_id: Some(format!("containerd://{id}")),
         image: "registry.invalid/app:1".to_owned(),
@@ -57,7 +82,8 @@ fn status(name: &str, id: &str) -> ContainerStatus {
         ready: true,
         restart_count: 0,
         ..Default::default()
-    }
+    };
+    serde_json::to_value(status).unwrap()
 }
 
 /// The value of form parameter `key` in one AssumeRole call.
@@ -85,27 +111,52 @@ fn tags(params: &[(String, String)]) -> (BTreeMap<String, String>, Vec<String>) 
     (tags, transitive)
 }
 
-fn event_texts(server: &FakeApiServer) -> Vec<String> {
-    server
-        .events()
-        .iter()
-        .map(serde_json::Value::to_string)
-        .collect()
+/// Waits until the real server holds an Event in `namespace` whose JSON contains
+/// `needle`.
+async fn wait_for_event(scope: &Scope<'_>, namespace: &str, needle: &str) {
+    wait_until(
+        &format!("an Event with {needle:?}"),
+        Duration::from_secs(30),
+        || async {
+            let events: Vec<String> = scope
+                .events(namespace)
+                .await
+                .iter()
+                .map(serde_json::Value::to_string)
+                .collect();
+            if events.iter().any(|event| event.contains(needle)) {
+                Ok(())
+            } else {
+                Err(format!("{events:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// A scope of the shared plane with its node registered and a namespace `team`: `None`
+/// (the test skips) when the plane cannot start outside CI.
+async fn scope_with_team(test: &str, name: &str) -> Option<(Scope<'static>, String)> {
+    let scope = ControlPlane::shared(test)?.scope(name);
+    scope.add_node(&[]).await;
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
+    Some((scope, team))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_container_gets_its_own_role_with_pod_identity_tags() {
-    if !require_root("each_container_gets_its_own_role_with_pod_identity_tags") {
+    let test = "each_container_gets_its_own_role_with_pod_identity_tags";
+    if !require_root(test) {
         return;
     }
+    let Some((scope, team)) = scope_with_team(test, "idc").await else {
+        return;
+    };
+    add_service_account(&scope, service_account(&team, "web-sa", &[])).await;
     let node = Node::new();
-    let mut pod = node.pod();
-    let (sidecar_id, mut sidecar) = extra_container(&pod, "5");
-    let (_late_id, mut late) = extra_container(&pod, "6");
-
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team-a"));
-    let mut api = api_pod(&pod.uid, "team-a", "web", Some("app-role"));
+    let mut api = new_pod(&team, "web", &scope.node);
+    api.metadata.annotations = Some([(ROLE.to_owned(), "app-role".to_owned())].into());
     let spec = api.spec.get_or_insert_default();
     spec.containers = vec![container("app"), container("istio-proxy")];
     spec.init_containers = Some(vec![container("late")]);
@@ -119,15 +170,24 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
         "iam.amazonaws.com/session-name".into(),
         "someone-else".into(),
     );
-    // `late` is not in the status yet: its connections must not get the pod's role.
-    api.status = Some(PodStatus {
-        container_statuses: Some(vec![
+    let api = scope.create_pod(api).await;
+    let mut pod = node.pod_with_uid(api.metadata.uid.clone().expect("a UID"));
+    let (sidecar_id, mut sidecar) = extra_container(&pod, "5");
+    let (_late_id, mut late) = extra_container(&pod, "6");
+    // The kubelet's status write. `late` is not in the status yet: its connections must
+    // not get the pod's role.
+    let status = json!({ "status": {
+        "phase": "Running",
+        "podIP": pod.ip.to_string(),
+        "containerStatuses": [
             status("app", &pod.container_id),
             status("istio-proxy", &sidecar_id),
-        ]),
-        ..Default::default()
-    });
-    server.add_pod(api);
+        ],
+    }});
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(scope.plane.client().await, &team)
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("the pod's status");
 
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
@@ -136,7 +196,7 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
         "identity-containers",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
@@ -167,12 +227,12 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
     let log = agent.log_text();
     assert_eq!(
         app,
-        format!("{ACCOUNT_ARN}/app-role/team-a.web"),
+        format!("{ACCOUNT_ARN}/app-role/{team}.web"),
         "an unlisted container has the pod's role\n{log}"
     );
     assert_eq!(
         mesh,
-        format!("{ACCOUNT_ARN}/mesh-role/team-a.web@istio-proxy"),
+        format!("{ACCOUNT_ARN}/mesh-role/{team}.web@istio-proxy"),
         "the sidecar has its own role, in a session of its own\n{log}"
     );
     assert!(
@@ -192,11 +252,11 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
             .find(|params| param(params, "RoleSessionName") == Some(session))
             .unwrap_or_else(|| panic!("an AssumeRole for {session} in {calls:?}"))
     };
-    let pod_call = call_for("team-a.web");
+    let pod_call = call_for(&format!("{team}.web"));
     let (pod_tags, transitive) = tags(pod_call);
     let expected: BTreeMap<String, String> = [
         ("eks-cluster-name", "prod-1"),
-        ("kubernetes-namespace", "team-a"),
+        ("kubernetes-namespace", team.as_str()),
         ("kubernetes-service-account", "web-sa"),
         ("kubernetes-pod-name", "web"),
         ("kubernetes-pod-uid", uid.as_str()),
@@ -212,9 +272,12 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
         expected.keys().cloned().collect::<Vec<_>>(),
         "all tags transitive"
     );
-    assert_eq!(param(pod_call, "SourceIdentity"), Some("team-a.web"));
+    assert_eq!(
+        param(pod_call, "SourceIdentity"),
+        Some(format!("{team}.web").as_str())
+    );
 
-    let (mesh_tags, _) = tags(call_for("team-a.web@istio-proxy"));
+    let (mesh_tags, _) = tags(call_for(&format!("{team}.web@istio-proxy")));
     assert_eq!(
         mesh_tags
             .get("kubernetes-container-name")
@@ -225,25 +288,24 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
         mesh_tags.get("kubernetes-pod-name").map(String::as_str),
         Some("web")
     );
-    let events = event_texts(&server);
-    assert!(
-        events
-            .iter()
-            .any(|event| event.contains("UnknownContainer")),
-        "the refusal is posted on the pod: {events:?}"
-    );
-    assert!(
-        events
-            .iter()
-            .any(|event| event.contains("SessionNameIgnored")),
-        "kiam's session name is refused visibly: {events:?}"
-    );
+    // The refusal is posted on the pod, and kiam's session name is refused visibly.
+    wait_for_event(&scope, &team, "UnknownContainer").await;
+    wait_for_event(&scope, &team, "SessionNameIgnored").await;
     assert!(
         !calls
             .iter()
             .any(|params| param(params, "RoleSessionName") == Some("someone-else")),
         "{calls:?}"
     );
+}
+
+/// Creates `account` through the API (in its `metadata.namespace`).
+async fn add_service_account(scope: &Scope<'_>, account: ServiceAccount) {
+    let namespace = account.metadata.namespace.clone().expect("a namespace");
+    Api::<ServiceAccount>::namespaced(scope.plane.client().await, &namespace)
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap_or_else(|e| panic!("creating ServiceAccount {:?}: {e}", account.metadata.name));
 }
 
 fn service_account(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> ServiceAccount {
@@ -261,35 +323,63 @@ fn service_account(namespace: &str, name: &str, annotations: &[(&str, &str)]) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_come_from_the_service_account_and_follow_its_changes() {
-    if !require_root("roles_come_from_the_service_account_and_follow_its_changes") {
+    let test = "roles_come_from_the_service_account_and_follow_its_changes";
+    if !require_root(test) {
         return;
     }
+    let Some((scope, team)) = scope_with_team(test, "idsa").await else {
+        return;
+    };
+    add_service_account(
+        &scope,
+        service_account(&team, "builder", &[(ROLE, "sa-role")]),
+    )
+    .await;
+    add_service_account(
+        &scope,
+        service_account(
+            &team,
+            "irsa",
+            &[(
+                "eks.amazonaws.com/role-arn",
+                "arn:aws:iam::123456789012:role/irsa-role",
+            )],
+        ),
+    )
+    .await;
     let node = Node::new();
-    let (own, from_sa, irsa) = (node.pod(), node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team-a"));
-    server.add_service_account(service_account(
-        "team-a",
-        "builder",
-        &[("iam.amazonaws.com/role", "sa-role")],
-    ));
-    server.add_service_account(service_account(
-        "team-a",
-        "irsa",
-        &[(
-            "eks.amazonaws.com/role-arn",
-            "arn:aws:iam::123456789012:role/irsa-role",
-        )],
-    ));
-    for (pod, name, role, account) in [
-        (&own, "own", Some("pod-role"), "builder"),
-        (&from_sa, "from-sa", None, "builder"),
-        (&irsa, "irsa", None, "irsa"),
+    let mut pods = Vec::new();
+    for (name, role, account) in [
+        ("own", Some("pod-role"), "builder"),
+        ("from-sa", None, "builder"),
+        ("irsa", None, "irsa"),
     ] {
-        let mut api = api_pod(&pod.uid, "team-a", name, role);
+        let mut api = new_pod(&team, name, &scope.node);
+        api.metadata.annotations = role.map(|role| [(ROLE.to_owned(), role.to_owned())].into());
         api.spec.get_or_insert_default().service_account_name = Some(account.into());
-        server.add_pod(api);
+        let api = scope.create_pod(api).await;
+        let pod = node.pod_with_uid(api.metadata.uid.clone().expect("a UID"));
+        scope.set_running(&api, &pod).await;
+        pods.push(pod);
     }
+    let [own, from_sa, irsa]: [Pod; 3] = pods.try_into().expect("three pods");
+    // The server's count of cluster-wide lists before this test's agent starts (see the
+    // module doc).
+    let plane = scope.plane;
+    let accounts = |family: &str, verb: &str, scope: &str| {
+        plane
+            .server_metric(
+                family,
+                &[
+                    ("resource", "serviceaccounts"),
+                    ("verb", verb),
+                    ("scope", scope),
+                ],
+            )
+            .unwrap()
+    };
+    let (total, open) = ("apiserver_request_total", "apiserver_longrunning_requests");
+    let cluster_lists = accounts(total, "LIST", "cluster");
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -297,7 +387,7 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
         "identity-service-accounts",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
@@ -330,9 +420,9 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
     assert_eq!(
         answers,
         [
-            format!("{ACCOUNT_ARN}/pod-role/team-a.own"),
-            format!("{ACCOUNT_ARN}/sa-role/team-a.from-sa"),
-            format!("{ACCOUNT_ARN}/irsa-role/team-a.irsa"),
+            format!("{ACCOUNT_ARN}/pod-role/{team}.own"),
+            format!("{ACCOUNT_ARN}/sa-role/{team}.from-sa"),
+            format!("{ACCOUNT_ARN}/irsa-role/{team}.irsa"),
         ],
         "pod, then ServiceAccount, then IRSA's annotation\n{log}"
     );
@@ -344,14 +434,15 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
 
     // The ServiceAccount's annotation changes: its pods follow, the pod with its own
     // role does not.
-    server.update_service_account("team-a", "builder", |account| {
-        account
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .insert("iam.amazonaws.com/role".into(), "sa-role-2".into());
-    });
-    let expected = format!("{ACCOUNT_ARN}/sa-role-2/team-a.from-sa");
+    Api::<ServiceAccount>::namespaced(scope.plane.client().await, &team)
+        .patch(
+            "builder",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { ROLE: "sa-role-2" } } })),
+        )
+        .await
+        .expect("the ServiceAccount's new role");
+    let expected = format!("{ACCOUNT_ARN}/sa-role-2/{team}.from-sa");
     let (own, from_sa) = {
         let mut pods = (own, from_sa);
         let mut last = String::new();
@@ -376,33 +467,52 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
     let own_answer = tokio::task::spawn_blocking(move || boto3(&own, &whoami))
         .await
         .unwrap();
-    assert_eq!(own_answer, format!("{ACCOUNT_ARN}/pod-role/team-a.own"));
+    assert_eq!(own_answer, format!("{ACCOUNT_ARN}/pod-role/{team}.own"));
     drop((from_sa, irsa));
-    // Only the ServiceAccounts pods use were asked for, each by name.
-    let requests = server.requests();
-    let account_requests: Vec<&String> = requests
-        .iter()
-        .filter(|request| request.contains("serviceaccounts"))
-        .collect();
+    // Only the ServiceAccounts pods use were followed, each by name, as the server
+    // counts the requests. (Only its gauge of open watches tells a watch by name from a
+    // namespace's: its totals count a list or an ended watch by name as a namespace's,
+    // so those are told apart only from the cluster's.) This agent's two by-name watches
+    // are open now:
+    let by_name = accounts(open, "WATCH", "resource");
     assert!(
-        account_requests
-            .iter()
-            .all(|request| request.contains("metadata.name")),
-        "{account_requests:?}"
+        by_name >= 2.0,
+        "by-name ServiceAccount watches open: {by_name}"
     );
-    assert!(!account_requests.is_empty());
+    // no agent of this test binary watches a whole namespace's ServiceAccounts;
+    assert_eq!(
+        accounts(open, "WATCH", "namespace"),
+        0.0,
+        "ServiceAccount watches of a whole namespace open"
+    );
+    // the only cluster-wide watch open is the server's own (its ServiceAccount admission
+    // plugin's informer);
+    let cluster_wide = accounts(open, "WATCH", "cluster");
+    assert!(
+        cluster_wide <= 1.0,
+        "cluster-wide ServiceAccount watches open: {cluster_wide}"
+    );
+    // and nobody listed them across the cluster while the agent ran.
+    assert_eq!(
+        accounts(total, "LIST", "cluster"),
+        cluster_lists,
+        "a cluster-wide list of ServiceAccounts while the agent ran"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
-    if !require_root("a_trust_policy_without_tag_session_is_named_in_the_pods_event") {
+    let test = "a_trust_policy_without_tag_session_is_named_in_the_pods_event";
+    if !require_root(test) {
         return;
     }
+    let Some((scope, team)) = scope_with_team(test, "idtag").await else {
+        return;
+    };
     let node = Node::new();
-    let pod = node.pod();
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team-a"));
-    server.add_pod(api_pod(&pod.uid, "team-a", "tagged", Some("strict-role")));
+    let pod = scope
+        .running_pod(&node, &team, "tagged", &[(ROLE, "strict-role")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     sts.set_fault(Fault::DenyWith(
@@ -415,7 +525,7 @@ async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
         "identity-tag-session",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
@@ -433,22 +543,7 @@ async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
         .await
         .unwrap();
     assert!(answer.starts_with("ERROR"), "{answer}");
-    wait_for(
-        "an Event naming sts:TagSession",
-        Duration::from_secs(10),
-        || {
-            let events = event_texts(&server);
-            if events
-                .iter()
-                .any(|event| event.contains("must allow sts:TagSession"))
-            {
-                Ok(())
-            } else {
-                Err(format!("{events:?}"))
-            }
-        },
-    )
-    .await;
+    wait_for_event(&scope, &team, "must allow sts:TagSession").await;
 }
 
 /// kube2iam's `--assume-role-arn`: the agent assumes one intermediate role with its own
@@ -464,13 +559,18 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
         return;
     }
     const HOP: &str = "arn:aws:iam::123456789012:role/interceptor-hop";
+    let test = "source_identity_and_tags_go_on_the_chained_call_through_the_intermediate_role";
+    let Some((scope, team)) = scope_with_team(test, "idhop").await else {
+        return;
+    };
+    add_service_account(&scope, service_account(&team, "web-sa", &[])).await;
     let node = Node::new();
-    let pod = node.pod();
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team-a"));
-    let mut api = api_pod(&pod.uid, "team-a", "web", Some("app-role"));
+    let mut api = new_pod(&team, "web", &scope.node);
+    api.metadata.annotations = Some([(ROLE.to_owned(), "app-role".to_owned())].into());
     api.spec.get_or_insert_default().service_account_name = Some("web-sa".into());
-    server.add_pod(api);
+    let api = scope.create_pod(api).await;
+    let pod = node.pod_with_uid(api.metadata.uid.clone().expect("a UID"));
+    scope.set_running(&api, &pod).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -478,7 +578,7 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
         "identity-chained",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
@@ -502,7 +602,7 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
     let log = agent.log_text();
     assert_eq!(
         answer,
-        format!("{ACCOUNT_ARN}/app-role/team-a.web"),
+        format!("{ACCOUNT_ARN}/app-role/{team}.web"),
         "the pod's SDK holds the pod's role\n{log}"
     );
 
@@ -552,7 +652,7 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
         .filter_map(|hop| hop.issued.as_deref())
         .collect();
     let expected: BTreeMap<String, String> = [
-        ("kubernetes-namespace", "team-a"),
+        ("kubernetes-namespace", team.as_str()),
         ("kubernetes-service-account", "web-sa"),
         ("kubernetes-pod-name", "web"),
         ("kubernetes-pod-uid", uid.as_str()),
@@ -568,12 +668,16 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
             "the pod's role is assumed with the intermediate session's credentials \
              ({hop_keys:?}), not the agent's own: {call:?}"
         );
+        let session = format!("{team}.web");
         assert_eq!(
             param(&call.params, "SourceIdentity"),
-            Some("team-a.web"),
+            Some(session.as_str()),
             "the chained call carries the pod's SourceIdentity: {call:?}"
         );
-        assert_eq!(param(&call.params, "RoleSessionName"), Some("team-a.web"));
+        assert_eq!(
+            param(&call.params, "RoleSessionName"),
+            Some(session.as_str())
+        );
         let (pod_tags, mut transitive) = tags(&call.params);
         assert_eq!(pod_tags, expected, "{call:?}");
         transitive.sort();

@@ -1,5 +1,6 @@
 //! Observe mode end to end (`interceptor run --observe`): the real agent on the simulated
-//! node, pods from the test API server, real boto3 in the pods.
+//! node, pods from the real kube-apiserver (the test binary's shared control plane, a
+//! node name and namespace per test), real boto3 in the pods.
 //!
 //! - Every pod, whatever enforcement would give it, is answered as the node would be: it
 //!   gets the node's credentials, forwarded from the agent's upstream (the loopback fake
@@ -17,7 +18,6 @@
 //!   runs, their own role afterwards, and never the node's credentials again.
 
 use std::{
-    collections::BTreeMap,
     io::{Read, Write},
     net::{IpAddr, TcpStream},
     path::PathBuf,
@@ -28,11 +28,9 @@ use std::{
 use interceptor_tests::{
     Node, Pod,
     agent::{Agent, binary, free_port, series_value},
-    apiserver::{FakeApiServer, new_namespace},
     clients::{CredsLoop, FAILURES_AFTER_READY, boto3_credentials, in_pod, is_refusal},
-    cluster::{
-        AGENT_ENV, Peers, agent_setup, api_pod, bindings_file, standalone_args, start_agent,
-    },
+    cluster::{AGENT_ENV, Peers, agent_setup, bindings_file, standalone_args, start_agent},
+    control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
     peers::venv,
@@ -42,6 +40,7 @@ use interceptor_tests::{
 
 const ACCOUNT_ROLES: &str = "arn:aws:iam::123456789012:role/";
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
+const ROLE: &str = "iam.amazonaws.com/role";
 
 /// `interceptor ARGS` as a process: (exit code, stdout). Panics with stderr if it could
 /// not run.
@@ -86,32 +85,40 @@ fn flood_paths(pod: &Pod, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_would_do() {
-    if !require_root("observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_would_do")
-    {
+    let test = "observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_would_do";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("observe");
+    scope.add_node(&[]).await;
+    let team = scope.namespace_name("team");
+    scope
+        .namespace(
+            &team,
+            &[("iam.amazonaws.com/allowed-roles", r#"["role-a"]"#)],
+        )
+        .await;
     let node = Node::new();
-    let (annotated, plain, locked) = (node.pod(), node.pod(), node.pod());
+    let annotated = scope
+        .running_pod(&node, &team, "annotated", &[(ROLE, "role-a")])
+        .await;
+    let plain = scope.running_pod(&node, &team, "plain", &[]).await;
+    let locked = scope
+        .running_pod(&node, &team, "locked", &[(ROLE, "role-b")])
+        .await;
     // A pod the API server does not know (as a static pod's cgroup is): enforcement would
     // refuse it; observing, it is answered as the node would, like the others.
     let stranger = node.pod();
-    let server = FakeApiServer::start().await;
-    let mut team = new_namespace("team");
-    team.metadata.annotations = Some(BTreeMap::from([(
-        "iam.amazonaws.com/allowed-roles".to_owned(),
-        r#"["role-a"]"#.to_owned(),
-    )]));
-    server.add_namespace(team);
-    server.add_pod(api_pod(&annotated.uid, "team", "annotated", Some("role-a")));
-    server.add_pod(api_pod(&plain.uid, "team", "plain", None));
-    server.add_pod(api_pod(&locked.uid, "team", "locked", Some("role-b")));
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, app_port) = start_agent(
         "observe",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -182,12 +189,12 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     assert_eq!(code, 0, "interceptor report --json: {json}");
     let report: serde_json::Value = serde_json::from_str(&json).expect("report JSON");
     assert_eq!(report["mode"], "observe");
-    assert_eq!(report["node"], "node-a");
+    assert_eq!(report["node"], scope.node.as_str());
     let stranger_name = format!("uid {}", stranger.uid);
     for (pod, name, namespace) in [
-        (annotated, "annotated", "team"),
-        (plain, "plain", "team"),
-        (locked, "locked", "team"),
+        (annotated, "annotated", team.as_str()),
+        (plain, "plain", team.as_str()),
+        (locked, "locked", team.as_str()),
         (stranger, stranger_name.as_str(), ""),
     ] {
         let row = row(&report, name);
@@ -249,7 +256,10 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     assert_eq!(code, 0, "interceptor report: {table}");
     eprintln!("{table}");
     let lines: Vec<&str> = table.lines().collect();
-    assert!(lines[0].starts_with("OBSERVE MODE on node-a"), "{table}");
+    assert!(
+        lines[0].starts_with(&format!("OBSERVE MODE on {}", scope.node)),
+        "{table}"
+    );
     let line = |pod: &str| {
         lines
             .iter()
@@ -358,24 +368,31 @@ fn served(line: &str) -> Option<(&str, &str)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_credentials_reach_a_pod()
  {
-    if !require_root(
-        "switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_credentials_reach_a_pod",
-    ) {
+    let test = "switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_credentials_reach_a_pod";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("observe-switch");
+    scope.add_node(&[]).await;
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (pod_a, pod_b) = (node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team"));
-    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
-    server.add_pod(api_pod(&pod_b.uid, "team", "app-b", Some("role-b")));
+    let pod_a = scope
+        .running_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
+    let pod_b = scope
+        .running_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let setup = agent_setup(
         "observe-switch",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },

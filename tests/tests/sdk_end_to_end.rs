@@ -1,62 +1,66 @@
-//! End to end on the simulated node: the real agent binary, the test API server, moto as
-//! STS, a fake upstream metadata service holding node credentials, and real AWS clients
-//! in pods (boto3, the AWS CLI) that know nothing but a region and the STS endpoint.
+//! End to end on the simulated node: the real agent binary, the real kube-apiserver (the
+//! test binary's shared control plane, RBAC on, the agent holding deploy/'s permissions
+//! only; a node name and namespaces per test), moto as STS, a fake upstream metadata
+//! service holding node credentials, and real AWS clients in pods (boto3, the AWS CLI)
+//! that know nothing but a region and the STS endpoint.
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::Command, time::Duration};
 
 use interceptor_tests::{
     Node,
     agent::Agent,
-    apiserver::{FakeApiServer, new_namespace, new_node},
     ask::{CREDS, ask_until},
     clients::{aws_cli, boto3, in_pod, in_pod_with, raw, sdk_js, sdk_rust},
-    cluster::{AGENT_ENV, NODE, Peers, api_pod, start_agent},
+    cluster::{AGENT_ENV, Peers, start_agent},
+    control_plane::{ControlPlane, Scope, wait_until},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     peers::venv,
     require_root,
 };
 
+const ROLE: &str = "iam.amazonaws.com/role";
+const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
+
+/// A pod's annotations: `role` when it has one.
+fn role(role: Option<&str>) -> Vec<(&str, &str)> {
+    role.map(|role| (ROLE, role)).into_iter().collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_sdks_in_pods_get_exactly_their_own_role() {
-    if !require_root("real_sdks_in_pods_get_exactly_their_own_role") {
+    let test = "real_sdks_in_pods_get_exactly_their_own_role";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("sdks");
+    // The node registers with the startup taint (the agent removes it once ready, through
+    // the real node patch) and one the agent must leave alone.
+    scope
+        .add_node(&["interceptor.dev/agent-not-ready", "other.example/keep"])
+        .await;
+    let team = scope.namespace_name("team-a");
+    let locked_ns = scope.namespace_name("locked");
+    scope
+        .namespace(&team, &[(ALLOWED, r#"["role-a", "role-b"]"#)])
+        .await;
+    scope
+        .namespace(&locked_ns, &[(ALLOWED, r#"["role-a"]"#)])
+        .await;
     let node = Node::new();
-    let (pod_a, pod_b, plain, locked) = (node.pod(), node.pod(), node.pod(), node.pod());
-
-    let server = FakeApiServer::start().await;
-    let mut open = new_namespace("team-a");
-    open.metadata.annotations = Some(BTreeMap::from([(
-        "iam.amazonaws.com/allowed-roles".to_owned(),
-        r#"["role-a", "role-b"]"#.to_owned(),
-    )]));
-    server.add_namespace(open);
-    let mut locked_ns = new_namespace("locked");
-    locked_ns.metadata.annotations = Some(BTreeMap::from([(
-        "iam.amazonaws.com/allowed-roles".to_owned(),
-        r#"["role-a"]"#.to_owned(),
-    )]));
-    server.add_namespace(locked_ns);
-    server.add_pod(api_pod(&pod_a.uid, "team-a", "app-a", Some("role-a")));
-    server.add_pod(api_pod(&pod_b.uid, "team-a", "app-b", Some("role-b")));
-    server.add_pod(api_pod(&plain.uid, "team-a", "plain", None));
-    server.add_pod(api_pod(&locked.uid, "locked", "wants-b", Some("role-b")));
-    // The node registered with the startup taint; the agent removes it once ready.
-    let mut api_node = new_node(NODE);
-    api_node.spec.get_or_insert_default().taints = Some(vec![
-        k8s_openapi::api::core::v1::Taint {
-            key: "interceptor.dev/agent-not-ready".into(),
-            effect: "NoSchedule".into(),
-            ..Default::default()
-        },
-        k8s_openapi::api::core::v1::Taint {
-            key: "other.example/keep".into(),
-            effect: "NoSchedule".into(),
-            ..Default::default()
-        },
-    ]);
-    server.add_node(api_node);
+    let pod_a = scope
+        .running_pod(&node, &team, "app-a", &role(Some("role-a")))
+        .await;
+    let pod_b = scope
+        .running_pod(&node, &team, "app-b", &role(Some("role-b")))
+        .await;
+    let plain = scope.running_pod(&node, &team, "plain", &[]).await;
+    let locked = scope
+        .running_pod(&node, &locked_ns, "wants-b", &role(Some("role-b")))
+        .await;
 
     // STS on the node's address, so that pods reach it too.
     let moto = MotoServer::start_on(node.address, &[]);
@@ -71,7 +75,7 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
         "e2e",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -80,32 +84,13 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
         None,
     )
     .await;
-    let taints = interceptor_tests::apiserver::wait_for(
-        "the startup taint's removal",
-        Duration::from_secs(10),
-        || {
-            let taints: Vec<String> = server
-                .node(NODE)
-                .and_then(|node| node.spec)
-                .and_then(|spec| spec.taints)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|taint| taint.key)
-                .collect();
-            if taints
-                .iter()
-                .any(|key| key == "interceptor.dev/agent-not-ready")
-            {
-                Err(format!("{taints:?}"))
-            } else {
-                Ok(taints)
-            }
-        },
-    )
-    .await;
+    let mut taints = scope.wait_startup_taint_removed().await;
+    taints.sort();
+    // TaintNodesByCondition (real admission) added not-ready when the node registered; the
+    // node lifecycle controller, which does not run here, would lift it.
     assert_eq!(
         taints,
-        ["other.example/keep"],
+        ["node.kubernetes.io/not-ready", "other.example/keep"],
         "only the agent's taint is removed"
     );
     let sts = moto.endpoint();
@@ -133,16 +118,16 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     .await
     .unwrap();
     let log = agent.log_text();
-    let role_a = "arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a";
-    let role_b = "arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-b";
+    let role_a = format!("arn:aws:sts::123456789012:assumed-role/role-a/{team}.app-a");
+    let role_b = format!("arn:aws:sts::123456789012:assumed-role/role-b/{team}.app-b");
     for (client, got_a, got_b) in [
         ("boto3", &a.0, &b.0),
         ("AWS CLI", &a.1, &b.1),
         ("aws-sdk-rust", &a.2, &b.2),
         ("AWS SDK for JavaScript", &a.3, &b.3),
     ] {
-        assert_eq!(got_a, role_a, "{client} in pod a\n{log}");
-        assert_eq!(got_b, role_b, "{client} in pod b\n{log}");
+        assert_eq!(got_a, &role_a, "{client} in pod a\n{log}");
+        assert_eq!(got_b, &role_b, "{client} in pod b\n{log}");
     }
     assert!(
         p.starts_with("ERROR") && p.contains("NoCredentials"),
@@ -173,7 +158,7 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     );
     let (_, store) = agent.admin_get("/debug/store").expect("debug store");
     assert!(
-        store.contains("team-a/app-a") && !store.contains("SecretAccessKey"),
+        store.contains(&format!("{team}/app-a")) && !store.contains("SecretAccessKey"),
         "{store}"
     );
 }
@@ -182,20 +167,25 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
 /// told so through the metadata API (and an Event), and never gets other credentials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
-    if !require_root("a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event") {
+    let test = "a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("deny");
+    scope.add_node(&[]).await;
+    let team = scope.namespace_name("team-a");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (allowed, refused) = (node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team-a"));
-    server.add_pod(api_pod(&allowed.uid, "team-a", "allowed", Some("role-a")));
-    server.add_pod(api_pod(
-        &refused.uid,
-        "team-a",
-        "refused",
-        Some("role-secret"),
-    ));
+    let allowed = scope
+        .running_pod(&node, &team, "allowed", &role(Some("role-a")))
+        .await;
+    let refused = scope
+        .running_pod(&node, &team, "refused", &role(Some("role-secret")))
+        .await;
+    let refused_uid = refused.uid.clone();
     let moto = MotoServer::start_on(node.address, &[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]);
     let setup = Command::new(venv().join("bin/python"))
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/moto_iam_user.py"))
@@ -220,7 +210,7 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
         "e2e-deny",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -236,7 +226,8 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
             .unwrap();
     let log = agent.log_text();
     assert_eq!(
-        ok, "arn:aws:sts::123456789012:assumed-role/role-a/team-a.allowed",
+        ok,
+        format!("arn:aws:sts::123456789012:assumed-role/role-a/{team}.allowed"),
         "{log}"
     );
     assert!(
@@ -244,11 +235,12 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
         "the refused pod must get no credentials: {denied}\n{log}"
     );
     assert!(!denied.contains("assumed-role"), "{denied}");
-    let event = interceptor_tests::apiserver::wait_for(
+    // The Event was created (and validated) by the real server, on the refused pod.
+    let event = wait_until(
         "the AssumeRoleFailed event",
-        Duration::from_secs(10),
-        || {
-            let events = server.events();
+        Duration::from_secs(30),
+        || async {
+            let events = scope.events(&team).await;
             events
                 .iter()
                 .find(|e| e["reason"] == "AssumeRoleFailed")
@@ -263,20 +255,31 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
         "{note}"
     );
     assert_eq!(event["regarding"]["name"], "refused");
+    assert_eq!(event["regarding"]["uid"], refused_uid.as_str());
+    assert_eq!(event["type"], "Warning");
 }
 
 /// The metadata API's edges, as EC2 answers them, and what a pod must not get.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
-    if !require_root("the_metadata_api_answers_as_ec2_and_holds_against_misuse") {
+    let test = "the_metadata_api_answers_as_ec2_and_holds_against_misuse";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("edges");
+    scope.add_node(&[]).await;
+    let team = scope.namespace_name("team-a");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (pod_a, pod_b) = (node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team-a"));
-    server.add_pod(api_pod(&pod_a.uid, "team-a", "app-a", Some("role-a")));
-    server.add_pod(api_pod(&pod_b.uid, "team-a", "app-b", Some("role-b")));
+    let pod_a = scope
+        .running_pod(&node, &team, "app-a", &role(Some("role-a")))
+        .await;
+    let pod_b = scope
+        .running_pod(&node, &team, "app-b", &role(Some("role-b")))
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let extra = [
@@ -293,7 +296,7 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
         "e2e-api",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -328,6 +331,7 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     );
     let sts = moto.endpoint();
     let node_address = node.address;
+    let role_b = format!("arn:aws:sts::123456789012:assumed-role/role-b/{team}.app-b");
 
     let checks = tokio::task::spawn_blocking(move || {
         let ttl = "X-aws-ec2-metadata-token-ttl-seconds=60";
@@ -381,7 +385,7 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
         let v2_only = boto3(&pod_b, &sts);
         results.push((
             "boto3 with IMDSv2 required".into(),
-            v2_only == "arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-b",
+            v2_only == role_b,
             v2_only,
         ));
         results
@@ -410,28 +414,37 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     assert_eq!(agent.metric("interceptor_attribution_misses_total"), 1.0);
 }
 
-/// A node for the tests below: the API server, moto on the node's address (pods reach
-/// it), the agent's own upstream fake and the agent, with a namespace `team-a` holding
-/// each `(pod, name, role)`. Fields drop in order: the agent first, the node last.
+/// A node for the tests below: a scope of the shared control plane (its node and a
+/// namespace holding the pods), moto on the node's address (pods reach it), the agent's
+/// own upstream fake and the agent. Fields drop in order: the agent first, the pods, the
+/// node last.
 struct Cluster {
     agent: Agent,
-    server: FakeApiServer,
+    pods: Vec<interceptor_tests::Pod>,
+    scope: Scope<'static>,
+    team: String,
     moto: MotoServer,
     _upstream: FakeImds,
-    _node: Node,
+    node: Node,
 }
 
 impl Cluster {
+    /// `None` (the test skips) when the control plane cannot start outside CI. `pods`
+    /// are `(name, role)`, created through the API and simulated, in that order.
     async fn start(
+        test: &str,
         name: &str,
         node: Node,
-        pods: &[(&interceptor_tests::Pod, &str, Option<&str>)],
+        pods: &[(&str, Option<&str>)],
         extra: &[&str],
-    ) -> Self {
-        let server = FakeApiServer::start().await;
-        server.add_namespace(new_namespace("team-a"));
-        for (pod, app, role) in pods {
-            server.add_pod(api_pod(&pod.uid, "team-a", app, *role));
+    ) -> Option<Self> {
+        let scope = ControlPlane::shared(test)?.scope(name);
+        scope.add_node(&[]).await;
+        let team = scope.namespace_name("team");
+        scope.namespace(&team, &[]).await;
+        let mut simulated = Vec::new();
+        for (app, pod_role) in pods {
+            simulated.push(scope.running_pod(&node, &team, app, &role(*pod_role)).await);
         }
         let moto = MotoServer::start_on(node.address, &[]);
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -441,7 +454,7 @@ impl Cluster {
             name,
             &node,
             Peers {
-                api: &server,
+                api: &scope,
                 upstream: &upstream,
                 sts: &moto.endpoint(),
             },
@@ -450,13 +463,15 @@ impl Cluster {
             None,
         )
         .await;
-        Self {
+        Some(Self {
             agent,
-            server,
+            pods: simulated,
+            scope,
+            team,
             moto,
             _upstream: upstream,
-            _node: node,
-        }
+            node,
+        })
     }
 }
 
@@ -482,23 +497,28 @@ const IPV6_MODE: [(&str, &str); 1] = [("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE",
 /// drop check).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sdk_gets_its_role_over_ipv6() {
-    if !require_root("an_sdk_gets_its_role_over_ipv6") {
+    let test = "an_sdk_gets_its_role_over_ipv6";
+    if !require_root(test) {
         return;
     }
     let node = Node::new();
-    let pod = node.pod();
     let host6 = node.address6.to_string();
-    let cluster = Cluster::start(
-        "e2e-ipv6",
+    let Some(cluster) = Cluster::start(
+        test,
+        "ipv6",
         node,
-        &[(&pod, "app-a", Some("role-a"))],
+        &[("app-a", Some("role-a"))],
         &["--host-ipv6", &host6],
     )
-    .await;
+    .await
+    else {
+        return;
+    };
+    let pod = &cluster.pods[0];
     let sts = cluster.moto.endpoint();
     let (over_v6, v4, cut_off) = tokio::task::block_in_place(|| {
-        let over_v6 = boto3_with(&pod, &sts, &IPV6_MODE);
-        let v4 = boto3_with(&pod, &sts, &[]);
+        let over_v6 = boto3_with(pod, &sts, &IPV6_MODE);
+        let v4 = boto3_with(pod, &sts, &[]);
         pod.netns.exec(&[
             "ip",
             "-6",
@@ -507,10 +527,13 @@ async fn an_sdk_gets_its_role_over_ipv6() {
             "prohibit",
             &format!("{host6}/128"),
         ]);
-        let cut_off = boto3_with(&pod, &sts, &IPV6_MODE);
+        let cut_off = boto3_with(pod, &sts, &IPV6_MODE);
         (over_v6, v4, cut_off)
     });
-    let role_a = "arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a";
+    let role_a = format!(
+        "arn:aws:sts::123456789012:assumed-role/role-a/{}.app-a",
+        cluster.team
+    );
     let log = || cluster.agent.log_text();
     assert!(
         over_v6.starts_with(&format!("{role_a} ASIA")),
@@ -535,39 +558,50 @@ async fn an_sdk_gets_its_role_over_ipv6() {
 /// role's, as STS itself reports them (GetCallerIdentity with those credentials).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_annotation_change_sts_reports_the_new_role() {
-    if !require_root("after_an_annotation_change_sts_reports_the_new_role") {
+    let test = "after_an_annotation_change_sts_reports_the_new_role";
+    if !require_root(test) {
         return;
     }
-    let node = Node::new();
-    let pod = node.pod();
-    let cluster = Cluster::start(
-        "e2e-reannotate",
-        node,
-        &[(&pod, "app-a", Some("role-a"))],
+    let Some(cluster) = Cluster::start(
+        test,
+        "reannotate",
+        Node::new(),
+        &[("app-a", Some("role-a"))],
         &[],
     )
-    .await;
+    .await
+    else {
+        return;
+    };
+    let (pod, team) = (&cluster.pods[0], &cluster.team);
     let sts = cluster.moto.endpoint();
-    let before = tokio::task::block_in_place(|| boto3_with(&pod, &sts, &[]));
+    let before = tokio::task::block_in_place(|| boto3_with(pod, &sts, &[]));
     assert!(
-        before.starts_with("arn:aws:sts::123456789012:assumed-role/role-a/team-a.app-a ASIA"),
+        before.starts_with(&format!(
+            "arn:aws:sts::123456789012:assumed-role/role-a/{team}.app-a ASIA"
+        )),
         "{before}"
     );
-    cluster.server.update_pod("team-a", "app-a", |api| {
-        api.metadata
-            .annotations
-            .get_or_insert_default()
-            .insert("iam.amazonaws.com/role".into(), "role-b".into());
-    });
+    cluster
+        .scope
+        .update_pod(team, "app-a", |api| {
+            api.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(ROLE.into(), "role-b".into());
+        })
+        .await;
     // The agent has seen the change once the pod's role listing names the new role.
-    let listed = ask_until(&pod, CREDS, Duration::from_secs(10), |(status, role)| {
+    let listed = ask_until(pod, CREDS, Duration::from_secs(10), |(status, role)| {
         *status == 200 && role == "role-b"
     })
     .await;
     assert_eq!(listed, (200, "role-b".to_owned()));
-    let after = tokio::task::block_in_place(|| boto3_with(&pod, &sts, &[]));
+    let after = tokio::task::block_in_place(|| boto3_with(pod, &sts, &[]));
     assert!(
-        after.starts_with("arn:aws:sts::123456789012:assumed-role/role-b/team-a.app-a ASIA"),
+        after.starts_with(&format!(
+            "arn:aws:sts::123456789012:assumed-role/role-b/{team}.app-a ASIA"
+        )),
         "{after}\n{}",
         cluster.agent.log_text()
     );
@@ -643,25 +677,30 @@ fn exposed_labels(text: &str, family: &str, kind: &str) -> BTreeMap<String, Vec<
 /// agent exposes is in the list: a renamed, lost or undocumented metric fails here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_metric_is_exposed_with_its_labels() {
-    if !require_root("every_documented_metric_is_exposed_with_its_labels") {
+    let test = "every_documented_metric_is_exposed_with_its_labels";
+    if !require_root(test) {
         return;
     }
-    let node = Node::new();
-    let (pod, stranger, crowd) = (node.pod(), node.pod(), node.pod());
-    let cluster = Cluster::start(
-        "e2e-metrics",
-        node,
-        &[(&pod, "app-a", Some("role-a")), (&crowd, "crowd", None)],
+    let Some(cluster) = Cluster::start(
+        test,
+        "metrics",
+        Node::new(),
+        &[("app-a", Some("role-a")), ("crowd", None)],
         &["--max-connections-per-cgroup", "2"],
     )
-    .await;
+    .await
+    else {
+        return;
+    };
+    let (pod, crowd) = (&cluster.pods[0], &cluster.pods[1]);
+    let stranger = cluster.node.pod();
     // Traffic that gives each labelled family a series: a served request (requests,
     // authorizations, credentials), a pod the API server does not know (a caller
     // refusal), and more connections at once than one cgroup may hold (a connection
     // refusal).
     let sts = cluster.moto.endpoint();
     tokio::task::block_in_place(|| {
-        let served = boto3_with(&pod, &sts, &[]);
+        let served = boto3_with(pod, &sts, &[]);
         assert!(served.contains("assumed-role/role-a/"), "{served}");
         let (status, _) = raw(
             &stranger,
@@ -672,7 +711,7 @@ async fn every_documented_metric_is_exposed_with_its_labels() {
         assert_ne!(status, 200);
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/hostile.py");
         in_pod(
-            &crowd,
+            crowd,
             &venv().join("bin/python").display().to_string(),
             &[&script.display().to_string(), "flood", "6", "1"],
         );
