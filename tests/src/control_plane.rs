@@ -275,6 +275,7 @@ impl ControlPlane {
             "--profiling=false",
             "--v=1",
         ]);
+        command.args(self.audit_flags());
         let child = self.spawn_logged(command, "kube-apiserver")?;
         *lock(&self.apiserver) = Some(child);
         self.wait("kube-apiserver", "kube-apiserver.log", || {
@@ -496,7 +497,42 @@ impl ControlPlane {
         }
         Ok(total)
     }
+
+    /// Turns on kube-apiserver's audit log with `policy` (an `audit.k8s.io/v1` Policy, as
+    /// YAML) and restarts the API server so that it takes effect; from then on every start
+    /// writes it (JSON lines, one event per stage, to [`Self::audit_log`]). Opt-in: the
+    /// bench counts with it what the agent asks for, which a forwarder could not see
+    /// inside TLS. The log backend blocks each request until its event is written, so
+    /// a request that was answered is in the log.
+    pub fn enable_audit_log(&self, policy: &str) -> Result<(), String> {
+        write(&self.dir.join(AUDIT_POLICY), policy)?;
+        self.stop_apiserver();
+        self.start_apiserver()
+    }
+
+    /// Where the audit log is written once [`Self::enable_audit_log`] turned it on.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
+    /// kube-apiserver's audit flags: none until [`Self::enable_audit_log`] wrote a policy.
+    fn audit_flags(&self) -> Vec<String> {
+        let policy = self.dir.join(AUDIT_POLICY);
+        if !policy.is_file() {
+            return Vec::new();
+        }
+        vec![
+            format!("--audit-policy-file={}", policy.display()),
+            format!("--audit-log-path={}", self.audit_log().display()),
+            // Written as each request happens (the default; said so because the counts
+            // rely on it).
+            "--audit-log-mode=blocking".to_owned(),
+        ]
+    }
 }
+
+/// The audit policy [`ControlPlane::enable_audit_log`] writes, in the plane's directory.
+const AUDIT_POLICY: &str = "audit-policy.yaml";
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
@@ -661,29 +697,7 @@ impl Scope<'_> {
     /// Writes the status the kubelet would once the pod's container runs: phase Running,
     /// the pod's address, and the container's id.
     pub async fn set_running(&self, api: &Pod, pod: &crate::Pod) -> Pod {
-        let namespace = api.metadata.namespace.as_deref().unwrap();
-        let name = api.metadata.name.as_deref().unwrap();
-        let status = json!({ "status": {
-            "phase": "Running",
-            "hostIP": "10.213.0.1",
-            "podIP": pod.ip.to_string(),
-            "podIPs": [{ "ip": pod.ip.to_string() }],
-            "conditions": [{ "type": "Ready", "status": "True" }],
-            "containerStatuses": [{
-                "name": "main",
-                "image": "registry.invalid/app:1",
-                "imageID": "",
-                "containerID": format!("containerd://{}", pod.container_id),
-                "ready": true,
-                "started": true,
-                "restartCount": 0,
-                "state": { "running": {} },
-            }],
-        }});
-        Api::<Pod>::namespaced(self.plane.client().await, namespace)
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .unwrap_or_else(|e| panic!("pod status {namespace}/{name}: {e}"))
+        self.set_running_as(api, pod.ip, &pod.container_id).await
     }
 
     pub async fn update_pod(
@@ -741,6 +755,39 @@ impl Scope<'_> {
         let pod = node.pod_with_uid(api.metadata.uid.clone().expect("the server assigns a UID"));
         self.set_running(&api, &pod).await;
         pod
+    }
+
+    /// [`Self::set_running`] for a pod the test gave no simulated pod (an idle pod that
+    /// only has to exist, as on a busy node): its address and container id as given.
+    pub async fn set_running_as(
+        &self,
+        api: &Pod,
+        ip: std::net::Ipv4Addr,
+        container_id: &str,
+    ) -> Pod {
+        let namespace = api.metadata.namespace.as_deref().unwrap();
+        let name = api.metadata.name.as_deref().unwrap();
+        let status = json!({ "status": {
+            "phase": "Running",
+            "hostIP": "10.213.0.1",
+            "podIP": ip.to_string(),
+            "podIPs": [{ "ip": ip.to_string() }],
+            "conditions": [{ "type": "Ready", "status": "True" }],
+            "containerStatuses": [{
+                "name": "main",
+                "image": "registry.invalid/app:1",
+                "imageID": "",
+                "containerID": format!("containerd://{container_id}"),
+                "ready": true,
+                "started": true,
+                "restartCount": 0,
+                "state": { "running": {} },
+            }],
+        }});
+        Api::<Pod>::namespaced(self.plane.client().await, namespace)
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap_or_else(|e| panic!("pod status {namespace}/{name}: {e}"))
     }
 }
 

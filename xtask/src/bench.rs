@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: setup, the eBPF object, the agent and the bench binaries in
-//! release mode, then the benchmark on a simulated node (tests/src/bin/bench/). It prints
+//! release mode, then the benchmark on a simulated node (tests/src/bin/bench/) with a
+//! real control plane (kube-apiserver and etcd built by setup). It prints
 //! a table and writes the figures as JSON (default `bench/report.json` in the target
 //! directory).
 
@@ -67,6 +68,8 @@ pub fn run(options: &BenchOptions) -> Result<()> {
             .env(
                 "INTERCEPTOR_PY_VENV",
                 setup::peers_dir("venv", &setup::python_requirements())?,
-            ),
+            )
+            // The bench runs the agent against a real kube-apiserver and etcd.
+            .env("INTERCEPTOR_K8S_BIN", setup::k8s_bin_dir()?),
     )
 }

@@ -5,6 +5,7 @@
 //!
 //! Usage: bench [--quick] [--out PATH] [--scenario N]...
 
+mod bulk;
 mod floor;
 mod iptables;
 mod load;
@@ -15,20 +16,23 @@ mod takeover;
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
 use interceptor_tests::{
     Node, Pod,
-    agent::{Agent, free_port},
-    apiserver::{FakeApiServer, new_namespace, new_node, new_pod},
+    agent::Agent,
+    cluster::{AGENT_ENV, Peers},
+    control_plane::{ControlPlane, Scope},
     fake_imds::FakeImds,
     moto::MotoServer,
+    objects::new_pod,
     pins::Pins,
     sts_proxy::StsProxy,
 };
@@ -42,16 +46,11 @@ use crate::{
     report::{Figure, QUANTILES, Report, Target, percentiles_us, quantile},
 };
 
-const NODE: &str = "bench-node";
+/// The namespace of the pods of scenarios 1 to 6.
 const NAMESPACE: &str = "bench";
 const ROLE: &str = "bench-role";
 const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 const METADATA: &str = "169.254.169.254:80";
-const AGENT_ENV: [(&str, &str); 3] = [
-    ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-    ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
-    ("AWS_REGION", "us-east-1"),
-];
 
 /// How much of everything: `--quick` or the full run.
 struct Sizes {
@@ -175,8 +174,8 @@ fn main() -> ExitCode {
         eprintln!("bench: must run as root (it loads eBPF programs, creates netns and cgroups)");
         return ExitCode::FAILURE;
     }
-    // The bench's own helpers (API server, STS forwarder, fake metadata service); the
-    // floor server runs in a process of its own.
+    // The bench's own helpers (STS forwarder, fake metadata service, API clients); the
+    // floor server, etcd and kube-apiserver run in processes of their own.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -192,13 +191,31 @@ fn main() -> ExitCode {
 }
 
 /// The world every scenario shares: STS (moto behind a delaying, counting proxy), the
-/// node's metadata service (fake), the API server.
-struct World {
+/// node's metadata service (fake), and one real control plane (etcd and kube-apiserver,
+/// RBAC on, deploy/ applied: tests/src/control_plane.rs) for the whole run. Every
+/// agent authenticates with its ServiceAccount's token; the bench writes as an
+/// administrator, and writes pod status in the kubelet's place.
+struct World<'a> {
     _moto: MotoServer,
     sts: StsProxy,
     upstream: FakeImds,
-    api: FakeApiServer,
+    /// The agent's node (scenarios 1 to 7) and the [`NAMESPACE`].
+    scope: Scope<'a>,
+    /// The administrator's client, for creating many objects at once.
+    client: kube::Client,
+    /// How many of the large cluster's `team-N` namespaces exist
+    /// ([`service_accounts::grow_cluster`]).
+    teams: Mutex<usize>,
     sizes: Sizes,
+}
+
+impl World<'_> {
+    /// How many `team-N` namespaces exist (the count, locked).
+    fn teams(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.teams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 async fn run(options: &Options) -> Result<()> {
@@ -206,25 +223,67 @@ async fn run(options: &Options) -> Result<()> {
     let moto = MotoServer::start();
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let api = FakeApiServer::start().await;
-    api.add_namespace(new_namespace(NAMESPACE));
-    api.add_node(new_node(NODE));
+    let plane = ControlPlane::start()
+        .map_err(|reason| anyhow!("the Kubernetes control plane did not start: {reason}"))?;
+    if options.wants(&["8"]) {
+        plane
+            .enable_audit_log(&service_accounts::audit_policy())
+            .map_err(|reason| anyhow!("turning on the API server's audit log: {reason}"))?;
+    }
+    let scope = plane.scope("bench");
+    scope.add_node(&[]).await;
+    scope.namespace(NAMESPACE, &[]).await;
     let world = World {
         _moto: moto,
         sts,
         upstream,
-        api,
+        client: plane.client().await,
+        scope,
+        teams: Mutex::new(0),
         sizes,
     };
     let mut report = Report::new();
     let started = Instant::now();
 
+    // Scenarios 6 and 8 compare a small cluster with a large one, and one control plane
+    // only grows: every measurement on the small cluster comes first, then the large
+    // cluster is built once (10,000 namespaces, their ServiceAccounts and pods elsewhere:
+    // [`service_accounts::grow_cluster`]) and both measure on it.
     let agent_node = Node::new();
+    let mut footprint = Footprint::default();
+    let mut load_pods = Vec::new();
     if options.wants(&SCENARIOS[..7]) {
-        agent_scenarios(options, &world, &agent_node, &mut report).await?;
+        load_pods = add_pods(&world, &agent_node, "load", world.sizes.pods, |_| {
+            ROLE.into()
+        })
+        .await?;
+        agent_scenarios(options, &world, &agent_node, &load_pods, &mut report).await?;
     }
-    if options.wants(&["8"]) {
-        service_accounts::service_accounts(&world, &agent_node, &mut report).await?;
+    if options.wants(&["6"]) {
+        for pods in world.sizes.footprint_levels {
+            let label = format!("{pods} pods");
+            footprint
+                .level(&world, &agent_node, &load_pods, &label, pods, &mut report)
+                .await?;
+        }
+    }
+    let accounts = match options.wants(&["8"]) {
+        true => Some(service_accounts::ServiceAccounts::baseline(&world, &agent_node).await?),
+        false => None,
+    };
+    if options.wants(&["6", "8"]) {
+        service_accounts::grow_cluster(&world, world.sizes.namespaces).await?;
+    }
+    if options.wants(&["6"]) {
+        let pods = *world.sizes.footprint_levels.last().unwrap_or(&0);
+        let label = format!("{pods} pods, {} namespaces", world.sizes.namespaces);
+        footprint
+            .level(&world, &agent_node, &load_pods, &label, pods, &mut report)
+            .await?;
+        footprint.finish(&mut report);
+    }
+    if let Some(accounts) = accounts {
+        accounts.large(&world, &agent_node, &mut report).await?;
     }
     if options.wants(&["9"]) {
         tokio::task::block_in_place(|| takeover::takeovers(&world, &mut report))?;
@@ -236,6 +295,7 @@ async fn run(options: &Options) -> Result<()> {
         "quick": options.quick,
         "scenarios": if options.scenarios.is_empty() { SCENARIOS.to_vec() } else { options.scenarios.iter().map(String::as_str).collect() },
         "agent": interceptor_tests::agent::binary().display().to_string(),
+        "api_server": "kube-apiserver (tests/k8s), one for the run",
         "seconds": started.elapsed().as_secs(),
     });
     report
@@ -254,19 +314,14 @@ async fn run(options: &Options) -> Result<()> {
 /// node of its own.
 async fn agent_scenarios(
     options: &Options,
-    world: &World,
+    world: &World<'_>,
     agent_node: &Node,
+    load_pods: &[Pod],
     report: &mut Report,
 ) -> Result<()> {
-    let load_pods: Vec<Pod> = (0..world.sizes.pods).map(|_| agent_node.pod()).collect();
-    for (index, pod) in load_pods.iter().enumerate() {
-        world
-            .api
-            .add_pod(api_pod(&pod.uid, &format!("load-{index}"), ROLE));
-    }
-    let agent = start_agent(world, "bench", agent_node, &[])?;
+    let agent = start_agent(world, "bench", agent_node, &[]).await;
     // One request per pod: the caches are warm, and the document's size sizes the floor.
-    let warm = run_strings(&places(&load_pods), &http_args(1, "new", 1, 0))?;
+    let warm = run_strings(&places(load_pods), &http_args(1, "new", 1, 0))?;
     let body_bytes = warm.iter().map(|load| load.body_bytes).max().unwrap_or(0);
     if warm.iter().any(|load| load.errors > 0) || body_bytes == 0 {
         bail!("warm-up requests failed: {warm:?}\n{}", agent.log_text());
@@ -302,7 +357,7 @@ async fn agent_scenarios(
         warm_up(&floor_pods)?;
 
         if options.wants(&["1"]) {
-            warm_requests(world, &load_pods, &floor_pods, body_bytes, report)?;
+            warm_requests(world, load_pods, &floor_pods, body_bytes, report)?;
         }
         if options.wants(&["3"]) {
             redirect_vs_iptables(world, &floor_node, &floor_pods, floor_addr, report)?;
@@ -317,7 +372,7 @@ async fn agent_scenarios(
             per_request_cost(
                 world,
                 (agent.pid(), floor.pid()),
-                (&load_pods, &floor_pods),
+                (load_pods, &floor_pods),
                 report,
             )?;
         }
@@ -329,20 +384,56 @@ async fn agent_scenarios(
     } else {
         drop(agent);
     }
-    if options.wants(&["6"]) {
-        footprint(world, agent_node, &load_pods, report).await?;
-    }
     Ok(())
 }
 
-fn api_pod(uid: &str, name: &str, role: &str) -> k8s_openapi::api::core::v1::Pod {
-    let mut pod = new_pod(NAMESPACE, name, NODE);
-    pod.metadata.uid = Some(uid.to_owned());
+/// The API object of pod `name` in [`NAMESPACE`] on the agent's node, with `role`.
+fn api_pod(world: &World<'_>, name: &str, role: &str) -> k8s_openapi::api::core::v1::Pod {
+    let mut pod = new_pod(NAMESPACE, name, &world.scope.node);
     pod.metadata.annotations = Some(BTreeMap::from([(
         "iam.amazonaws.com/role".to_owned(),
         role.to_owned(),
     )]));
     pod
+}
+
+/// Pods `{tag}-0..count` in [`NAMESPACE`] on the agent's node, pod `i` with the role
+/// `role(i)`, as a cluster starts them: created through the API (which assigns their
+/// UIDs), their sandboxes made on `node` with those UIDs, then their status written in
+/// the kubelet's place.
+async fn add_pods(
+    world: &World<'_>,
+    node: &Node,
+    tag: &str,
+    count: usize,
+    role: impl Fn(usize) -> String,
+) -> Result<Vec<Pod>> {
+    let objects = (0..count)
+        .map(|index| api_pod(world, &format!("{tag}-{index}"), &role(index)))
+        .collect();
+    let created = bulk::create_namespaced(&world.client, objects).await?;
+    let mut pods = Vec::with_capacity(count);
+    for api in &created {
+        let uid = api
+            .metadata
+            .uid
+            .clone()
+            .context("a created pod without a UID")?;
+        let pod = node.pod_with_uid(uid);
+        world.scope.set_running(api, &pod).await;
+        pods.push(pod);
+    }
+    Ok(pods)
+}
+
+/// Deletes pods `{tag}-0..count` of [`add_pods`] through the API.
+async fn delete_pods(world: &World<'_>, tag: &str, count: usize) {
+    for index in 0..count {
+        world
+            .scope
+            .delete_pod(NAMESPACE, &format!("{tag}-{index}"))
+            .await;
+    }
 }
 
 fn credentials_path(role: &str) -> String {
@@ -379,62 +470,39 @@ fn warm_up(pods: &[Pod]) -> Result<()> {
     Ok(())
 }
 
-/// The real agent on `node` in API-server mode, logging at info as in production.
-fn start_agent(world: &World, name: &str, node: &Node, extra: &[&str]) -> Result<Agent> {
-    start_agent_on(world, &world.api, name, node, extra)
+/// The real agent on `node` in API-server mode for the agent's node, logging at info as
+/// in production.
+async fn start_agent(world: &World<'_>, name: &str, node: &Node, extra: &[&str]) -> Agent {
+    start_agent_on(world, &world.scope, name, node, extra).await
 }
 
-/// [`start_agent`] with its pods, namespaces and ServiceAccounts from `api`.
-fn start_agent_on(
-    world: &World,
-    api: &FakeApiServer,
+/// [`start_agent`] for the node of `api` (its `--node`, and the pods placed there), with
+/// its ServiceAccount's token, so with deploy/'s permissions.
+async fn start_agent_on(
+    world: &World<'_>,
+    api: &Scope<'_>,
     name: &str,
     node: &Node,
     extra: &[&str],
-) -> Result<Agent> {
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "interceptor-{name}-{}.kubeconfig",
-        std::process::id()
-    ));
-    api.write_kubeconfig(&kubeconfig)?;
-    let mut args: Vec<String> = [
-        "--log-level",
-        "info",
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &free_port().to_string(),
-        "--cgroup-root",
-        &node.kubepods.display().to_string(),
-        "--node",
-        NODE,
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--metadata-addr",
-        &world.upstream.addr().to_string(),
-        "--sts-endpoint",
-        &world.sts.endpoint(),
-        "--base-role-arn",
-        BASE_ARN,
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
-    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-    // The agent's guard detaches and removes what it pinned there.
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/interceptor-test-{}-{name}",
-        std::process::id()
-    ));
-    let mut agent = Agent::run(&args, &pin_dir, free_port(), &AGENT_ENV);
-    agent.wait_ready(Duration::from_secs(30));
-    Ok(agent)
+) -> Agent {
+    let mut args = vec!["--log-level", "info", "--base-role-arn", BASE_ARN];
+    args.extend(extra);
+    let sts = world.sts.endpoint();
+    let peers = Peers {
+        api,
+        upstream: &world.upstream,
+        sts: &sts,
+    };
+    // The agent's guard detaches and removes what it pinned.
+    interceptor_tests::cluster::start_agent(name, node, peers, &args, &AGENT_ENV, None)
+        .await
+        .0
 }
 
 /// Scenario 1: warm credential requests from several pods at once through the real
 /// redirect, against the floor server through the same redirect.
 fn warm_requests(
-    world: &World,
+    world: &World<'_>,
     load_pods: &[Pod],
     floor_pods: &[Pod],
     body_bytes: usize,
@@ -506,7 +574,7 @@ fn warm_requests(
 /// it, against the floor server (a process of its own) serving the same requests.
 /// No target: these are the profile behind scenario 1's latencies (docs/performance.md).
 fn per_request_cost(
-    world: &World,
+    world: &World<'_>,
     (agent_pid, floor_pid): (u32, u32),
     (load_pods, floor_pods): (&[Pod], &[Pod]),
     report: &mut Report,
@@ -603,7 +671,7 @@ fn per_request_cost(
 /// namespace (clients in a cgroup our programs are not attached to) instead of our
 /// programs; new connection per request.
 fn redirect_vs_iptables(
-    world: &World,
+    world: &World<'_>,
     node: &Node,
     pods: &[Pod],
     floor: SocketAddrV4,
@@ -664,7 +732,7 @@ fn redirect_vs_iptables(
 /// on every packet of the connection, so the ratio is also the backstop's cost on
 /// unrelated traffic) and from a cgroup outside the attached tree in the same network
 /// namespace (no program runs).
-fn hook_cost(world: &World, node: &Node, pod: &Pod, report: &mut Report) -> Result<()> {
+fn hook_cost(world: &World<'_>, node: &Node, pod: &Pod, report: &mut Report) -> Result<()> {
     let outside = node.outside_cgroup("system.slice/bench-connect.service");
     let count = world.sizes.connects.to_string();
     let args = ["connect", count.as_str()];
@@ -729,26 +797,25 @@ struct FirstRequests {
 }
 
 /// Pods appear in the API server; after a container start they ask for credentials.
+/// The clock starts before they are created; their sandboxes are made once the server
+/// has assigned their UIDs, within the container start (which is waited for from the
+/// appearance, so it is the same whatever that took).
 async fn first_requests(
-    world: &World,
+    world: &World<'_>,
     node: &Node,
     agent: &Agent,
     tag: &str,
 ) -> Result<FirstRequests> {
     let sizes = &world.sizes;
-    let pods: Vec<Pod> = (0..sizes.first_pods).map(|_| node.pod()).collect();
-    let (hits, assume) = (
-        credentials_counter(agent, "hits")?,
-        world.sts.count("AssumeRole"),
-    );
+    let assume = world.sts.count("AssumeRole");
     let appeared = Instant::now();
-    for (index, pod) in pods.iter().enumerate() {
-        world
-            .api
-            .add_pod(api_pod(&pod.uid, &format!("{tag}-{index}"), ROLE));
-    }
-    tokio::time::sleep(sizes.container_start).await;
+    let pods = add_pods(world, node, tag, sizes.first_pods, |_| ROLE.into()).await?;
+    tokio::time::sleep(sizes.container_start.saturating_sub(appeared.elapsed())).await;
     let started = appeared.elapsed();
+    // Cache hits are counted over the requests alone: the agent also counts one when a
+    // prefetch finds another in flight and waits for it, which happens here because each
+    // pod appears twice (created, then its status written).
+    let hits = credentials_counter(agent, "hits")?;
     let path = credentials_path(ROLE);
     let loads = run_all(&places(&pods), &["first", METADATA, &path, "10000"])?;
     let mut to_credential_ns = Vec::new();
@@ -763,9 +830,7 @@ async fn first_requests(
     to_credential_ns.sort_unstable();
     request_ns.sort_unstable();
     let hits = credentials_counter(agent, "hits")? - hits;
-    for index in 0..pods.len() {
-        world.api.delete_pod(NAMESPACE, &format!("{tag}-{index}"));
-    }
+    delete_pods(world, tag, pods.len()).await;
     Ok(FirstRequests {
         to_credential_ns,
         request_ns,
@@ -777,7 +842,7 @@ async fn first_requests(
 /// Scenarios 4 and 5, then stops the agents: time to first credential with and without
 /// prefetch under a slow STS; STS calls for many pods asking at once.
 async fn first_credentials(
-    world: &World,
+    world: &World<'_>,
     node: &Node,
     agent: Agent,
     report: &mut Report,
@@ -786,7 +851,7 @@ async fn first_credentials(
     world.sts.set_delay(sizes.sts_delay);
     let with = first_requests(world, node, &agent, "prefetched").await?;
     drop(agent);
-    let agent = start_agent(world, "bench-noprefetch", node, &["--no-prefetch"])?;
+    let agent = start_agent(world, "bench-noprefetch", node, &["--no-prefetch"]).await;
     let without = first_requests(world, node, &agent, "cold").await?;
     let ms = |ns: u64| ns as f64 / 1e6;
     for (name, q) in [("p50", 0.5), ("max", 1.0)] {
@@ -830,13 +895,8 @@ async fn first_credentials(
 
     // Scenario 5 on the agent without prefetch, STS still slow: every pod's requests
     // arrive at once for a key nobody fetched yet, so single flight is what saves STS.
-    let pods: Vec<Pod> = (0..sizes.economy_pods).map(|_| node.pod()).collect();
-    for (index, pod) in pods.iter().enumerate() {
-        let role = format!("economy-{}", index % sizes.economy_roles);
-        world
-            .api
-            .add_pod(api_pod(&pod.uid, &format!("economy-{index}"), &role));
-    }
+    let economy_role = |index: usize| format!("economy-{}", index % sizes.economy_roles);
+    let pods = add_pods(world, node, "economy", sizes.economy_pods, economy_role).await?;
     tokio::time::sleep(sizes.container_start).await;
     let assume = world.sts.count("AssumeRole");
     let window = Instant::now();
@@ -844,11 +904,10 @@ async fn first_credentials(
         .iter()
         .enumerate()
         .map(|(index, pod)| {
-            let role = format!("economy-{}", index % sizes.economy_roles);
             let args = [
                 "http".to_owned(),
                 METADATA.to_owned(),
-                credentials_path(&role),
+                credentials_path(&economy_role(index)),
                 "new".to_owned(),
                 sizes.threads.to_string(),
                 (sizes.economy_requests / sizes.threads as u64)
@@ -897,9 +956,7 @@ async fn first_credentials(
             "note": "sessions are per pod (<namespace>.<pod>), so a key is a pod, not a role",
         }),
     );
-    for index in 0..pods.len() {
-        world.api.delete_pod(NAMESPACE, &format!("economy-{index}"));
-    }
+    delete_pods(world, "economy", pods.len()).await;
     world.sts.set_delay(Duration::ZERO);
     drop(agent);
     Ok(())
@@ -938,46 +995,38 @@ fn usage(pid: u32) -> Result<(Duration, u64, u64)> {
     ))
 }
 
-/// Scenario 6: a fresh agent per level of idle pods (and then namespaces) in the API
-/// server; its memory once they are prefetched and after serving a fixed load, and the
-/// CPU time that load cost.
-async fn footprint(
-    world: &World,
-    node: &Node,
-    load_pods: &[Pod],
-    report: &mut Report,
-) -> Result<()> {
-    let sizes = &world.sizes;
-    let mut idle = 0usize;
-    let mut levels: Vec<(String, usize, usize)> = sizes
-        .footprint_levels
-        .iter()
-        .map(|pods| (format!("{pods} pods"), *pods, 0))
-        .collect();
-    let top = *sizes.footprint_levels.last().unwrap_or(&0);
-    levels.push((
-        format!("{top} pods, {} namespaces", sizes.namespaces),
-        top,
-        sizes.namespaces,
-    ));
-    let mut baseline: Option<(f64, f64)> = None;
-    let mut details = Vec::new();
-    for (index, (label, pods, namespaces)) in levels.into_iter().enumerate() {
-        while idle < pods {
-            let uid = format!("00000000-0000-4000-8000-{idle:012}");
-            let role = format!("idle-{}", idle % 10);
-            world
-                .api
-                .add_pod(api_pod(&uid, &format!("idle-{idle}"), &role));
-            idle += 1;
-        }
-        if namespaces > 0 && world.api.namespace("ns-0").is_none() {
-            for n in 0..namespaces {
-                world.api.add_namespace(new_namespace(&format!("ns-{n}")));
-            }
-        }
+/// Scenario 6: a fresh agent per level of idle pods (and then, on the large cluster,
+/// namespaces) in the API server; its memory once they are prefetched and after serving a
+/// fixed load, and the CPU time that load cost. The first level is the baseline.
+#[derive(Default)]
+struct Footprint {
+    /// Idle pods created so far (they stay for the later levels).
+    idle: usize,
+    /// The first level's RSS (MiB) and CPU seconds per 10k requests.
+    baseline: Option<(f64, f64)>,
+    /// An idle pod as the API server returned it, in bytes of JSON (what the agent's pod
+    /// list decodes per pod, before its status).
+    pod_bytes: usize,
+    details: Vec<serde_json::Value>,
+}
+
+impl Footprint {
+    /// One level: `pods` idle pods on the node (created as needed), whatever namespaces
+    /// the cluster holds now.
+    async fn level(
+        &mut self,
+        world: &World<'_>,
+        node: &Node,
+        load_pods: &[Pod],
+        label: &str,
+        pods: usize,
+        report: &mut Report,
+    ) -> Result<()> {
+        let sizes = &world.sizes;
+        self.add_idle(world, pods).await?;
         let assume = world.sts.count("AssumeRole");
-        let agent = start_agent(world, &format!("bench-footprint-{index}"), node, &[])?;
+        let index = self.details.len();
+        let agent = start_agent(world, &format!("bench-footprint-{index}"), node, &[]).await;
         // Every pod with a role is prefetched: wait for those calls before measuring.
         let expected = (pods + load_pods.len()) as u64;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -990,6 +1039,7 @@ async fn footprint(
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let namespaces = agent_metric(&agent, "interceptor_tracked{kind=\"namespaces\"}")?;
         let (cpu_before, rss_idle, _) = usage(agent.pid())?;
         let per_client =
             (sizes.footprint_requests / (load_pods.len() * sizes.threads) as u64).max(1);
@@ -1003,7 +1053,7 @@ async fn footprint(
         let (cpu_after, rss, peak) = usage(agent.pid())?;
         let cpu_per_10k = (cpu_after - cpu_before).as_secs_f64() * 10_000.0 / pooled.ok as f64;
         let mib = |kib: u64| kib as f64 / 1024.0;
-        let (rss_base, cpu_base) = *baseline.get_or_insert((mib(rss), cpu_per_10k));
+        let (rss_base, cpu_base) = *self.baseline.get_or_insert((mib(rss), cpu_per_10k));
         let limited = pods >= 250;
         report.add(Figure {
             scenario: "6",
@@ -1021,13 +1071,50 @@ async fn footprint(
             unit: "s",
             target: None,
         });
-        details.push(json!({
-            "level": label, "pods": pods + load_pods.len(), "namespaces": namespaces + 1,
+        self.details.push(json!({
+            "level": label, "pods": pods + load_pods.len(), "namespaces": namespaces,
             "rss_idle_mib": mib(rss_idle), "rss_mib": mib(rss), "peak_mib": mib(peak),
             "cpu_s": (cpu_after - cpu_before).as_secs_f64(), "requests": pooled.ok,
+            "api_pod_bytes": self.pod_bytes,
         }));
         drop(agent);
+        Ok(())
     }
-    report.details.insert("6_footprint".into(), json!(details));
-    Ok(())
+
+    /// Idle pods up to `pods` on the agent's node, each with one of 10 roles and running
+    /// (a status with an address and a container id, as on a busy node).
+    async fn add_idle(&mut self, world: &World<'_>, pods: usize) -> Result<()> {
+        if self.idle >= pods {
+            return Ok(());
+        }
+        let objects = (self.idle..pods)
+            .map(|index| {
+                api_pod(
+                    world,
+                    &format!("idle-{index}"),
+                    &format!("idle-{}", index % 10),
+                )
+            })
+            .collect();
+        let created = bulk::create_namespaced(&world.client, objects).await?;
+        if let Some(pod) = created.first() {
+            self.pod_bytes = serde_json::to_vec(pod)?.len();
+        }
+        for (api, index) in created.iter().zip(self.idle..) {
+            // Addresses outside the simulated nodes' 10.213.0.0/16.
+            let ip = Ipv4Addr::new(10, 214, (index / 250) as u8, (index % 250 + 1) as u8);
+            world
+                .scope
+                .set_running_as(api, ip, &format!("{index:064x}"))
+                .await;
+        }
+        self.idle = pods;
+        Ok(())
+    }
+
+    fn finish(self, report: &mut Report) {
+        report
+            .details
+            .insert("6_footprint".into(), json!(self.details));
+    }
 }

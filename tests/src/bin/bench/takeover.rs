@@ -41,7 +41,7 @@ enum Upgrade {
     StopThenStart,
 }
 
-pub(crate) fn takeovers(world: &World, report: &mut Report) -> Result<()> {
+pub(crate) fn takeovers(world: &World<'_>, report: &mut Report) -> Result<()> {
     let node = Node::new();
     let pods: Vec<_> = (0..PODS).map(|_| node.pod()).collect();
     let roles: Vec<String> = (0..PODS).map(|at| format!("takeover-{at}")).collect();
