@@ -48,6 +48,25 @@ impl ApiEndpoint for Scope<'_> {
     }
 }
 
+/// The real API server reached through a [`crate::forwarder::Forwarder`] at `via` (which
+/// the test can cut): the agent's kubeconfig names the forwarder.
+pub struct Through<'a> {
+    pub scope: &'a Scope<'a>,
+    pub via: std::net::SocketAddr,
+}
+
+impl ApiEndpoint for Through<'_> {
+    fn write_kubeconfig(&self, path: &Path) -> io::Result<()> {
+        self.scope
+            .plane
+            .write_agent_kubeconfig_via(path, &format!("https://{}", self.via))
+    }
+
+    fn node_name(&self) -> &str {
+        &self.scope.node
+    }
+}
+
 /// The node name the agent runs for (`--node`).
 pub const NODE: &str = "node-a";
 

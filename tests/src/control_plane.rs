@@ -208,6 +208,7 @@ impl ControlPlane {
             &self.dir.join("tokens.csv"),
             &format!("{admin_token},interceptor-test-admin,test-admin,\"system:masters\"\n"),
         )?;
+        write(&self.dir.join("audit-policy.yaml"), &audit_policy())?;
         write(
             &self.admin_kubeconfig,
             &self.kubeconfig_yaml("interceptor-test-admin", &admin_token),
@@ -273,6 +274,9 @@ impl ControlPlane {
             "--service-cluster-ip-range=10.96.0.0/16",
             &format!("--enable-admission-plugins={ADMISSION_PLUGINS}"),
             "--profiling=false",
+            // What the agent asks the server, as the server saw it: [`Self::agent_requests`].
+            &format!("--audit-policy-file={}", dir("audit-policy.yaml")),
+            &format!("--audit-log-path={}", dir(AUDIT_LOG)),
             "--v=1",
         ]);
         let child = self.spawn_logged(command, "kube-apiserver")?;
@@ -461,12 +465,76 @@ impl ControlPlane {
             node: format!("{test}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
         }
     }
+
+    /// Where kube-apiserver listens (for a forwarder in front of it).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A kubeconfig with the agent's ServiceAccount token for a `server` other than this
+    /// API server's own address: a forwarder on loopback in front of it (the serving
+    /// certificate names 127.0.0.1, whatever the port).
+    pub fn write_agent_kubeconfig_via(
+        &self,
+        path: impl AsRef<Path>,
+        server: &str,
+    ) -> io::Result<()> {
+        let yaml = self
+            .kubeconfig_yaml("interceptor-agent", &self.agent_token)
+            .replace(
+                &format!("server: {}\n", self.url()),
+                &format!("server: {server}\n"),
+            );
+        fs::write(path, yaml)
+    }
+
+    /// Every request made with the agent's ServiceAccount token, as the server's audit log
+    /// has it (all agents of this plane use that token: tell them apart by what they ask,
+    /// e.g. their node's field selector). A watch appears when its response starts and
+    /// again when it ends; a refused one only once, with its code.
+    pub fn agent_requests(&self) -> Vec<AuditedRequest> {
+        let text = fs::read_to_string(self.dir.join(AUDIT_LOG)).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .map(|event| AuditedRequest {
+                stage: event["stage"].as_str().unwrap_or_default().to_owned(),
+                verb: event["verb"].as_str().unwrap_or_default().to_owned(),
+                uri: event["requestURI"].as_str().unwrap_or_default().to_owned(),
+                code: event["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+            })
+            .collect()
+    }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The audit log, in the plane's directory.
+const AUDIT_LOG: &str = "audit.log";
+
+/// Audits what the agent's ServiceAccount asks (at `Metadata` level: verb, URI, answer's
+/// code), nothing else: the tests count the agent's lists and watches with it.
+fn audit_policy() -> String {
+    format!(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+         - level: Metadata\n  users: [\"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}\"]\n\
+         - level: None\n"
+    )
+}
+
+/// One audited request of the agent.
+#[derive(Debug, Clone)]
+pub struct AuditedRequest {
+    /// `ResponseStarted` (a watch's stream began) or `ResponseComplete`.
+    pub stage: String,
+    /// `list`, `watch`, `get`, `create`, `patch`...
+    pub verb: String,
+    /// Path and query, as sent (`/api/v1/pods?fieldSelector=...&watch=true`).
+    pub uri: String,
+    pub code: u16,
 }
 
 /// Under `CI=true`, fails `test` with `reason`; otherwise says it is skipped.

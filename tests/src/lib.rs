@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod control_plane;
 pub mod fake_imds;
+pub mod forwarder;
 pub mod moto;
 pub mod node;
 pub mod objects;
