@@ -504,6 +504,62 @@ impl ControlPlane {
             })
             .collect()
     }
+
+    /// The agent's requests about the pods of `node` (its field selector names the node).
+    pub fn agent_pod_requests(&self, node: &str) -> Vec<AuditedRequest> {
+        let selector = format!("fieldSelector=spec.nodeName%3D{node}&");
+        self.agent_requests()
+            .into_iter()
+            .filter(|request| {
+                request.uri.starts_with("/api/v1/pods?")
+                    && format!("{}&", request.uri).contains(&selector)
+            })
+            .collect()
+    }
+
+    /// How many LISTs of `node`'s pods the agent made: the first one, then one per relist.
+    pub fn agent_pod_lists(&self, node: &str) -> usize {
+        self.agent_pod_requests(node)
+            .iter()
+            .filter(|request| request.verb == "list")
+            .count()
+    }
+
+    /// Whether the agent relisted `node`'s pods because its watch expired: after the
+    /// `lists_before`-th LIST, a watch resumed from before etcd's revision `compacted`,
+    /// and a LIST followed it. (The server answers such a watch with 200 and the 410 as an
+    /// ERROR event in its stream, so the audit log cannot show the 410 itself.)
+    pub fn agent_relisted(
+        &self,
+        node: &str,
+        lists_before: usize,
+        compacted: i64,
+    ) -> Result<(), String> {
+        let requests = self.agent_pod_requests(node);
+        let mut lists = requests
+            .iter()
+            .enumerate()
+            .filter(|(_, request)| request.verb == "list")
+            .map(|(at, _)| at);
+        let after = match lists_before {
+            0 => Some(0),
+            n => lists.nth(n - 1),
+        };
+        let later = after.map_or(&[][..], |at| &requests[at..]);
+        let stale = later.iter().position(|request| {
+            request.verb == "watch"
+                && request
+                    .resource_version()
+                    .is_some_and(|version| version < compacted)
+        });
+        match stale {
+            Some(at) if later[at..].iter().any(|request| request.verb == "list") => Ok(()),
+            _ => Err(format!(
+                "no watch from before revision {compacted} followed by a LIST after LIST \
+                 number {lists_before} in {requests:#?}"
+            )),
+        }
+    }
 }
 
 impl Drop for ControlPlane {
@@ -535,6 +591,16 @@ pub struct AuditedRequest {
     /// Path and query, as sent (`/api/v1/pods?fieldSelector=...&watch=true`).
     pub uri: String,
     pub code: u16,
+}
+
+impl AuditedRequest {
+    /// The `resourceVersion` the request asked from.
+    pub fn resource_version(&self) -> Option<i64> {
+        self.uri
+            .split(['?', '&'])
+            .find_map(|pair| pair.strip_prefix("resourceVersion="))
+            .and_then(|version| version.parse().ok())
+    }
 }
 
 /// Under `CI=true`, fails `test` with `reason`; otherwise says it is skipped.

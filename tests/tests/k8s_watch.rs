@@ -20,7 +20,7 @@ use std::{sync::Arc, time::Duration};
 
 use interceptor::k8s::{self, EventSink, Lookup, NamespaceStore, PodStore, events};
 use interceptor_tests::{
-    control_plane::{AuditedRequest, ControlPlane, Scope, wait_until},
+    control_plane::{ControlPlane, Scope, wait_until},
     forwarder::Forwarder,
     objects::{new_pod, wait_for},
 };
@@ -106,36 +106,6 @@ async fn agent(scope: &Scope<'_>, via: Option<&Forwarder>) -> Agent {
         client,
         tasks,
     }
-}
-
-/// The agent's pod requests for `node` (by their field selector), as the server saw them.
-fn pod_requests(plane: &ControlPlane, node: &str) -> Vec<AuditedRequest> {
-    let selector = format!("fieldSelector=spec.nodeName%3D{node}&");
-    plane
-        .agent_requests()
-        .into_iter()
-        .filter(|request| {
-            request.uri.starts_with("/api/v1/pods?")
-                && format!("{}&", request.uri).contains(&selector)
-        })
-        .collect()
-}
-
-/// The `resourceVersion` a request asked from.
-fn resource_version(request: &AuditedRequest) -> Option<i64> {
-    request
-        .uri
-        .split(['?', '&'])
-        .find_map(|pair| pair.strip_prefix("resourceVersion="))
-        .and_then(|version| version.parse().ok())
-}
-
-/// How many LISTs of its node's pods the agent made (the first one, then one per relist).
-fn lists(plane: &ControlPlane, node: &str) -> usize {
-    pod_requests(plane, node)
-        .iter()
-        .filter(|request| request.verb == "list" && request.stage == "ResponseComplete")
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,8 +198,8 @@ async fn node_scoped_pods_follow_adds_bindings_changes_and_deletes() {
 
     // What the agent asked: its node's pods only, one LIST and then a WATCH that asks for
     // bookmarks, and no relist.
-    let requests = pod_requests(plane, &scope.node);
-    assert_eq!(lists(plane, &scope.node), 1, "{requests:#?}");
+    let requests = plane.agent_pod_requests(&scope.node);
+    assert_eq!(plane.agent_pod_lists(&scope.node), 1, "{requests:#?}");
     assert!(
         requests.iter().any(|request| request.verb == "watch"
             && request.stage == "ResponseStarted"
@@ -258,7 +228,7 @@ async fn a_410_after_compaction_relists_and_a_short_cut_resumes() {
     let forwarder = Forwarder::start(plane.addr()).await;
     let agent = agent(&scope, Some(&forwarder)).await;
     assert!(found(&agent.pods, &uid(&a)) && found(&agent.pods, &uid(&b)));
-    let lists_before = lists(&plane, &scope.node);
+    let lists_before = plane.agent_pod_lists(&scope.node);
 
     forwarder.cut();
     scope.delete_pod(&team, "a").await;
@@ -275,7 +245,7 @@ async fn a_410_after_compaction_relists_and_a_short_cut_resumes() {
         match (
             agent.pods.get(&uid(&a)),
             agent.pods.get(&uid(&c)),
-            lists(&plane, &scope.node),
+            plane.agent_pod_lists(&scope.node),
         ) {
             (Lookup::Deleted, Lookup::Found(_), lists) if lists > lists_before => Ok(()),
             other => Err(format!("{other:?}")),
@@ -283,28 +253,12 @@ async fn a_410_after_compaction_relists_and_a_short_cut_resumes() {
     })
     .await;
     assert!(found(&agent.pods, &uid(&b)), "kept through the relist");
-    // The server answers a watch from a compacted resourceVersion with 200 and a 410
-    // ERROR event in its stream, so the audit log shows the watch that resumed from
-    // before the compaction, and the LIST it made the watcher do.
-    let requests = pod_requests(&plane, &scope.node);
-    let stale_watch = requests
-        .iter()
-        .position(|request| {
-            request.verb == "watch"
-                && resource_version(request).is_some_and(|version| version < compacted)
-        })
-        .unwrap_or_else(|| {
-            panic!("no watch resumed from before revision {compacted}: {requests:#?}")
-        });
-    assert!(
-        requests[stale_watch..]
-            .iter()
-            .any(|request| request.verb == "list"),
-        "the stale watch was followed by a relist: {requests:#?}"
-    );
+    if let Err(missing) = plane.agent_relisted(&scope.node, lists_before, compacted) {
+        panic!("the relist came from a 410: {missing}");
+    }
 
     // A short cut: the server still has the history the watch resumes from.
-    let lists_before = lists(&plane, &scope.node);
+    let lists_before = plane.agent_pod_lists(&scope.node);
     forwarder.cut();
     let d = scope.add_pod(&team, "d", &[]).await;
     assert_eq!(agent.pods.get(&uid(&d)), Lookup::Unknown);
@@ -316,10 +270,10 @@ async fn a_410_after_compaction_relists_and_a_short_cut_resumes() {
     })
     .await;
     assert_eq!(
-        lists(&plane, &scope.node),
+        plane.agent_pod_lists(&scope.node),
         lists_before,
         "resumed, not relisted: {:#?}",
-        pod_requests(&plane, &scope.node)
+        plane.agent_pod_requests(&scope.node)
     );
 }
 
