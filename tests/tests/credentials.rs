@@ -13,9 +13,9 @@ use interceptor::credentials::{
     session_name, sts_client,
 };
 use interceptor_tests::{
-    apiserver::wait_for,
     clock::ManualClock,
     moto::MotoServer,
+    objects::wait_for,
     sts_proxy::{Fault, StsProxy},
 };
 
