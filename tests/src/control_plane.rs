@@ -824,6 +824,19 @@ impl Scope<'_> {
             .map(|event| serde_json::to_value(event).unwrap())
             .collect()
     }
+
+    /// A pod on this test's node with `annotations`, created through the API, and the
+    /// simulated pod on `node` with the UID the server gave it.
+    pub async fn simulated_pod(
+        &self,
+        node: &crate::Node,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) -> crate::Pod {
+        let api = self.add_pod(namespace, name, annotations).await;
+        node.pod_with_uid(api.metadata.uid.expect("a UID from the server"))
+    }
 }
 
 /// Polls an async `probe` every 50 ms until it gives a value; panics with what it last

@@ -20,7 +20,7 @@ use interceptor::{
 };
 use interceptor_tests::{
     Node, Pod,
-    control_plane::{ControlPlane, Scope, wait_until},
+    control_plane::{ControlPlane, wait_until},
     node::in_cgroup,
     objects::wait_for,
     pins::Pins,
@@ -33,20 +33,6 @@ use tokio::{
 
 const ROLE_KEY: &str = "iam.amazonaws.com/role";
 const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
-
-/// Creates the pod `namespace/name` on the scope's node through the API, then the
-/// simulated pod with the UID the server gave it.
-async fn add_pod(
-    scope: &Scope<'_>,
-    node: &Node,
-    namespace: &str,
-    name: &str,
-    role: Option<&str>,
-) -> Pod {
-    let annotations: Vec<(&str, &str)> = role.map(|role| (ROLE_KEY, role)).into_iter().collect();
-    let api = scope.add_pod(namespace, name, &annotations).await;
-    node.pod_with_uid(api.metadata.uid.expect("a UID from the server"))
-}
 
 /// What the test's proxy concluded per tag.
 type Seen = Arc<Mutex<HashMap<String, Vec<String>>>>;
@@ -139,34 +125,40 @@ async fn every_pod_gets_exactly_its_decision() {
     let pods: Vec<(&str, Pod)> = vec![
         (
             "a",
-            add_pod(&scope, &node, &team_a, "app-a", Some("role-a")).await,
+            scope
+                .simulated_pod(&node, &team_a, "app-a", &[(ROLE_KEY, "role-a")])
+                .await,
         ),
         (
             "b",
-            add_pod(
-                &scope,
-                &node,
-                &team_a,
-                "app-b",
-                Some("arn:aws:iam::999999999999:role/role-b"),
-            )
-            .await,
+            scope
+                .simulated_pod(
+                    &node,
+                    &team_a,
+                    "app-b",
+                    &[(ROLE_KEY, "arn:aws:iam::999999999999:role/role-b")],
+                )
+                .await,
         ),
         (
             "plain",
-            add_pod(&scope, &node, &team_a, "plain", None).await,
+            scope.simulated_pod(&node, &team_a, "plain", &[]).await,
         ),
         (
             "locked",
-            add_pod(&scope, &node, &locked, "wants-b", Some("role-b")).await,
+            scope
+                .simulated_pod(&node, &locked, "wants-b", &[(ROLE_KEY, "role-b")])
+                .await,
         ),
         (
             "host",
-            add_pod(&scope, &node, &team_a, "host-net", Some("role-host")).await,
+            scope
+                .simulated_pod(&node, &team_a, "host-net", &[(ROLE_KEY, "role-host")])
+                .await,
         ),
         (
             "cni",
-            add_pod(&scope, &node, &infra, "cni-agent", None).await,
+            scope.simulated_pod(&node, &infra, "cni-agent", &[]).await,
         ),
     ];
     let pod = |tag: &str| &pods.iter().find(|(t, _)| *t == tag).unwrap().1;

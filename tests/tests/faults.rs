@@ -20,7 +20,7 @@ use std::{
 };
 
 use interceptor_tests::{
-    Node, Pod,
+    Node,
     agent::{Agent, free_port},
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::{boto3, in_pod},
@@ -39,20 +39,6 @@ use interceptor_tests::{
 const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 const ROLE: &str = "iam.amazonaws.com/role";
 const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
-
-/// Creates the pod `namespace/name` (with `role`, if any) on the scope's node through the
-/// API, then the simulated pod with the UID the server gave it.
-async fn add_pod(
-    scope: &Scope<'_>,
-    node: &Node,
-    namespace: &str,
-    name: &str,
-    role: Option<&str>,
-) -> Pod {
-    let annotations: Vec<(&str, &str)> = role.map(|role| (ROLE, role)).into_iter().collect();
-    let api = scope.add_pod(namespace, name, &annotations).await;
-    node.pod_with_uid(api.metadata.uid.expect("a UID from the server"))
-}
 
 /// Waits until `namespace` holds an Event with `reason` on the pod `name`; returns it.
 async fn event_on(
@@ -124,8 +110,10 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
     let team = scope.namespace_name("team");
     scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let pod_a = add_pod(&scope, &node, &team, "app-a", Some("role-a")).await;
-    let pod_u = add_pod(&scope, &node, &team, "app-u", None).await;
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
+    let pod_u = scope.simulated_pod(&node, &team, "app-u", &[]).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let name = "faults-restart";
@@ -230,9 +218,15 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         .namespace(&locked, &[(ALLOWED, r#"["role-d"]"#)])
         .await;
     let node = Node::new();
-    let pod_a = add_pod(&scope, &node, &team, "app-a", Some("role-a")).await;
-    let pod_c = add_pod(&scope, &node, &team, "app-c", Some("role-c")).await;
-    let pod_d = add_pod(&scope, &node, &locked, "app-d", Some("role-d")).await;
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
+    let pod_c = scope
+        .simulated_pod(&node, &team, "app-c", &[(ROLE, "role-c")])
+        .await;
+    let pod_d = scope
+        .simulated_pod(&node, &locked, "app-d", &[(ROLE, "role-d")])
+        .await;
     let forwarder = Forwarder::start(plane.addr()).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -275,7 +269,9 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         })
         .await;
     scope.delete_pod(&team, "app-c").await;
-    let pod_b = add_pod(&scope, &node, &team, "app-b", Some("role-b")).await;
+    let pod_b = scope
+        .simulated_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
+        .await;
     scope
         .update_namespace(&locked, |namespace| {
             namespace
@@ -371,7 +367,9 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
     let team = scope.namespace_name("team");
     scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let pod_a = add_pod(&scope, &node, &team, "app-a", Some("role-a")).await;
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -400,7 +398,9 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
 
     // Refused: a clear answer, an Event, and no call per request.
     sts.set_fault(Fault::Deny);
-    let pod_r = add_pod(&scope, &node, &team, "app-r", Some("role-r")).await;
+    let pod_r = scope
+        .simulated_pod(&node, &team, "app-r", &[(ROLE, "role-r")])
+        .await;
     let answer = ask_until(&pod_r, CREDS, Duration::from_secs(10), |answer| {
         answer.0 == 200
     })
@@ -437,7 +437,9 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
 
     // Down while a pod with nothing cached asks in a loop: 503 each time, few STS calls.
     sts.set_fault(Fault::Unavailable);
-    let pod_u = add_pod(&scope, &node, &team, "app-u", Some("role-u")).await;
+    let pod_u = scope
+        .simulated_pod(&node, &team, "app-u", &[(ROLE, "role-u")])
+        .await;
     let answer = ask_until(&pod_u, CREDS, Duration::from_secs(10), |answer| {
         answer.0 == 200
     })
@@ -481,7 +483,9 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
 
     // Slower than the SDKs wait: prefetch takes the latency before the pod asks.
     sts.set_delay(Duration::from_secs(2));
-    let pod_s = add_pod(&scope, &node, &team, "app-s", Some("role-s")).await;
+    let pod_s = scope
+        .simulated_pod(&node, &team, "app-s", &[(ROLE, "role-s")])
+        .await;
     wait_for("prefetch stored role-s", Duration::from_secs(20), || {
         if holds_credentials(&agent, "role-s") {
             Ok(())
@@ -532,7 +536,9 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
     let team = scope.namespace_name("team");
     scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let pod = add_pod(&scope, &node, &team, "app-e", Some("role-e")).await;
+    let pod = scope
+        .simulated_pod(&node, &team, "app-e", &[(ROLE, "role-e")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     sts.set_expires_in(Some(STALE_FLOOR + MARGIN));

@@ -18,12 +18,12 @@ use std::{
 };
 
 use interceptor_tests::{
-    Node, Pod,
+    Node,
     agent::Agent,
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::CredsLoop,
     cluster::{AGENT_ENV, Peers, Through, start_agent},
-    control_plane::{ControlPlane, Scope, wait_until},
+    control_plane::{ControlPlane, wait_until},
     fake_imds::FakeImds,
     forwarder::Forwarder,
     moto::MotoServer,
@@ -36,13 +36,6 @@ const WAIT: Duration = Duration::from_secs(60);
 
 const ROLE: &str = "iam.amazonaws.com/role";
 const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
-
-/// Creates the pod `namespace/name` with `role` on the scope's node through the API, then
-/// the simulated pod with the UID the server gave it.
-async fn add_pod(scope: &Scope<'_>, node: &Node, namespace: &str, name: &str, role: &str) -> Pod {
-    let api = scope.add_pod(namespace, name, &[(ROLE, role)]).await;
-    node.pod_with_uid(api.metadata.uid.expect("a UID from the server"))
-}
 
 fn counter(agent: &Agent, event: &str) -> u64 {
     agent.metric(&format!(
@@ -68,7 +61,9 @@ async fn api_server_outage_and_expiry() {
     let team = scope.namespace_name("team");
     scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let pod_a = add_pod(&scope, &node, &team, "app-a", "role-a").await;
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
     let forwarder = Forwarder::start(plane.addr()).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -96,7 +91,9 @@ async fn api_server_outage_and_expiry() {
     assert_eq!(get(&pod_a, CREDS), (200, "role-a".to_owned()));
 
     forwarder.cut();
-    let pod_b = add_pod(&scope, &node, &team, "app-b", "role-b").await;
+    let pod_b = scope
+        .simulated_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
+        .await;
     plane.stop_apiserver();
     forwarder.restore();
     let (status, body) = get(&pod_a, &format!("{CREDS}role-a"));
@@ -194,7 +191,9 @@ async fn sts_outage_throttling_and_latency() {
     let team = scope.namespace_name("team");
     scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let pod_a = add_pod(&scope, &node, &team, "app-a", "role-a").await;
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -236,7 +235,9 @@ async fn sts_outage_throttling_and_latency() {
         // request (failures are held and retried with backoff).
         // Object names are lowercase (the server validates them).
         let name = format!("app-{fault:?}").to_lowercase();
-        let pod_c = add_pod(&scope, &node, &team, &name, &name).await;
+        let pod_c = scope
+            .simulated_pod(&node, &team, &name, &[(ROLE, &name)])
+            .await;
         let mut answers = Vec::new();
         for _ in 0..10 {
             answers.push(get(&pod_c, &format!("{CREDS}{name}")));
@@ -268,7 +269,9 @@ async fn sts_outage_throttling_and_latency() {
 
     // Slow STS: prefetch fetches when the pod appears; its first request is a hit.
     sts.set_delay(Duration::from_millis(1500));
-    let pod_d = add_pod(&scope, &node, &team, "app-d", "role-d").await;
+    let pod_d = scope
+        .simulated_pod(&node, &team, "app-d", &[(ROLE, "role-d")])
+        .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, store) = agent.admin_get("/debug/store").expect("debug store");
@@ -323,7 +326,9 @@ async fn decisions_follow_annotation_and_restriction_changes() {
         .namespace(&team, &[(ALLOWED, r#"["role-a", "role-x"]"#)])
         .await;
     let node = Node::new();
-    let pod = add_pod(&scope, &node, &team, "app", "role-a").await;
+    let pod = scope
+        .simulated_pod(&node, &team, "app", &[(ROLE, "role-a")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = start_agent(
