@@ -8,13 +8,15 @@
 //! ([`ControlPlane::agent_requests`]); a [`Forwarder`] the test can cut stands between
 //! the agent and the server where the agent must miss changes while the server takes them.
 //!
-//! Bookmarks: the agent asks for them (`allowWatchBookmarks=true`, checked below), and a
+//! Bookmarks: the agent asks for them (`allowWatchBookmarks=true`, checked below). A
 //! bookmark only moves the resourceVersion kube-runtime's watcher resumes from; no event
-//! reaches the stores. The real server sends one about once a minute on a watch of
-//! 290 s (the watcher's `timeoutSeconds`, which wins over the server's flags), and its
-//! watch cache keeps 75 s of history, so a resume from a bookmark and one from the last
-//! event both succeed without a relist: a test would wait over a minute to see nothing
-//! it can tell apart. Receiving bookmarks is therefore not tested here.
+//! reaches the stores. The real server sends one about once a minute (not configurable:
+//! the watcher's own `timeoutSeconds`, 290 s, sets the watch's deadline), and on a test
+//! cluster's few writes its watch cache still holds the agent's last resourceVersion a
+//! minute later, so a resume from a bookmark and one from the last event both succeed
+//! without a relist: a test would wait over a minute to see nothing it can tell apart.
+//! Receiving bookmarks is therefore not tested here; what they protect (a resume that
+//! needs no relist) is, after a short cut below, and the relist when the history is gone.
 
 use std::{sync::Arc, time::Duration};
 
