@@ -21,7 +21,7 @@ use std::{
 
 use interceptor_tests::{
     Node,
-    agent::{Agent, free_port},
+    agent::{Agent, free_port, series_value},
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::{boto3, in_pod},
     cluster::{AGENT_ENV, Peers, Through, agent_setup, start_agent},
@@ -92,10 +92,11 @@ fn calls_for(sts: &StsProxy, role: &str) -> usize {
         .count()
 }
 
-/// The agent crashes and comes back while the API server is down: it knows no pod, so it
-/// refuses every pod (the one with a role and the one that would get the configured
-/// default alike), says it is not ready, and serves both their decisions once the API
-/// server is back.
+/// The agent crashes and comes back while the API server is down: it knows no pod, so
+/// every pod (the one with a role and the one that would get the configured default
+/// alike) gets nothing: the new agent says it is not ready and does not take over the
+/// kernel's proxy map until it has synced. Once the API server is back it serves both
+/// their decisions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_see() {
     if !require_root("an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_see") {
@@ -173,11 +174,20 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
             agent.log_text()
         );
     }
-    // No pod asked before these (the series appears with the first refusal).
+    // An agent whose pod store has not synced does not take over the kernel's proxy map
+    // (the surge rule, tests/tests/takeover.rs): the pods' connections reach no agent
+    // (the crashed one's socket is gone), which fails closed as surely as a refusal, and
+    // this agent saw none of them.
+    let log = agent.log_text();
+    assert!(
+        !log.contains("the kernel steers connections"),
+        "took over without a synced pod store:\n{log}"
+    );
+    let (_, metrics) = agent.admin_get("/metrics").expect("the agent's /metrics");
     assert_eq!(
-        sample(&agent, refused_metric),
-        probes.len() as f64,
-        "each request was refused as an unknown pod"
+        series_value(&metrics, refused_metric),
+        None,
+        "no request reached the agent that has not taken over"
     );
 
     plane.start_apiserver().unwrap();
