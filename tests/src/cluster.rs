@@ -1,9 +1,8 @@
-//! The real agent on a simulated node in API-server mode: pods come from the test API
-//! server, roles are assumed at a given STS endpoint, and the node's own metadata service
+//! The real agent on a simulated node in API-server mode: pods come from the real API
+//! server (`control_plane`), roles are assumed at a given STS endpoint, and the node's own metadata service
 //! is a fake holding the node's credentials.
 
 use std::{
-    collections::BTreeMap,
     io,
     path::{Path, PathBuf},
     time::Duration,
@@ -12,7 +11,6 @@ use std::{
 use crate::{
     Node, Pod,
     agent::{Agent, free_port},
-    apiserver::{FakeApiServer, new_pod},
     control_plane::Scope,
     fake_imds::FakeImds,
 };
@@ -24,16 +22,6 @@ pub trait ApiEndpoint {
     fn write_kubeconfig(&self, path: &Path) -> io::Result<()>;
     /// The agent's `--node`.
     fn node_name(&self) -> &str;
-}
-
-impl ApiEndpoint for FakeApiServer {
-    fn write_kubeconfig(&self, path: &Path) -> io::Result<()> {
-        FakeApiServer::write_kubeconfig(self, path)
-    }
-
-    fn node_name(&self) -> &str {
-        NODE
-    }
 }
 
 /// The real API server: the agent authenticates with its ServiceAccount's token, so it
@@ -48,8 +36,24 @@ impl ApiEndpoint for Scope<'_> {
     }
 }
 
-/// The node name the agent runs for (`--node`).
-pub const NODE: &str = "node-a";
+/// The real API server reached through a [`crate::forwarder::Forwarder`] at `via` (which
+/// the test can cut): the agent's kubeconfig names the forwarder.
+pub struct Through<'a> {
+    pub scope: &'a Scope<'a>,
+    pub via: std::net::SocketAddr,
+}
+
+impl ApiEndpoint for Through<'_> {
+    fn write_kubeconfig(&self, path: &Path) -> io::Result<()> {
+        self.scope
+            .plane
+            .write_agent_kubeconfig_via(path, &format!("https://{}", self.via))
+    }
+
+    fn node_name(&self) -> &str {
+        &self.scope.node
+    }
+}
 
 /// Agent credentials for the tests where STS (moto) checks nothing.
 pub const AGENT_ENV: [(&str, &str); 3] = [
@@ -57,21 +61,6 @@ pub const AGENT_ENV: [(&str, &str); 3] = [
     ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
     ("AWS_REGION", "us-east-1"),
 ];
-
-/// The API object of a simulated pod on [`NODE`], with its UID and an optional role
-/// annotation.
-pub fn api_pod(
-    uid: &str,
-    namespace: &str,
-    name: &str,
-    role: Option<&str>,
-) -> k8s_openapi::api::core::v1::Pod {
-    let mut api = new_pod(namespace, name, NODE);
-    api.metadata.uid = Some(uid.to_owned());
-    api.metadata.annotations =
-        role.map(|role| BTreeMap::from([("iam.amazonaws.com/role".to_owned(), role.to_owned())]));
-    api
-}
 
 /// What the agent under test talks to: the API server, the node's metadata service
 /// (faked) and STS.

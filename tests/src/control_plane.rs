@@ -52,8 +52,8 @@ use serde_json::{Value, json};
 
 use crate::{
     agent::free_port,
-    apiserver::{new_namespace, new_node, new_pod},
     cmd,
+    objects::{new_namespace, new_node, new_pod},
 };
 
 /// The admission plugins enabled besides kube-apiserver's defaults (NamespaceLifecycle,
@@ -208,6 +208,7 @@ impl ControlPlane {
             &self.dir.join("tokens.csv"),
             &format!("{admin_token},interceptor-test-admin,test-admin,\"system:masters\"\n"),
         )?;
+        write(&self.dir.join(AUDIT_POLICY), &audit_policy())?;
         write(
             &self.admin_kubeconfig,
             &self.kubeconfig_yaml("interceptor-test-admin", &admin_token),
@@ -273,9 +274,11 @@ impl ControlPlane {
             "--service-cluster-ip-range=10.96.0.0/16",
             &format!("--enable-admission-plugins={ADMISSION_PLUGINS}"),
             "--profiling=false",
+            // What the agent asks the server, as the server saw it: [`Self::agent_requests`].
+            &format!("--audit-policy-file={}", dir(AUDIT_POLICY)),
+            &format!("--audit-log-path={}", dir(AUDIT_LOG)),
             "--v=1",
         ]);
-        command.args(self.audit_flags());
         let child = self.spawn_logged(command, "kube-apiserver")?;
         *lock(&self.apiserver) = Some(child);
         self.wait("kube-apiserver", "kube-apiserver.log", || {
@@ -498,45 +501,161 @@ impl ControlPlane {
         Ok(total)
     }
 
-    /// Turns on kube-apiserver's audit log with `policy` (an `audit.k8s.io/v1` Policy, as
-    /// YAML) and restarts the API server so that it takes effect; from then on every start
-    /// writes it (JSON lines, one event per stage, to [`Self::audit_log`]). Opt-in: the
-    /// bench counts with it what the agent asks for, which a forwarder could not see
-    /// inside TLS. The log backend blocks each request until its event is written, so
-    /// a request that was answered is in the log.
+    /// Replaces the audit policy (by default [`audit_policy`]: every request of the
+    /// agent's ServiceAccount) with `policy` (an `audit.k8s.io/v1` Policy, as YAML) and
+    /// restarts the API server so that it takes effect: the bench audits only
+    /// ServiceAccount requests, with every stage. The log is JSON lines, one event per
+    /// stage ([`Self::audit_log`]); its backend blocks each request until its event is
+    /// written, so a request that was answered is in the log.
     pub fn enable_audit_log(&self, policy: &str) -> Result<(), String> {
         write(&self.dir.join(AUDIT_POLICY), policy)?;
         self.stop_apiserver();
         self.start_apiserver()
     }
 
-    /// Where the audit log is written once [`Self::enable_audit_log`] turned it on.
+    /// Where the audit log is written.
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.join("audit.log")
+        self.dir.join(AUDIT_LOG)
     }
 
-    /// kube-apiserver's audit flags: none until [`Self::enable_audit_log`] wrote a policy.
-    fn audit_flags(&self) -> Vec<String> {
-        let policy = self.dir.join(AUDIT_POLICY);
-        if !policy.is_file() {
-            return Vec::new();
+    /// Where kube-apiserver listens (for a forwarder in front of it).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A kubeconfig with the agent's ServiceAccount token for a `server` other than this
+    /// API server's own address: a forwarder on loopback in front of it (the serving
+    /// certificate names 127.0.0.1, whatever the port).
+    pub fn write_agent_kubeconfig_via(
+        &self,
+        path: impl AsRef<Path>,
+        server: &str,
+    ) -> io::Result<()> {
+        let yaml = self
+            .kubeconfig_yaml("interceptor-agent", &self.agent_token)
+            .replace(
+                &format!("server: {}\n", self.url()),
+                &format!("server: {server}\n"),
+            );
+        fs::write(path, yaml)
+    }
+
+    /// Every request made with the agent's ServiceAccount token, as the server's audit log
+    /// has it (all agents of this plane use that token: tell them apart by what they ask,
+    /// e.g. their node's field selector). A watch appears when its response starts and
+    /// again when it ends; a refused one only once, with its code.
+    pub fn agent_requests(&self) -> Vec<AuditedRequest> {
+        let text = fs::read_to_string(self.audit_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .map(|event| AuditedRequest {
+                stage: event["stage"].as_str().unwrap_or_default().to_owned(),
+                verb: event["verb"].as_str().unwrap_or_default().to_owned(),
+                uri: event["requestURI"].as_str().unwrap_or_default().to_owned(),
+                code: event["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+            })
+            .collect()
+    }
+
+    /// The agent's requests about the pods of `node` (its field selector names the node).
+    pub fn agent_pod_requests(&self, node: &str) -> Vec<AuditedRequest> {
+        let selector = format!("fieldSelector=spec.nodeName%3D{node}&");
+        self.agent_requests()
+            .into_iter()
+            .filter(|request| {
+                request.uri.starts_with("/api/v1/pods?")
+                    && format!("{}&", request.uri).contains(&selector)
+            })
+            .collect()
+    }
+
+    /// How many LISTs of `node`'s pods the agent made: the first one, then one per relist.
+    pub fn agent_pod_lists(&self, node: &str) -> usize {
+        self.agent_pod_requests(node)
+            .iter()
+            .filter(|request| request.verb == "list")
+            .count()
+    }
+
+    /// Whether the agent relisted `node`'s pods because its watch expired: after the
+    /// `lists_before`-th LIST, a watch resumed from before etcd's revision `compacted`,
+    /// and a LIST followed it. (The server answers such a watch with 200 and the 410 as an
+    /// ERROR event in its stream, so the audit log cannot show the 410 itself.)
+    pub fn agent_relisted(
+        &self,
+        node: &str,
+        lists_before: usize,
+        compacted: i64,
+    ) -> Result<(), String> {
+        let requests = self.agent_pod_requests(node);
+        let mut lists = requests
+            .iter()
+            .enumerate()
+            .filter(|(_, request)| request.verb == "list")
+            .map(|(at, _)| at);
+        let after = match lists_before {
+            0 => Some(0),
+            n => lists.nth(n - 1),
+        };
+        let later = after.map_or(&[][..], |at| &requests[at..]);
+        let stale = later.iter().position(|request| {
+            request.verb == "watch"
+                && request
+                    .resource_version()
+                    .is_some_and(|version| version < compacted)
+        });
+        match stale {
+            Some(at) if later[at..].iter().any(|request| request.verb == "list") => Ok(()),
+            _ => Err(format!(
+                "no watch from before revision {compacted} followed by a LIST after LIST \
+                 number {lists_before} in {requests:#?}"
+            )),
         }
-        vec![
-            format!("--audit-policy-file={}", policy.display()),
-            format!("--audit-log-path={}", self.audit_log().display()),
-            // Written as each request happens (the default; said so because the counts
-            // rely on it).
-            "--audit-log-mode=blocking".to_owned(),
-        ]
     }
 }
 
-/// The audit policy [`ControlPlane::enable_audit_log`] writes, in the plane's directory.
+/// The audit policy, in the plane's directory ([`audit_policy`], or what
+/// [`ControlPlane::enable_audit_log`] wrote).
 const AUDIT_POLICY: &str = "audit-policy.yaml";
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The audit log, in the plane's directory.
+const AUDIT_LOG: &str = "audit.log";
+
+/// Audits what the agent's ServiceAccount asks (at `Metadata` level: verb, URI, answer's
+/// code), nothing else: the tests count the agent's lists and watches with it.
+fn audit_policy() -> String {
+    format!(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+         - level: Metadata\n  users: [\"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}\"]\n\
+         - level: None\n"
+    )
+}
+
+/// One audited request of the agent.
+#[derive(Debug, Clone)]
+pub struct AuditedRequest {
+    /// `ResponseStarted` (a watch's stream began) or `ResponseComplete`.
+    pub stage: String,
+    /// `list`, `watch`, `get`, `create`, `patch`...
+    pub verb: String,
+    /// Path and query, as sent (`/api/v1/pods?fieldSelector=...&watch=true`).
+    pub uri: String,
+    pub code: u16,
+}
+
+impl AuditedRequest {
+    /// The `resourceVersion` the request asked from.
+    pub fn resource_version(&self) -> Option<i64> {
+        self.uri
+            .split(['?', '&'])
+            .find_map(|pair| pair.strip_prefix("resourceVersion="))
+            .and_then(|version| version.parse().ok())
     }
 }
 
@@ -788,6 +907,19 @@ impl Scope<'_> {
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .unwrap_or_else(|e| panic!("pod status {namespace}/{name}: {e}"))
+    }
+
+    /// A pod on this test's node with `annotations`, created through the API, and the
+    /// simulated pod on `node` with the UID the server gave it.
+    pub async fn simulated_pod(
+        &self,
+        node: &crate::Node,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) -> crate::Pod {
+        let api = self.add_pod(namespace, name, annotations).await;
+        node.pod_with_uid(api.metadata.uid.expect("a UID from the server"))
     }
 }
 

@@ -13,7 +13,6 @@
 //! test cleans up too.
 
 pub mod agent;
-pub mod apiserver;
 pub mod ask;
 pub mod clients;
 pub mod clock;
@@ -21,6 +20,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod control_plane;
 pub mod fake_imds;
+pub mod forwarder;
 pub mod moto;
 pub mod node;
 pub mod objects;

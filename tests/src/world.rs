@@ -5,8 +5,8 @@
 //! Before `main` (and so before any thread exists: a thread keeps the namespace of the
 //! thread that created it), every process linking this crate as root moves itself into a
 //! fresh network namespace, brings up `lo` and puts 169.254.169.254/32 and
-//! fd00:ec2::254/128 on `lo` (the kernel here has no dummy interfaces). Everything the test starts (moto, the API
-//! server stand-in, the agent, the fakes) lives there, and that namespace has no link to
+//! fd00:ec2::254/128 on `lo` (the kernel here has no dummy interfaces). Everything the test starts (moto, etcd and
+//! kube-apiserver, the agent, the fakes) lives there, and that namespace has no link to
 //! the machine's network: nothing a test does can reach the machine's own metadata address
 //! or anything outside. Pods route to the node (their default route is the bridge's
 //! address), as on a real node, so a connection the agent's redirect misses reaches

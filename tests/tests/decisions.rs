@@ -1,9 +1,9 @@
-//! On the simulated node: the kernel's record -> cgroup -> pod (from the test API server
-//! through the real `kube` client) -> policy, for pods that must each get exactly their
-//! expected decision.
+//! On the simulated node: the kernel's record -> cgroup -> pod (from the real
+//! kube-apiserver, watched by the agent's own code with its ServiceAccount's token) ->
+//! policy, for pods that must each get exactly their expected decision.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     net::{SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
     time::Duration,
@@ -20,8 +20,9 @@ use interceptor::{
 };
 use interceptor_tests::{
     Node, Pod,
-    apiserver::{FakeApiServer, new_namespace, new_pod, wait_for},
+    control_plane::{ControlPlane, wait_until},
     node::in_cgroup,
+    objects::wait_for,
     pins::Pins,
     probe, require_root,
 };
@@ -30,41 +31,10 @@ use tokio::{
     net::TcpListener,
 };
 
-const NODE: &str = "node-a";
 const ROLE_KEY: &str = "iam.amazonaws.com/role";
+const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
 
-fn api_pod(
-    pod: &Pod,
-    namespace: &str,
-    name: &str,
-    role: Option<&str>,
-    extra: &[(&str, &str)],
-) -> k8s_openapi::api::core::v1::Pod {
-    let mut api = new_pod(namespace, name, NODE);
-    api.metadata.uid = Some(pod.uid.clone());
-    let mut annotations: BTreeMap<String, String> = extra
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    if let Some(role) = role {
-        annotations.insert(ROLE_KEY.into(), role.into());
-    }
-    api.metadata.annotations = Some(annotations);
-    api
-}
-
-fn namespace(name: &str, annotations: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Namespace {
-    let mut ns = new_namespace(name);
-    ns.metadata.annotations = Some(
-        annotations
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-    );
-    ns
-}
-
-/// What the stand-in server concluded per tag.
+/// What the test's proxy concluded per tag.
 type Seen = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 fn summary(verdict: &Verdict) -> String {
@@ -130,58 +100,84 @@ async fn every_pod_gets_exactly_its_decision() {
     if !require_root("every_pod_gets_exactly_its_decision") {
         return;
     }
-    let server = FakeApiServer::start().await;
-    server.add_namespace(namespace(
-        "team-a",
-        // Names are resolved against the base ARN, so "*" means any role of that account.
-        &[(
-            "iam.amazonaws.com/allowed-roles",
-            r#"["*", "arn:aws:iam::999999999999:role/*"]"#,
-        )],
-    ));
-    server.add_namespace(namespace(
-        "locked",
-        &[("iam.amazonaws.com/allowed-roles", r#"["role-a"]"#)],
-    ));
-    server.add_namespace(namespace("infra", &[]));
+    let Some(plane) = ControlPlane::shared("every_pod_gets_exactly_its_decision") else {
+        return;
+    };
+    let scope = plane.scope("decisions");
+    let (team_a, locked, infra) = (
+        scope.namespace_name("team-a"),
+        scope.namespace_name("locked"),
+        scope.namespace_name("infra"),
+    );
+    // Names are resolved against the base ARN, so "*" means any role of that account.
+    scope
+        .namespace(
+            &team_a,
+            &[(ALLOWED, r#"["*", "arn:aws:iam::999999999999:role/*"]"#)],
+        )
+        .await;
+    scope
+        .namespace(&locked, &[(ALLOWED, r#"["role-a"]"#)])
+        .await;
+    scope.namespace(&infra, &[]).await;
 
     let node = Node::new();
-    let pods: Vec<(&str, Pod)> = ["a", "b", "plain", "locked", "host", "cni"]
-        .into_iter()
-        .map(|tag| (tag, node.pod()))
-        .collect();
+    let pods: Vec<(&str, Pod)> = vec![
+        (
+            "a",
+            scope
+                .simulated_pod(&node, &team_a, "app-a", &[(ROLE_KEY, "role-a")])
+                .await,
+        ),
+        (
+            "b",
+            scope
+                .simulated_pod(
+                    &node,
+                    &team_a,
+                    "app-b",
+                    &[(ROLE_KEY, "arn:aws:iam::999999999999:role/role-b")],
+                )
+                .await,
+        ),
+        (
+            "plain",
+            scope.simulated_pod(&node, &team_a, "plain", &[]).await,
+        ),
+        (
+            "locked",
+            scope
+                .simulated_pod(&node, &locked, "wants-b", &[(ROLE_KEY, "role-b")])
+                .await,
+        ),
+        (
+            "host",
+            scope
+                .simulated_pod(&node, &team_a, "host-net", &[(ROLE_KEY, "role-host")])
+                .await,
+        ),
+        (
+            "cni",
+            scope.simulated_pod(&node, &infra, "cni-agent", &[]).await,
+        ),
+    ];
     let pod = |tag: &str| &pods.iter().find(|(t, _)| *t == tag).unwrap().1;
-    server.add_pod(api_pod(pod("a"), "team-a", "app-a", Some("role-a"), &[]));
-    server.add_pod(api_pod(
-        pod("b"),
-        "team-a",
-        "app-b",
-        Some("arn:aws:iam::999999999999:role/role-b"),
-        &[],
-    ));
-    server.add_pod(api_pod(pod("plain"), "team-a", "plain", None, &[]));
-    server.add_pod(api_pod(
-        pod("locked"),
-        "locked",
-        "wants-b",
-        Some("role-b"),
-        &[],
-    ));
-    server.add_pod(api_pod(
-        pod("host"),
-        "team-a",
-        "host-net",
-        Some("role-host"),
-        &[],
-    ));
-    server.add_pod(api_pod(pod("cni"), "infra", "cni-agent", None, &[]));
 
-    let client = server.client().await;
+    // The agent's client: its ServiceAccount's token, from a kubeconfig.
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "interceptor-decisions-{}.kubeconfig",
+        std::process::id()
+    ));
+    plane.write_agent_kubeconfig(&kubeconfig).unwrap();
+    let client = k8s::client(Some(&kubeconfig))
+        .await
+        .expect("the agent's client");
+    let node_name = scope.node.clone();
     let (pod_store, namespace_store) = (PodStore::new(), NamespaceStore::new());
     let watches = [
         tokio::spawn(k8s::pods::watch(
             client.clone(),
-            NODE.into(),
+            node_name.clone(),
             pod_store.clone(),
         )),
         tokio::spawn(k8s::namespaces::watch(
@@ -189,7 +185,7 @@ async fn every_pod_gets_exactly_its_decision() {
             namespace_store.clone(),
         )),
     ];
-    tokio::time::timeout(Duration::from_secs(10), async {
+    tokio::time::timeout(Duration::from_secs(20), async {
         pod_store.wait_synced().await;
         namespace_store.wait_synced().await;
     })
@@ -231,9 +227,9 @@ async fn every_pod_gets_exactly_its_decision() {
             namespace_restrictions: true,
             ..PolicyConfig::default()
         },
-        BTreeSet::from(["infra".to_owned()]),
+        BTreeSet::from([infra.clone()]),
         Duration::from_millis(300),
-        EventSink::new(Some(client), Some(NODE.into()), events::Limits::default()),
+        EventSink::new(Some(client), Some(node_name), events::Limits::default()),
     ));
     let mut optouts = OptOuts::new(resolver.clone(), pod_store.clone(), datapath.exempt());
     optouts.sync();
@@ -288,17 +284,17 @@ async fn every_pod_gets_exactly_its_decision() {
     };
     expect(
         "a",
-        "team-a/app-a role arn:aws:iam::123456789012:role/role-a",
+        &format!("{team_a}/app-a role arn:aws:iam::123456789012:role/role-a"),
     );
     expect(
         "b",
-        "team-a/app-b role arn:aws:iam::999999999999:role/role-b",
+        &format!("{team_a}/app-b role arn:aws:iam::999999999999:role/role-b"),
     );
-    expect("plain", "team-a/plain no-role");
-    expect("locked", "locked/wants-b denied not_allowed");
+    expect("plain", &format!("{team_a}/plain no-role"));
+    expect("locked", &format!("{locked}/wants-b denied not_allowed"));
     expect(
         "host",
-        "team-a/host-net role arn:aws:iam::123456789012:role/role-host",
+        &format!("{team_a}/host-net role arn:aws:iam::123456789012:role/role-host"),
     );
     assert!(
         !seen.contains_key("cni"),
@@ -321,34 +317,40 @@ async fn every_pod_gets_exactly_its_decision() {
     );
 
     // The refusal became one Event on that pod, however often it asked.
-    let event = wait_for("the RoleNotAllowed event", Duration::from_secs(10), || {
-        let events = server.events();
-        match events
-            .iter()
-            .filter(|e| e["reason"] == "RoleNotAllowed")
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
-            [one] => Ok((*one).clone()),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    let event = wait_until(
+        "the RoleNotAllowed event",
+        Duration::from_secs(20),
+        || async {
+            let events = scope.events(&locked).await;
+            match events
+                .iter()
+                .filter(|e| e["reason"] == "RoleNotAllowed")
+                .collect::<Vec<_>>()
+                .as_slice()
+            {
+                [one] => Ok((*one).clone()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
     assert_eq!(event["regarding"]["uid"], pod("locked").uid.as_str());
     assert!(
         event["note"]
             .as_str()
             .unwrap()
-            .contains("not allowed in namespace locked")
+            .contains(&format!("not allowed in namespace {locked}"))
     );
 
     // The decision follows annotation changes, and a deleted pod gets nothing.
-    server.update_pod("team-a", "app-a", |api| {
-        api.metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(ROLE_KEY.into(), "role-a2".into());
-    });
+    scope
+        .update_pod(&team_a, "app-a", |api| {
+            api.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(ROLE_KEY.into(), "role-a2".into());
+        })
+        .await;
     wait_for(
         "the changed role",
         Duration::from_secs(10),
@@ -358,7 +360,7 @@ async fn every_pod_gets_exactly_its_decision() {
         },
     )
     .await;
-    server.delete_pod("team-a", "app-b");
+    scope.delete_pod(&team_a, "app-b").await;
     wait_for("the delete", Duration::from_secs(10), || {
         match pod_store.get(&pod("b").uid) {
             k8s::Lookup::Deleted => Ok(()),
@@ -378,7 +380,11 @@ async fn every_pod_gets_exactly_its_decision() {
     let after = seen_by_proxy.lock().unwrap().clone();
     assert_eq!(
         after.get("a-after").map(Vec::as_slice),
-        Some(&["team-a/app-a role arn:aws:iam::123456789012:role/role-a2".to_owned()][..])
+        Some(
+            &[format!(
+                "{team_a}/app-a role arn:aws:iam::123456789012:role/role-a2"
+            )][..]
+        )
     );
     assert_eq!(
         after.get("b-after").map(Vec::as_slice),

@@ -4,9 +4,16 @@
 //! through a 410 relist, and STS refusing, failing under a pod's request loop and
 //! answering slower than the SDKs wait. Every answer a pod gets is checked to carry
 //! neither the node's credentials nor its role.
+//!
+//! The API server is a real kube-apiserver. The two tests about its absence have a
+//! control plane of their own: the first stops and starts its process. In the second the
+//! cluster must change while the agent cannot see it, which a stopped server cannot do:
+//! a [`Forwarder`] cuts the agent off (a partition between the node and the control
+//! plane) while the changes are made, etcd is compacted and kube-apiserver restarts (its
+//! watch cache then starts past what the agent has seen); the relist is checked in the
+//! server's audit log. The STS tests share the test binary's plane.
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -14,13 +21,15 @@ use std::{
 
 use interceptor_tests::{
     Node,
-    agent::{Agent, free_port},
-    apiserver::{FakeApiServer, new_namespace, wait_for},
+    agent::{Agent, free_port, series_value},
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::{boto3, in_pod},
-    cluster::{AGENT_ENV, Peers, agent_setup, api_pod, start_agent},
+    cluster::{AGENT_ENV, Peers, Through, agent_setup, start_agent},
+    control_plane::{ControlPlane, Scope, wait_until},
     fake_imds::{FakeImds, NODE_ROLE},
+    forwarder::Forwarder,
     moto::MotoServer,
+    objects::wait_for,
     peers::venv,
     pins::Pins,
     require_root,
@@ -28,6 +37,30 @@ use interceptor_tests::{
 };
 
 const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
+const ROLE: &str = "iam.amazonaws.com/role";
+const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
+
+/// Waits until `namespace` holds an Event with `reason` on the pod `name`; returns it.
+async fn event_on(
+    scope: &Scope<'_>,
+    namespace: &str,
+    name: &str,
+    reason: &str,
+) -> serde_json::Value {
+    wait_until(
+        &format!("the {reason} event on {name}"),
+        Duration::from_secs(20),
+        || async {
+            let events = scope.events(namespace).await;
+            events
+                .iter()
+                .find(|event| event["reason"] == reason && event["regarding"]["name"] == name)
+                .cloned()
+                .ok_or_else(|| format!("{events:?}"))
+        },
+    )
+    .await
+}
 
 /// Whether the agent's `/debug/store` (`--debug`) holds credentials for `role`.
 fn holds_credentials(agent: &Agent, role: &str) -> bool {
@@ -59,21 +92,29 @@ fn calls_for(sts: &StsProxy, role: &str) -> usize {
         .count()
 }
 
-/// The agent crashes and comes back while the API server is down: it knows no pod, so it
-/// refuses every pod (the one with a role and the one that would get the configured
-/// default alike), says it is not ready, and serves both their decisions once the API
-/// server is back.
+/// The agent crashes and comes back while the API server is down: it knows no pod, so
+/// every pod (the one with a role and the one that would get the configured default
+/// alike) gets nothing: the new agent says it is not ready and does not take over the
+/// kernel's proxy map until it has synced. Once the API server is back it serves both
+/// their decisions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_see() {
     if !require_root("an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_see") {
         return;
     }
+    let Some(plane) = ControlPlane::private(
+        "an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_see",
+    ) else {
+        return;
+    };
+    let scope = plane.scope("faults-restart");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (pod_a, pod_u) = (node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team"));
-    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
-    server.add_pod(api_pod(&pod_u.uid, "team", "app-u", None));
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
+    let pod_u = scope.simulated_pod(&node, &team, "app-u", &[]).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let name = "faults-restart";
@@ -81,7 +122,7 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
         name,
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -103,7 +144,7 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
     assert_eq!(get(&pod_a, CREDS), (200, "role-a".to_owned()));
     assert_eq!(get(&pod_u, CREDS), (200, "default-role".to_owned()));
 
-    server.stop().await;
+    plane.stop_apiserver();
     first.kill();
     first.leave_programs();
     let mut agent = start();
@@ -133,14 +174,23 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
             agent.log_text()
         );
     }
-    // No pod asked before these (the series appears with the first refusal).
+    // An agent whose pod store has not synced does not take over the kernel's proxy map
+    // (the surge rule, tests/tests/takeover.rs): the pods' connections reach no agent
+    // (the crashed one's socket is gone), which fails closed as surely as a refusal, and
+    // this agent saw none of them.
+    let log = agent.log_text();
+    assert!(
+        !log.contains("the kernel steers connections"),
+        "took over without a synced pod store:\n{log}"
+    );
+    let (_, metrics) = agent.admin_get("/metrics").expect("the agent's /metrics");
     assert_eq!(
-        sample(&agent, refused_metric),
-        probes.len() as f64,
-        "each request was refused as an unknown pod"
+        series_value(&metrics, refused_metric),
+        None,
+        "no request reached the agent that has not taken over"
     );
 
-    server.restart().await;
+    plane.start_apiserver().unwrap();
     agent.wait_ready(Duration::from_secs(30));
     for (pod, role) in [(&pod_a, "role-a"), (&pod_u, "default-role")] {
         let answer = ask_until(pod, CREDS, Duration::from_secs(10), |answer| {
@@ -155,42 +205,49 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
     assert_upstream_untouched(&upstream);
 }
 
-/// While the API server is down, pod a's role annotation changes, pod c is deleted, pod b
-/// is created and pod d's namespace narrows its allowed roles, and the watch history is
-/// compacted. The agent keeps serving what it knew; once the server is back its watches
-/// get 410, it re-lists, and every one of those changes takes effect: none is lost in
-/// the gap, the deleted pod's credentials are forgotten.
+/// While the agent cannot reach the API server, pod a's role annotation changes, pod c is
+/// deleted, pod b is created and pod d's namespace narrows its allowed roles, etcd is
+/// compacted and kube-apiserver restarts. The agent keeps serving what it knew; once it
+/// reaches the server again its watch resumes from a compacted resourceVersion, gets
+/// 410, it relists, and every one of those changes takes effect: none is lost in the
+/// gap, the deleted pod's credentials are forgotten.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry() {
-    if !require_root("what_changed_while_the_api_server_was_down_is_caught_up_through_expiry") {
+    let test = "what_changed_while_the_api_server_was_down_is_caught_up_through_expiry";
+    if !require_root(test) {
         return;
     }
-    let node = Node::new();
-    let (pod_a, pod_b, pod_c, pod_d) = (node.pod(), node.pod(), node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
+    let Some(plane) = ControlPlane::private(test) else {
+        return;
+    };
+    let scope = plane.scope("faults-catch-up");
     // With --namespace-restrictions a namespace allows only the roles it lists.
-    let mut team = new_namespace("team");
-    team.metadata.annotations = Some(BTreeMap::from([(
-        "iam.amazonaws.com/allowed-roles".to_owned(),
-        r#"["role-*"]"#.to_owned(),
-    )]));
-    server.add_namespace(team);
-    let mut locked = new_namespace("locked");
-    locked.metadata.annotations = Some(BTreeMap::from([(
-        "iam.amazonaws.com/allowed-roles".to_owned(),
-        r#"["role-d"]"#.to_owned(),
-    )]));
-    server.add_namespace(locked);
-    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
-    server.add_pod(api_pod(&pod_c.uid, "team", "app-c", Some("role-c")));
-    server.add_pod(api_pod(&pod_d.uid, "locked", "app-d", Some("role-d")));
+    let (team, locked) = (scope.namespace_name("team"), scope.namespace_name("locked"));
+    scope.namespace(&team, &[(ALLOWED, r#"["role-*"]"#)]).await;
+    scope
+        .namespace(&locked, &[(ALLOWED, r#"["role-d"]"#)])
+        .await;
+    let node = Node::new();
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
+    let pod_c = scope
+        .simulated_pod(&node, &team, "app-c", &[(ROLE, "role-c")])
+        .await;
+    let pod_d = scope
+        .simulated_pod(&node, &locked, "app-d", &[(ROLE, "role-d")])
+        .await;
+    let forwarder = Forwarder::start(plane.addr()).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = start_agent(
         "faults-catch-up",
         &node,
         Peers {
-            api: &server,
+            api: &Through {
+                scope: &scope,
+                via: forwarder.addr(),
+            },
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -211,45 +268,42 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
     }
     assert!(holds_credentials(&agent, "role-c"));
 
-    server.stop().await;
-    server.update_pod("team", "app-a", |pod| {
-        pod.metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert("iam.amazonaws.com/role".to_owned(), "role-x".to_owned());
-    });
-    server.delete_pod("team", "app-c");
-    server.add_pod(api_pod(&pod_b.uid, "team", "app-b", Some("role-b")));
-    server.update_namespace("locked", |namespace| {
-        namespace
-            .metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(
-                "iam.amazonaws.com/allowed-roles".to_owned(),
-                r#"["role-z"]"#.to_owned(),
-            );
-    });
-    server.compact();
+    let lists = plane.agent_pod_lists(&scope.node);
+    forwarder.cut();
+    scope
+        .update_pod(&team, "app-a", |pod| {
+            pod.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(ROLE.to_owned(), "role-x".to_owned());
+        })
+        .await;
+    scope.delete_pod(&team, "app-c").await;
+    let pod_b = scope
+        .simulated_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
+        .await;
+    scope
+        .update_namespace(&locked, |namespace| {
+            namespace
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(ALLOWED.to_owned(), r#"["role-z"]"#.to_owned());
+        })
+        .await;
+    let compacted = plane.compact().unwrap();
+    plane.stop_apiserver();
+    plane.start_apiserver().unwrap();
     // Nothing of that is visible yet: the known pod keeps its last decision.
     assert_eq!(get(&pod_a, CREDS), (200, "role-a".to_owned()));
 
-    let expired_before = server.expired_count();
-    server.restart().await;
-    let expired = wait_for(
-        "a watch resumed from before the compaction gets 410",
+    forwarder.restore();
+    wait_for(
+        "a watch resumed from before the compaction, then a relist",
         Duration::from_secs(30),
-        || {
-            let expired = server.expired_count();
-            if expired > expired_before {
-                Ok(expired)
-            } else {
-                Err(format!("{:?}", server.requests()))
-            }
-        },
+        || plane.agent_relisted(&scope.node, lists, compacted),
     )
     .await;
-    eprintln!("{} watches expired", expired - expired_before);
 
     let within = Duration::from_secs(20);
     let answer = ask_until(&pod_a, CREDS, within, |answer| answer.1 == "role-x").await;
@@ -299,15 +353,7 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         log.contains("decision changed") && log.contains(&format!("role {BASE_ARN}role-x")),
         "the change is logged:\n{log}"
     );
-    assert!(
-        server
-            .events()
-            .iter()
-            .any(|event| event["regarding"]["name"] == "app-d"
-                && event["reason"] == "RoleNotAllowed"),
-        "an Event on the refused pod: {:?}",
-        server.events()
-    );
+    event_on(&scope, &locked, "app-d", "RoleNotAllowed").await;
     assert_upstream_untouched(&upstream);
 }
 
@@ -322,11 +368,18 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
     if !require_root("sts_refusing_failing_under_load_and_slow_with_a_real_sdk") {
         return;
     }
+    let Some(plane) =
+        ControlPlane::shared("sts_refusing_failing_under_load_and_slow_with_a_real_sdk")
+    else {
+        return;
+    };
+    let scope = plane.scope("faults-sts");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (pod_a, pod_r, pod_u, pod_s) = (node.pod(), node.pod(), node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team"));
-    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -334,7 +387,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
         "faults-sts",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
@@ -355,7 +408,9 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
 
     // Refused: a clear answer, an Event, and no call per request.
     sts.set_fault(Fault::Deny);
-    server.add_pod(api_pod(&pod_r.uid, "team", "app-r", Some("role-r")));
+    let pod_r = scope
+        .simulated_pod(&node, &team, "app-r", &[(ROLE, "role-r")])
+        .await;
     let answer = ask_until(&pod_r, CREDS, Duration::from_secs(10), |answer| {
         answer.0 == 200
     })
@@ -382,21 +437,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
         (1..=3).contains(&refused_calls),
         "{refused_calls} AssumeRole calls for a refused role and 10 requests"
     );
-    let event = wait_for(
-        "the AssumeRoleFailed event",
-        Duration::from_secs(10),
-        || {
-            let events = server.events();
-            events
-                .iter()
-                .find(|event| {
-                    event["reason"] == "AssumeRoleFailed" && event["regarding"]["name"] == "app-r"
-                })
-                .cloned()
-                .ok_or_else(|| format!("{events:?}"))
-        },
-    )
-    .await;
+    let event = event_on(&scope, &team, "app-r", "AssumeRoleFailed").await;
     let note = event["note"].as_str().unwrap_or_default();
     assert!(
         note.contains("AccessDenied") && note.contains("role-r"),
@@ -406,7 +447,9 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
 
     // Down while a pod with nothing cached asks in a loop: 503 each time, few STS calls.
     sts.set_fault(Fault::Unavailable);
-    server.add_pod(api_pod(&pod_u.uid, "team", "app-u", Some("role-u")));
+    let pod_u = scope
+        .simulated_pod(&node, &team, "app-u", &[(ROLE, "role-u")])
+        .await;
     let answer = ask_until(&pod_u, CREDS, Duration::from_secs(10), |answer| {
         answer.0 == 200
     })
@@ -450,7 +493,9 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
 
     // Slower than the SDKs wait: prefetch takes the latency before the pod asks.
     sts.set_delay(Duration::from_secs(2));
-    server.add_pod(api_pod(&pod_s.uid, "team", "app-s", Some("role-s")));
+    let pod_s = scope
+        .simulated_pod(&node, &team, "app-s", &[(ROLE, "role-s")])
+        .await;
     wait_for("prefetch stored role-s", Duration::from_secs(20), || {
         if holds_credentials(&agent, "role-s") {
             Ok(())
@@ -465,13 +510,13 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
         tokio::task::block_in_place(|| (boto3(&pod_s, &endpoint), boto3(&pod_a, &endpoint)));
     assert_eq!(
         new_pod,
-        "arn:aws:sts::123456789012:assumed-role/role-s/team.app-s",
+        format!("arn:aws:sts::123456789012:assumed-role/role-s/{team}.app-s"),
         "boto3 (1 s metadata timeout) in the new pod\n{}",
         agent.log_text()
     );
     assert_eq!(
         cached_pod,
-        "arn:aws:sts::123456789012:assumed-role/role-a/team.app-a"
+        format!("arn:aws:sts::123456789012:assumed-role/role-a/{team}.app-a")
     );
     assert!(
         !new_pod.contains(NODE_ROLE) && !cached_pod.contains(NODE_ROLE),
@@ -492,11 +537,18 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
     /// `Settings::stale_floor`.
     const STALE_FLOOR: Duration = Duration::from_secs(120);
     const MARGIN: Duration = Duration::from_secs(10);
+    let Some(plane) = ControlPlane::shared(
+        "cached_credentials_flow_through_an_sts_outage_until_shortly_before_expiry",
+    ) else {
+        return;
+    };
+    let scope = plane.scope("faults-expiry");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let pod = node.pod();
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team"));
-    server.add_pod(api_pod(&pod.uid, "team", "app-e", Some("role-e")));
+    let pod = scope
+        .simulated_pod(&node, &team, "app-e", &[(ROLE, "role-e")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     sts.set_expires_in(Some(STALE_FLOOR + MARGIN));
@@ -505,7 +557,7 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
         "faults-expiry",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &sts.endpoint(),
         },

@@ -1,31 +1,62 @@
-//! The agent's pod and namespace stores, fed by the real `kube` client from the test API
-//! server: node scoping, changes, deletes, 410 re-lists, API server restarts, Events.
+//! The agent's pod and namespace stores, fed by its own watch code (`k8s::pods::watch`,
+//! `k8s::namespaces::watch`, the client from `--kubeconfig` with its ServiceAccount's
+//! token) from a real kube-apiserver: node scoping by field selector, changes, a pod bound
+//! to the node after its creation (the scheduler's way), deletes, a relist after 410 Gone
+//! (etcd compacted while the agent was cut off), Events.
+//!
+//! What the agent asks is counted on the server's side, from its audit log
+//! ([`ControlPlane::agent_requests`]); a [`Forwarder`] the test can cut stands between
+//! the agent and the server where the agent must miss changes while the server takes them.
+//!
+//! Bookmarks: the agent asks for them (`allowWatchBookmarks=true`, checked below). A
+//! bookmark only moves the resourceVersion kube-runtime's watcher resumes from; no event
+//! reaches the stores. The real server sends one about once a minute (not configurable:
+//! the watcher's own `timeoutSeconds`, 290 s, sets the watch's deadline), and on a test
+//! cluster's few writes its watch cache still holds the agent's last resourceVersion a
+//! minute later, so a resume from a bookmark and one from the last event both succeed
+//! without a relist: a test would wait over a minute to see nothing it can tell apart.
+//! Receiving bookmarks is therefore not tested here; what they protect (a resume that
+//! needs no relist) is, after a short cut below, and the relist when the history is gone.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use interceptor::k8s::{self, EventSink, Lookup, NamespaceStore, PodStore, events};
-use interceptor_tests::apiserver::{FakeApiServer, new_namespace, new_pod, wait_for};
+use interceptor_tests::{
+    control_plane::{ControlPlane, Scope, wait_until},
+    forwarder::Forwarder,
+    objects::{new_pod, wait_for},
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{PostParams, ResourceExt},
+};
+use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(10);
+const WAIT: Duration = Duration::from_secs(20);
+const ROLE: &str = "iam.amazonaws.com/role";
+const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
 
-fn with_uid(
-    mut pod: k8s_openapi::api::core::v1::Pod,
-    uid: &str,
-) -> k8s_openapi::api::core::v1::Pod {
-    pod.metadata.uid = Some(uid.into());
-    pod
+fn uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().expect("a UID from the server")
 }
 
 fn role_of(store: &PodStore, uid: &str) -> Result<Option<String>, String> {
     match store.get(uid) {
-        Lookup::Found(pod) => Ok(pod.annotations.get("iam.amazonaws.com/role").cloned()),
+        Lookup::Found(pod) => Ok(pod.annotations.get(ROLE).cloned()),
         other => Err(format!("{uid}: {other:?}")),
     }
 }
 
+fn found(store: &PodStore, uid: &str) -> bool {
+    matches!(store.get(uid), Lookup::Found(_))
+}
+
+/// The agent's watches, in this process, with the agent's ServiceAccount token.
 struct Agent {
     pods: Arc<PodStore>,
     namespaces: Arc<NamespaceStore>,
+    client: kube::Client,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -37,158 +68,243 @@ impl Drop for Agent {
     }
 }
 
-async fn agent(server: &FakeApiServer, node: &str) -> Agent {
-    let dir = std::env::temp_dir().join(format!("interceptor-kubeconfig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{}.yaml", server.addr().port()));
-    server.write_kubeconfig(&path).unwrap();
+/// Starts the agent's watches for `scope`'s node, reaching the server at `via` (a
+/// forwarder) or directly; returns once both stores have listed.
+async fn agent(scope: &Scope<'_>, via: Option<&Forwarder>) -> Agent {
+    let path = std::env::temp_dir().join(format!(
+        "interceptor-k8s-watch-{}-{}.kubeconfig",
+        std::process::id(),
+        scope.node
+    ));
+    match via {
+        Some(forwarder) => scope
+            .plane
+            .write_agent_kubeconfig_via(&path, &format!("https://{}", forwarder.addr())),
+        None => scope.plane.write_agent_kubeconfig(&path),
+    }
+    .unwrap();
     // The agent's own client construction path (--kubeconfig).
     let client = k8s::client(Some(&path))
         .await
         .expect("client from kubeconfig");
     let (pods, namespaces) = (PodStore::new(), NamespaceStore::new());
     let tasks = vec![
-        tokio::spawn(k8s::pods::watch(client.clone(), node.into(), pods.clone())),
-        tokio::spawn(k8s::namespaces::watch(client, namespaces.clone())),
+        tokio::spawn(k8s::pods::watch(
+            client.clone(),
+            scope.node.clone(),
+            pods.clone(),
+        )),
+        tokio::spawn(k8s::namespaces::watch(client.clone(), namespaces.clone())),
     ];
+    tokio::time::timeout(WAIT, async {
+        pods.wait_synced().await;
+        namespaces.wait_synced().await;
+    })
+    .await
+    .expect("the stores sync");
     Agent {
         pods,
         namespaces,
+        client,
         tasks,
     }
 }
 
-#[tokio::test]
-async fn node_scoped_pods_follow_adds_changes_and_deletes() {
-    let server = FakeApiServer::start().await;
-    let mut pod = with_uid(new_pod("team-a", "web", "node-a"), "uid-web");
-    pod.metadata.annotations = Some(BTreeMap::from([(
-        "iam.amazonaws.com/role".into(),
-        "role-a".into(),
-    )]));
-    server.add_pod(pod);
-    server.add_pod(with_uid(new_pod("team-a", "elsewhere", "node-b"), "uid-b"));
-    let agent = agent(&server, "node-a").await;
-    tokio::time::timeout(WAIT, agent.pods.wait_synced())
-        .await
-        .expect("pod store syncs");
-    assert_eq!(role_of(&agent.pods, "uid-web"), Ok(Some("role-a".into())));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_scoped_pods_follow_adds_bindings_changes_and_deletes() {
+    let test = "node_scoped_pods_follow_adds_bindings_changes_and_deletes";
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("watch");
+    let elsewhere = plane.scope("watch-other");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
+    let web = scope.add_pod(&team, "web", &[(ROLE, "role-a")]).await;
+    let other = elsewhere
+        .add_pod(&team, "elsewhere", &[(ROLE, "role-a")])
+        .await;
+    let agent = agent(&scope, None).await;
+    assert_eq!(role_of(&agent.pods, &uid(&web)), Ok(Some("role-a".into())));
     assert_eq!(
-        agent.pods.get("uid-b"),
+        agent.pods.get(&uid(&other)),
         Lookup::Unknown,
         "pods of other nodes are not watched"
     );
 
-    server.update_pod("team-a", "web", |pod| {
-        pod.metadata.annotations = Some(BTreeMap::from([(
-            "iam.amazonaws.com/role".into(),
-            "role-b".into(),
-        )]));
-    });
+    // The other node's pod changes first, then this node's: the watch delivers in
+    // resourceVersion order, so once the second change is seen the first would have been.
+    elsewhere
+        .update_pod(&team, "elsewhere", |pod| {
+            pod.annotations_mut().insert(ROLE.into(), "role-b".into());
+        })
+        .await;
+    scope
+        .update_pod(&team, "web", |pod| {
+            pod.annotations_mut().insert(ROLE.into(), "role-b".into());
+        })
+        .await;
     wait_for("the relabelled role", WAIT, || {
-        match role_of(&agent.pods, "uid-web")? {
+        match role_of(&agent.pods, &uid(&web))? {
             Some(role) if role == "role-b" => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
+    assert_eq!(
+        agent.pods.get(&uid(&other)),
+        Lookup::Unknown,
+        "a change to another node's pod never reaches the agent"
+    );
 
     // A pod created after the start is waited for by a request that races its event.
-    let waiter = {
-        let pods = agent.pods.clone();
-        tokio::spawn(async move { pods.wait_for("uid-new", Duration::from_secs(5)).await })
-    };
-    server.add_pod(with_uid(new_pod("team-a", "new", "node-a"), "uid-new"));
-    assert!(matches!(waiter.await.unwrap(), Lookup::Found(_)));
+    let new = scope.add_pod(&team, "new", &[]).await;
+    let waited = tokio::time::timeout(WAIT, agent.pods.wait_for(&uid(&new), WAIT))
+        .await
+        .expect("the wait ends");
+    assert!(matches!(waited, Lookup::Found(_)), "{waited:?}");
 
-    server.delete_pod("team-a", "web");
-    wait_for("the delete", WAIT, || match agent.pods.get("uid-web") {
+    // Created unscheduled, then bound to the node (what the scheduler does): a MODIFIED
+    // for the server, an ADDED for the node's watch.
+    let mut unscheduled = new_pod(&team, "bound-later", "");
+    unscheduled.spec.as_mut().unwrap().node_name = None;
+    let unscheduled = scope.create_pod(unscheduled).await;
+    let binding = json!({
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": { "name": "bound-later" },
+        "target": { "apiVersion": "v1", "kind": "Node", "name": scope.node },
+    });
+    Api::<Pod>::namespaced(plane.client().await, &team)
+        .create_subresource::<_, serde_json::Value>(
+            "binding",
+            "bound-later",
+            &PostParams::default(),
+            &binding,
+        )
+        .await
+        .expect("binding the pod to the node");
+    wait_for("the pod bound to the node", WAIT, || {
+        found(&agent.pods, &uid(&unscheduled))
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", agent.pods.get(&uid(&unscheduled))))
+    })
+    .await;
+
+    scope.delete_pod(&team, "web").await;
+    wait_for("the delete", WAIT, || match agent.pods.get(&uid(&web)) {
         Lookup::Deleted => Ok(()),
         other => Err(format!("{other:?}")),
     })
     .await;
+
+    // What the agent asked: its node's pods only, one LIST and then a WATCH that asks for
+    // bookmarks, and no relist.
+    let requests = plane.agent_pod_requests(&scope.node);
+    assert_eq!(plane.agent_pod_lists(&scope.node), 1, "{requests:#?}");
+    assert!(
+        requests.iter().any(|request| request.verb == "watch"
+            && request.stage == "ResponseStarted"
+            && request.uri.contains("allowWatchBookmarks=true")),
+        "{requests:#?}"
+    );
 }
 
-#[tokio::test]
-async fn stores_survive_expiry_and_api_server_restarts() {
-    let server = FakeApiServer::start().await;
-    server.add_pod(with_uid(new_pod("ns", "a", "node-a"), "uid-a"));
-    server.add_pod(with_uid(new_pod("ns", "b", "node-a"), "uid-b"));
-    let agent = agent(&server, "node-a").await;
-    tokio::time::timeout(WAIT, agent.pods.wait_synced())
-        .await
-        .expect("sync");
-    let lists = server.list_count();
+/// The agent is cut off from the API server (a partition: the server stays up) while a
+/// pod is deleted and another created, etcd is compacted and kube-apiserver restarts with
+/// an empty watch cache: its watch resumes from a resourceVersion the server no longer
+/// has, gets 410 Gone, relists, and the store catches up (the pod deleted meanwhile is
+/// `Deleted`, not kept) while it kept serving what it knew all along. A shorter cut,
+/// within the server's watch history, resumes the watch without a relist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_after_compaction_relists_and_a_short_cut_resumes() {
+    let test = "a_410_after_compaction_relists_and_a_short_cut_resumes";
+    let Some(plane) = ControlPlane::private(test) else {
+        return;
+    };
+    let scope = plane.scope("expiry");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
+    let a = scope.add_pod(&team, "a", &[]).await;
+    let b = scope.add_pod(&team, "b", &[]).await;
+    let forwarder = Forwarder::start(plane.addr()).await;
+    let agent = agent(&scope, Some(&forwarder)).await;
+    assert!(found(&agent.pods, &uid(&a)) && found(&agent.pods, &uid(&b)));
+    let lists_before = plane.agent_pod_lists(&scope.node);
 
-    // 410 Gone: history compacted while a pod was deleted and another added.
-    server.delete_pod("ns", "a");
-    server.add_pod(with_uid(new_pod("ns", "c", "node-a"), "uid-c"));
-    server.compact();
-    server.drop_watches();
-    wait_for("the re-list after 410", WAIT, || {
+    forwarder.cut();
+    scope.delete_pod(&team, "a").await;
+    let c = scope.add_pod(&team, "c", &[]).await;
+    let compacted = plane.compact().unwrap();
+    plane.stop_apiserver();
+    plane.start_apiserver().unwrap();
+    // Cut off, the store serves what it had.
+    assert!(found(&agent.pods, &uid(&a)) && found(&agent.pods, &uid(&b)));
+    assert_eq!(agent.pods.get(&uid(&c)), Lookup::Unknown);
+
+    forwarder.restore();
+    wait_for("the relist after 410", WAIT, || {
         match (
-            agent.pods.get("uid-a"),
-            agent.pods.get("uid-c"),
-            server.list_count() > lists,
+            agent.pods.get(&uid(&a)),
+            agent.pods.get(&uid(&c)),
+            plane.agent_pod_lists(&scope.node),
         ) {
-            (Lookup::Deleted, Lookup::Found(_), true) => Ok(()),
+            (Lookup::Deleted, Lookup::Found(_), lists) if lists > lists_before => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
-    assert!(
-        matches!(agent.pods.get("uid-b"), Lookup::Found(_)),
-        "kept through the re-list"
-    );
+    assert!(found(&agent.pods, &uid(&b)), "kept through the relist");
+    if let Err(missing) = plane.agent_relisted(&scope.node, lists_before, compacted) {
+        panic!("the relist came from a 410: {missing}");
+    }
 
-    // API server down: the store keeps serving; back up: it converges.
-    server.stop().await;
-    assert!(matches!(agent.pods.get("uid-b"), Lookup::Found(_)));
-    server.add_pod(with_uid(new_pod("ns", "d", "node-a"), "uid-d"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        matches!(agent.pods.get("uid-b"), Lookup::Found(_)),
-        "served while the API is down"
-    );
-    server.restart().await;
-    wait_for(
-        "the pod created while the API was down",
-        WAIT,
-        || match agent.pods.get("uid-d") {
-            Lookup::Found(_) => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
+    // A short cut: the server still has the history the watch resumes from.
+    let lists_before = plane.agent_pod_lists(&scope.node);
+    forwarder.cut();
+    let d = scope.add_pod(&team, "d", &[]).await;
+    assert_eq!(agent.pods.get(&uid(&d)), Lookup::Unknown);
+    forwarder.restore();
+    wait_for("the pod created while cut off", WAIT, || {
+        found(&agent.pods, &uid(&d))
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", agent.pods.get(&uid(&d))))
+    })
     .await;
+    assert_eq!(
+        plane.agent_pod_lists(&scope.node),
+        lists_before,
+        "resumed, not relisted: {:#?}",
+        plane.agent_pod_requests(&scope.node)
+    );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_annotations_are_followed() {
-    let server = FakeApiServer::start().await;
-    let mut namespace = new_namespace("team-a");
-    namespace.metadata.annotations = Some(BTreeMap::from([(
-        "iam.amazonaws.com/allowed-roles".into(),
-        r#"["role-a"]"#.into(),
-    )]));
-    server.add_namespace(namespace);
-    let agent = agent(&server, "node-a").await;
-    tokio::time::timeout(WAIT, agent.namespaces.wait_synced())
-        .await
-        .expect("sync");
-    let allowed = |store: &NamespaceStore| {
-        store.get("team-a").and_then(|ns| {
-            ns.annotations
-                .get("iam.amazonaws.com/allowed-roles")
-                .cloned()
-        })
+    let test = "namespace_annotations_are_followed";
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
     };
-    assert_eq!(allowed(&agent.namespaces).as_deref(), Some(r#"["role-a"]"#));
-    server.update_namespace("team-a", |ns| {
-        ns.metadata.annotations = Some(BTreeMap::from([(
-            "iam.amazonaws.com/allowed-roles".into(),
-            r#"["role-b"]"#.into(),
-        )]));
-    });
+    let scope = plane.scope("namespaces");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[(ALLOWED, r#"["role-a"]"#)]).await;
+    let agent = agent(&scope, None).await;
+    let allowed = |store: &NamespaceStore| {
+        store
+            .get(&team)
+            .and_then(|ns| ns.annotations.get(ALLOWED).cloned())
+    };
+    wait_for("the namespace", WAIT, || match allowed(&agent.namespaces) {
+        Some(value) if value == r#"["role-a"]"# => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
+    scope
+        .update_namespace(&team, |ns| {
+            ns.annotations_mut()
+                .insert(ALLOWED.into(), r#"["role-b"]"#.into());
+        })
+        .await;
     wait_for("the changed restriction", WAIT, || {
         match allowed(&agent.namespaces) {
             Some(value) if value.contains("role-b") => Ok(()),
@@ -198,24 +314,27 @@ async fn namespace_annotations_are_followed() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_become_rate_limited_events_on_the_pod() {
-    let server = FakeApiServer::start().await;
-    server.add_pod(with_uid(new_pod("team-a", "web", "node-a"), "uid-web"));
-    let agent = agent(&server, "node-a").await;
-    tokio::time::timeout(WAIT, agent.pods.wait_synced())
-        .await
-        .expect("sync");
-    let Lookup::Found(pod) = agent.pods.get("uid-web") else {
+    let test = "refusals_become_rate_limited_events_on_the_pod";
+    let Some(plane) = ControlPlane::shared(test) else {
+        return;
+    };
+    let scope = plane.scope("events");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
+    let web = scope.add_pod(&team, "web", &[]).await;
+    let agent = agent(&scope, None).await;
+    let Lookup::Found(pod) = agent.pods.get(&uid(&web)) else {
         panic!("pod not in store")
     };
     let sink = EventSink::new(
-        Some(server.client().await),
-        Some("node-a".into()),
+        Some(agent.client.clone()),
+        Some(scope.node.clone()),
         events::Limits::default(),
     );
     let message =
-        "role arn:aws:iam::123456789012:role/admin is not allowed in namespace team-a".to_owned();
+        format!("role arn:aws:iam::123456789012:role/admin is not allowed in namespace {team}");
     assert_eq!(
         sink.warn(&pod, "RoleNotAllowed", message.clone()),
         events::Posted::Sent
@@ -226,27 +345,27 @@ async fn refusals_become_rate_limited_events_on_the_pod() {
             events::Posted::Duplicate
         );
     }
-    let event = wait_for("the event", WAIT, || {
-        let events = server.events();
-        match events.len() {
-            1 => Ok(events[0].clone()),
-            n => Err(format!("{n} events: {events:?}")),
+    let event = wait_until("the event", WAIT, || async {
+        let events = scope.events(&team).await;
+        match events.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Err(format!("{events:?}")),
         }
     })
     .await;
     assert_eq!(event["reason"], "RoleNotAllowed");
     assert_eq!(event["type"], "Warning");
-    assert_eq!(event["regarding"]["uid"], "uid-web");
+    assert_eq!(event["regarding"]["uid"], uid(&web).as_str());
     assert!(
         event["note"]
             .as_str()
             .unwrap()
-            .contains("not allowed in namespace team-a")
+            .contains(&format!("not allowed in namespace {team}"))
     );
     // The 20 repeats were answered Duplicate, a decision taken before any post is
     // started: the one event the server holds is all there will be.
     assert_eq!(
-        server.events().len(),
+        scope.events(&team).await.len(),
         1,
         "a retrying SDK must not flood the API server"
     );

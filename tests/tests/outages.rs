@@ -3,9 +3,16 @@
 //! decisions following changes to a pod's annotation and its namespace's restrictions.
 //! Pods are served their own role or refused; never a default they should not have,
 //! never the node's credentials.
+//!
+//! The API server is a real kube-apiserver. The outage test has a control plane of its
+//! own and stops and starts its kube-apiserver process; the others share the test
+//! binary's plane. A pod created while the server is down cannot exist (creating it
+//! takes the server), so the pod the agent cannot see is created while a [`Forwarder`]
+//! cuts the agent off, just before the server goes down: from the agent's side, an event
+//! lost in the outage. Expiry is etcd compacted and kube-apiserver restarted (its watch
+//! cache then starts past what the agent has seen), counted in the server's audit log.
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -13,11 +20,12 @@ use std::{
 use interceptor_tests::{
     Node,
     agent::Agent,
-    apiserver::{FakeApiServer, new_namespace},
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::CredsLoop,
-    cluster::{AGENT_ENV, Peers, api_pod, start_agent},
+    cluster::{AGENT_ENV, Peers, Through, start_agent},
+    control_plane::{ControlPlane, wait_until},
     fake_imds::FakeImds,
+    forwarder::Forwarder,
     moto::MotoServer,
     require_root,
     sts_proxy::{Fault, StsProxy},
@@ -26,33 +34,47 @@ use interceptor_tests::{
 /// A bound for a broken run, never the thing tested.
 const WAIT: Duration = Duration::from_secs(60);
 
+const ROLE: &str = "iam.amazonaws.com/role";
+const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
+
 fn counter(agent: &Agent, event: &str) -> u64 {
     agent.metric(&format!(
         "interceptor_credentials_events_total{{event=\"{event}\"}}"
     )) as u64
 }
 
-/// The API server goes away: the pod the agent knows keeps being served; a pod created
-/// meanwhile is refused (the agent has a default role and must not hand it out to a pod
-/// it cannot see) and is served its own role once the watch is back. Then the watch
-/// history expires (410) repeatedly while a pod asks in a loop: no request fails.
+/// The API server goes away: the pod the agent knows keeps being served; a pod whose
+/// creation the agent missed is refused (the agent has a default role and must not hand
+/// it out to a pod it cannot see) and is served its own role once the watch is back.
+/// Then the watch history expires (etcd compacted, kube-apiserver restarted) three times
+/// while a pod asks in a loop: no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_outage_and_expiry() {
-    if !require_root("api_server_outage_and_expiry") {
+    let test = "api_server_outage_and_expiry";
+    if !require_root(test) {
         return;
     }
+    let Some(plane) = ControlPlane::private(test) else {
+        return;
+    };
+    let scope = plane.scope("outage");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (pod_a, pod_b) = (node.pod(), node.pod());
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team"));
-    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
+    let forwarder = Forwarder::start(plane.addr()).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = start_agent(
         "outage-api",
         &node,
         Peers {
-            api: &server,
+            api: &Through {
+                scope: &scope,
+                via: forwarder.addr(),
+            },
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -68,15 +90,18 @@ async fn api_server_outage_and_expiry() {
     .await;
     assert_eq!(get(&pod_a, CREDS), (200, "role-a".to_owned()));
 
-    server.drop_watches();
-    server.stop().await;
+    forwarder.cut();
+    let pod_b = scope
+        .simulated_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
+        .await;
+    plane.stop_apiserver();
+    forwarder.restore();
     let (status, body) = get(&pod_a, &format!("{CREDS}role-a"));
     assert_eq!(
         status, 200,
         "a known pod is served while the API server is down: {body}"
     );
     access_key(&body);
-    server.add_pod(api_pod(&pod_b.uid, "team", "app-b", Some("role-b")));
     for path in [CREDS.to_owned(), format!("{CREDS}default-role")] {
         let (status, body) = get(&pod_b, &path);
         assert!(
@@ -85,7 +110,7 @@ async fn api_server_outage_and_expiry() {
         );
     }
 
-    server.restart().await;
+    plane.start_apiserver().unwrap();
     let answer = ask_until(&pod_b, CREDS, Duration::from_secs(30), |answer| {
         answer.0 == 200
     })
@@ -97,11 +122,13 @@ async fn api_server_outage_and_expiry() {
         agent.log_text()
     );
 
-    // Expiry: the history is compacted and the open watches cut, three times, while pod a
-    // asks in a loop. Each cut comes after the pod was served twice more (waiting on what it saw, not on
-    // a clock), and the loop ends once the watches were answered 410 and it was served
-    // again after that.
-    let expired_before = server.expired_count();
+    // Expiry: etcd compacted past what the agent has seen and kube-apiserver restarted,
+    // three times, while pod a asks in a loop. Each round starts after the pod was served
+    // twice more and ends once the agent's watch resumed from before the compaction and
+    // relisted (waiting on what was seen, not on a clock); the loop ends once it was
+    // served twice after the last relist.
+    let other = scope.namespace_name("elsewhere");
+    scope.namespace(&other, &[]).await;
     let lines = tokio::task::block_in_place(|| {
         let looping = CredsLoop::start(&pod_a);
         let mut mark = 0;
@@ -109,16 +136,26 @@ async fn api_server_outage_and_expiry() {
             mark = looping.wait_for(mark, 2, &format!("served (round {round})"), WAIT, |line| {
                 line.starts_with("ok ")
             });
-            server.compact();
-            server.drop_watches();
-        }
-        let deadline = Instant::now() + WAIT;
-        while server.expired_count() == expired_before {
-            assert!(
-                Instant::now() < deadline,
-                "the watches were never answered 410 (the scenario did not happen)"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            let lists = plane.agent_pod_lists(&scope.node);
+            // Writes the node's watch does not see move etcd past its resourceVersion.
+            for index in 0..2 {
+                let name = format!("bump-{round}-{index}");
+                plane
+                    .kubectl(&["create", "configmap", &name, "-n", &other])
+                    .unwrap();
+            }
+            let compacted = plane.compact().unwrap();
+            plane.stop_apiserver();
+            plane.start_apiserver().unwrap();
+            let deadline = Instant::now() + WAIT;
+            while let Err(missing) = plane.agent_relisted(&scope.node, lists, compacted) {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: the watch never resumed from before the compaction and \
+                     relisted (the scenario did not happen): {missing}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         let seen = looping.lines().len();
         looping.wait_for(seen, 2, "served after the relists", WAIT, |line| {
@@ -147,12 +184,16 @@ async fn sts_outage_throttling_and_latency() {
     if !require_root("sts_outage_throttling_and_latency") {
         return;
     }
+    let Some(plane) = ControlPlane::shared("sts_outage_throttling_and_latency") else {
+        return;
+    };
+    let scope = plane.scope("outage-sts");
+    let team = scope.namespace_name("team");
+    scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let (pod_a, pod_d) = (node.pod(), node.pod());
-    let waiting = [node.pod(), node.pod()];
-    let server = FakeApiServer::start().await;
-    server.add_namespace(new_namespace("team"));
-    server.add_pod(api_pod(&pod_a.uid, "team", "app-a", Some("role-a")));
+    let pod_a = scope
+        .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
@@ -160,7 +201,7 @@ async fn sts_outage_throttling_and_latency() {
         "outage-sts",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
@@ -178,10 +219,8 @@ async fn sts_outage_throttling_and_latency() {
     assert_eq!(status, 200, "{body}");
     let key_a = access_key(&body);
 
-    for (fault, pod_c) in [Fault::Unavailable, Fault::Throttle]
-        .into_iter()
-        .zip(&waiting)
-    {
+    let mut waiting = Vec::new();
+    for fault in [Fault::Unavailable, Fault::Throttle] {
         sts.set_fault(fault.clone());
         let calls_before = sts.count("AssumeRole");
         for _ in 0..10 {
@@ -194,12 +233,16 @@ async fn sts_outage_throttling_and_latency() {
         }
         // A pod with nothing cached: a clear refusal, and STS is not asked once per
         // request (failures are held and retried with backoff).
-        let name = format!("app-{fault:?}");
-        server.add_pod(api_pod(&pod_c.uid, "team", &name, Some(&name)));
+        // Object names are lowercase (the server validates them).
+        let name = format!("app-{fault:?}").to_lowercase();
+        let pod_c = scope
+            .simulated_pod(&node, &team, &name, &[(ROLE, &name)])
+            .await;
         let mut answers = Vec::new();
         for _ in 0..10 {
-            answers.push(get(pod_c, &format!("{CREDS}{name}")));
+            answers.push(get(&pod_c, &format!("{CREDS}{name}")));
         }
+        waiting.push((name, pod_c));
         assert!(
             answers.iter().all(|(status, _)| *status == 503),
             "no credentials while STS fails ({fault:?}): {answers:?}"
@@ -213,10 +256,10 @@ async fn sts_outage_throttling_and_latency() {
     }
 
     sts.set_fault(Fault::None);
-    for (fault, pod_c) in [Fault::Unavailable, Fault::Throttle].iter().zip(&waiting) {
+    for (name, pod_c) in &waiting {
         let answer = ask_until(
             pod_c,
-            &format!("{CREDS}app-{fault:?}"),
+            &format!("{CREDS}{name}"),
             Duration::from_secs(30),
             |answer| answer.0 == 200,
         )
@@ -226,7 +269,9 @@ async fn sts_outage_throttling_and_latency() {
 
     // Slow STS: prefetch fetches when the pod appears; its first request is a hit.
     sts.set_delay(Duration::from_millis(1500));
-    server.add_pod(api_pod(&pod_d.uid, "team", "app-d", Some("role-d")));
+    let pod_d = scope
+        .simulated_pod(&node, &team, "app-d", &[(ROLE, "role-d")])
+        .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, store) = agent.admin_get("/debug/store").expect("debug store");
@@ -271,23 +316,26 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     if !require_root("decisions_follow_annotation_and_restriction_changes") {
         return;
     }
+    let Some(plane) = ControlPlane::shared("decisions_follow_annotation_and_restriction_changes")
+    else {
+        return;
+    };
+    let scope = plane.scope("outage-policy");
+    let team = scope.namespace_name("team");
+    scope
+        .namespace(&team, &[(ALLOWED, r#"["role-a", "role-x"]"#)])
+        .await;
     let node = Node::new();
-    let pod = node.pod();
-    let server = FakeApiServer::start().await;
-    let mut namespace = new_namespace("team");
-    namespace.metadata.annotations = Some(BTreeMap::from([(
-        "iam.amazonaws.com/allowed-roles".to_owned(),
-        r#"["role-a", "role-x"]"#.to_owned(),
-    )]));
-    server.add_namespace(namespace);
-    server.add_pod(api_pod(&pod.uid, "team", "app", Some("role-a")));
+    let pod = scope
+        .simulated_pod(&node, &team, "app", &[(ROLE, "role-a")])
+        .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = start_agent(
         "outage-policy",
         &node,
         Peers {
-            api: &server,
+            api: &scope,
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
@@ -302,12 +350,14 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     .await;
     assert_eq!(get(&pod, CREDS), (200, "role-a".to_owned()));
 
-    server.update_pod("team", "app", |pod| {
-        pod.metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert("iam.amazonaws.com/role".to_owned(), "role-x".to_owned());
-    });
+    scope
+        .update_pod(&team, "app", |pod| {
+            pod.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(ROLE.to_owned(), "role-x".to_owned());
+        })
+        .await;
     let answer = ask_until(&pod, CREDS, Duration::from_secs(10), |answer| {
         answer.1 == "role-x"
     })
@@ -316,16 +366,15 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     let (status, body) = get(&pod, &format!("{CREDS}role-a"));
     assert_eq!(status, 404, "the old role is no longer served: {body}");
 
-    server.update_namespace("team", |namespace| {
-        namespace
-            .metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(
-                "iam.amazonaws.com/allowed-roles".to_owned(),
-                r#"["role-a"]"#.to_owned(),
-            );
-    });
+    scope
+        .update_namespace(&team, |namespace| {
+            namespace
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(ALLOWED.to_owned(), r#"["role-a"]"#.to_owned());
+        })
+        .await;
     let answer = ask_until(&pod, CREDS, Duration::from_secs(10), |answer| {
         answer.0 != 200
     })
@@ -345,14 +394,17 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     ] {
         assert!(log.contains(needle), "the log says {needle:?}:\n{log}");
     }
-    assert!(
-        server
-            .events()
+    let event = wait_until("the RoleNotAllowed event", WAIT, || async {
+        let events = scope.events(&team).await;
+        events
             .iter()
-            .any(|event| event["regarding"]["name"] == "app"
-                && event["reason"] == "RoleNotAllowed"),
-        "an Event on the pod: {:?}",
-        server.events()
-    );
+            .find(|event| {
+                event["regarding"]["name"] == "app" && event["reason"] == "RoleNotAllowed"
+            })
+            .cloned()
+            .ok_or_else(|| format!("{events:?}"))
+    })
+    .await;
+    assert_eq!(event["type"], "Warning", "{event}");
     assert_upstream_untouched(&upstream);
 }

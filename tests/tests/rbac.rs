@@ -308,7 +308,7 @@ async fn deploys_rbac_is_exactly_what_the_agent_needs() {
         Api::<Pod>::namespaced(agent.clone(), &namespace)
             .create(
                 &PostParams::default(),
-                &interceptor_tests::apiserver::new_pod(&namespace, "intruder", &scope.node),
+                &interceptor_tests::objects::new_pod(&namespace, "intruder", &scope.node),
             )
             .await
             .map(drop),

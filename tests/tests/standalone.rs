@@ -118,7 +118,7 @@ async fn bound_services_get_their_roles_and_the_file_is_reloaded() {
     // A broken file is refused and the bindings in force stay: once the agent has
     // reported it, a request made while it is broken is still served as bound.
     std::fs::write(&file, "bindings: [oops").unwrap();
-    interceptor_tests::apiserver::wait_for(
+    interceptor_tests::objects::wait_for(
         "the broken file reported",
         Duration::from_secs(15),
         || {
@@ -153,7 +153,7 @@ async fn bound_services_get_their_roles_and_the_file_is_reloaded() {
     )
     .unwrap();
     let sts2 = sts.clone();
-    let swapped = interceptor_tests::apiserver::wait_for(
+    let swapped = interceptor_tests::objects::wait_for(
         "the reloaded bindings",
         Duration::from_secs(15),
         || {
