@@ -1,16 +1,14 @@
 //! `cargo xtask test`: the README's test command. Runs every check and test there is,
 //! privileged ones included, after installing and building what they need.
 
-use std::{
-    env,
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-};
+use std::env;
 
 use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::{ebpf, leftovers, run, setup};
+
+mod binaries;
 
 #[derive(Args)]
 pub struct TestOptions {
@@ -75,17 +73,27 @@ pub fn run(options: &TestOptions) -> Result<()> {
     let agent = run::target_dir().join("debug/interceptor");
     let venv = setup::peers_dir("venv", &setup::python_requirements())?;
     let js = setup::peers_dir("js", &setup::js_package())?;
-    let mut test = run::cargo(None);
-    // Every test binary runs even if one fails, so the totals and failures are complete.
-    test.args(["test", "--workspace", "--no-fail-fast"])
-        .args(&options.cargo_args)
-        .env("INTERCEPTOR_EBPF_OBJECT", &object)
-        .env("INTERCEPTOR_BIN", &agent)
-        .env("INTERCEPTOR_PY_VENV", &venv)
-        .env("INTERCEPTOR_JS_PEERS", &js)
-        .env("INTERCEPTOR_K8S_BIN", setup::k8s_bin_dir()?)
-        .env("CI", env::var("CI").unwrap_or_default());
-    let totals = run_counting(&mut test)?;
+    let envs: Vec<(&str, std::ffi::OsString)> = vec![
+        ("INTERCEPTOR_EBPF_OBJECT", object.clone().into()),
+        ("INTERCEPTOR_BIN", agent.into()),
+        ("INTERCEPTOR_PY_VENV", venv.into()),
+        ("INTERCEPTOR_JS_PEERS", js.into()),
+        ("INTERCEPTOR_K8S_BIN", setup::k8s_bin_dir()?.into()),
+        ("CI", env::var("CI").unwrap_or_default().into()),
+    ];
+    let mut totals = binaries::run_all(&options.cargo_args, &envs)?;
+    if options.cargo_args.is_empty() {
+        // Doc tests are not test binaries cargo builds ahead: their own run.
+        let mut doc = run::cargo(None);
+        doc.args(["test", "--workspace", "--doc"])
+            .envs(envs.iter().map(|(name, value)| (name, value)));
+        eprintln!("+ {}", run::describe(&doc));
+        let out = doc.stderr(std::process::Stdio::inherit()).output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        print!("{stdout}");
+        totals.add_output(&stdout);
+        totals.success &= out.status.success();
+    }
     // One closing line for the whole run (cargo prints one per test binary, the last of
     // which is often a doc-test run of nothing).
     println!(
@@ -102,39 +110,33 @@ pub fn run(options: &TestOptions) -> Result<()> {
 }
 
 #[derive(Default)]
-struct Totals {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
-    success: bool,
+pub(crate) struct Totals {
+    pub(crate) passed: u64,
+    pub(crate) failed: u64,
+    pub(crate) ignored: u64,
+    pub(crate) success: bool,
 }
 
-/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
-fn run_counting(cmd: &mut Command) -> Result<Totals> {
-    eprintln!("+ {}", run::describe(cmd));
-    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
-    let mut totals = Totals::default();
-    let stdout = child.stdout.take().expect("piped stdout");
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            for part in result.split([';', '.']) {
-                let mut words = part.split_whitespace();
-                if let (Some(count), Some(kind)) = (words.next(), words.next()) {
-                    let count: u64 = count.parse().unwrap_or(0);
-                    match kind {
-                        "passed" => totals.passed += count,
-                        "failed" => totals.failed += count,
-                        "ignored" => totals.ignored += count,
-                        _ => {}
+impl Totals {
+    /// Adds up the `test result:` lines of a test binary's `output`.
+    pub(crate) fn add_output(&mut self, output: &str) {
+        for line in output.lines() {
+            if let Some(result) = line.strip_prefix("test result: ") {
+                for part in result.split([';', '.']) {
+                    let mut words = part.split_whitespace();
+                    if let (Some(count), Some(kind)) = (words.next(), words.next()) {
+                        let count: u64 = count.parse().unwrap_or(0);
+                        match kind {
+                            "passed" => self.passed += count,
+                            "failed" => self.failed += count,
+                            "ignored" => self.ignored += count,
+                            _ => {}
+                        }
                     }
                 }
             }
         }
     }
-    totals.success = child.wait()?.success();
-    Ok(totals)
 }
 
 /// `cargo xtask demo`: setup, build, then the demonstration binary (tests/src/bin/demo.rs).
