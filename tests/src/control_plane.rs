@@ -870,8 +870,7 @@ impl Scope<'_> {
         name: &str,
         annotations: &[(&str, &str)],
     ) -> crate::Pod {
-        let api = self.add_pod(namespace, name, annotations).await;
-        let pod = node.pod_with_uid(api.metadata.uid.clone().expect("the server assigns a UID"));
+        let (api, pod) = self.created_pod(node, namespace, name, annotations).await;
         self.set_running(&api, &pod).await;
         pod
     }
@@ -918,8 +917,20 @@ impl Scope<'_> {
         name: &str,
         annotations: &[(&str, &str)],
     ) -> crate::Pod {
+        self.created_pod(node, namespace, name, annotations).await.1
+    }
+
+    /// The API pod, created, and the simulated pod under the UID the server gave it.
+    async fn created_pod(
+        &self,
+        node: &crate::Node,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) -> (Pod, crate::Pod) {
         let api = self.add_pod(namespace, name, annotations).await;
-        node.pod_with_uid(api.metadata.uid.expect("a UID from the server"))
+        let pod = node.pod_with_uid(api.metadata.uid.clone().expect("a UID from the server"));
+        (api, pod)
     }
 }
 
