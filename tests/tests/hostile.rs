@@ -135,8 +135,20 @@ impl Cluster {
 }
 
 /// The AccessKeyId a pod gets for its own role, through the redirect.
+///
+/// A 503 is the agent saying STS has not answered yet (its 800 ms request wait; a loaded
+/// machine's moto can take longer for its first call): asked again, as SDKs do, a
+/// bounded number of times. Anything else than 503 or 200 fails at once.
 fn own_key(pod: &Pod, role: &str) -> String {
-    let (status, body) = raw(pod, "GET", &format!("{CREDS}{role}"), &[]);
+    let mut attempt = 0;
+    let (status, body) = loop {
+        let (status, body) = raw(pod, "GET", &format!("{CREDS}{role}"), &[]);
+        attempt += 1;
+        if status != 503 || attempt == 20 {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert_eq!(status, 200, "{role}: {body}");
     let document: Value = serde_json::from_str(&body).expect("credentials JSON");
     document["AccessKeyId"]
