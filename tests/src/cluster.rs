@@ -70,7 +70,7 @@ pub struct Peers<'a> {
     pub sts: &'a str,
 }
 
-/// How [`start_agent`] runs the agent: its `run` arguments, pin directory and proxy
+/// How [`AgentBuilder`] runs the agent: its `run` arguments, pin directory and proxy
 /// port, for tests that start it again themselves (a restart with the same flags).
 pub struct AgentSetup {
     pub args: Vec<String>,
@@ -79,77 +79,110 @@ pub struct AgentSetup {
 }
 
 /// The real agent on `node`: pods from `peers.api`, roles assumed at `peers.sts`, the
-/// node's own metadata service faked by `peers.upstream`, its own AWS credentials from
-/// `env`, plus `extra` flags; started in `own_pod` when given (exempted by its UID).
-/// Returns once `/readyz` says ready, with the proxy port.
-pub async fn start_agent(
-    name: &str,
-    node: &Node,
-    peers: Peers<'_>,
-    extra: &[&str],
-    env: &[(&str, &str)],
-    own_pod: Option<&Pod>,
-) -> (Agent, u16) {
-    let setup = agent_setup(name, node, peers, extra, own_pod);
-    let mut agent = Agent::run_in(
-        own_pod.map(|pod| &pod.container),
-        &setup.args,
-        &setup.pin_dir,
-        free_port(),
-        env,
-    );
-    agent.wait_ready(Duration::from_secs(30));
-    (agent, setup.app_port)
+/// node's own metadata service faked by `peers.upstream`. By default it runs with
+/// [`AGENT_ENV`] as its own AWS credentials, no flags beyond those, and outside any pod.
+pub struct AgentBuilder<'a> {
+    name: &'a str,
+    node: &'a Node,
+    peers: Peers<'a>,
+    extra: Vec<String>,
+    env: &'a [(&'a str, &'a str)],
+    own_pod: Option<&'a Pod>,
 }
 
-/// The arguments, pin directory and proxy port [`start_agent`] uses (it writes the
-/// kubeconfig for `peers.api`).
-pub fn agent_setup(
-    name: &str,
-    node: &Node,
-    peers: Peers<'_>,
-    extra: &[&str],
-    own_pod: Option<&Pod>,
-) -> AgentSetup {
-    let Peers {
-        api: server,
-        upstream,
-        sts,
-    } = peers;
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "interceptor-{name}-{}.kubeconfig",
-        std::process::id()
-    ));
-    server.write_kubeconfig(&kubeconfig).unwrap();
-    let app_port = free_port();
-    let mut args: Vec<String> = vec![
-        "--host-ip".into(),
-        node.address.to_string(),
-        "--app-port".into(),
-        app_port.to_string(),
-        "--cgroup-root".into(),
-        node.kubepods.display().to_string(),
-        "--node".into(),
-        server.node_name().into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--metadata-addr".into(),
-        upstream.addr().to_string(),
-        "--sts-endpoint".into(),
-        sts.into(),
-    ];
-    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/interceptor-test-{}-{name}",
-        std::process::id()
-    ));
-    if let Some(pod) = own_pod {
-        args.extend(["--pod-uid".to_owned(), pod.uid.clone()]);
+impl<'a> AgentBuilder<'a> {
+    pub fn new(name: &'a str, node: &'a Node, peers: Peers<'a>) -> Self {
+        Self {
+            name,
+            node,
+            peers,
+            extra: Vec::new(),
+            env: &AGENT_ENV,
+            own_pod: None,
+        }
     }
-    AgentSetup {
-        args,
-        pin_dir,
-        app_port,
+
+    /// Appends `extra` to the agent's `run` flags.
+    pub fn args(mut self, extra: &[&str]) -> Self {
+        self.extra.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        self
+    }
+
+    /// The agent's own environment (its AWS credentials) instead of [`AGENT_ENV`].
+    pub fn env(mut self, env: &'a [(&'a str, &'a str)]) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// Runs the agent in `pod`'s container, exempted by the pod's UID.
+    pub fn own_pod(mut self, pod: &'a Pod) -> Self {
+        self.own_pod = Some(pod);
+        self
+    }
+
+    /// The arguments, pin directory and proxy port [`Self::start`] uses (it writes the
+    /// kubeconfig for `peers.api`), for a test that starts the agent itself.
+    pub fn setup(&self) -> AgentSetup {
+        let Self {
+            name,
+            node,
+            peers:
+                Peers {
+                    api: server,
+                    upstream,
+                    sts,
+                },
+            ..
+        } = self;
+        let kubeconfig = std::env::temp_dir().join(format!(
+            "interceptor-{name}-{}.kubeconfig",
+            std::process::id()
+        ));
+        server.write_kubeconfig(&kubeconfig).unwrap();
+        let app_port = free_port();
+        let mut args: Vec<String> = vec![
+            "--host-ip".into(),
+            node.address.to_string(),
+            "--app-port".into(),
+            app_port.to_string(),
+            "--cgroup-root".into(),
+            node.kubepods.display().to_string(),
+            "--node".into(),
+            server.node_name().into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--metadata-addr".into(),
+            upstream.addr().to_string(),
+            "--sts-endpoint".into(),
+            (*sts).into(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/interceptor-test-{}-{name}",
+            std::process::id()
+        ));
+        if let Some(pod) = self.own_pod {
+            args.extend(["--pod-uid".to_owned(), pod.uid.clone()]);
+        }
+        AgentSetup {
+            args,
+            pin_dir,
+            app_port,
+        }
+    }
+
+    /// Starts the agent and returns once `/readyz` says ready, with the proxy port.
+    pub async fn start(self) -> (Agent, u16) {
+        let setup = self.setup();
+        let mut agent = Agent::run_in(
+            self.own_pod.map(|pod| &pod.container),
+            &setup.args,
+            &setup.pin_dir,
+            free_port(),
+            self.env,
+        );
+        agent.wait_ready(Duration::from_secs(30));
+        (agent, setup.app_port)
     }
 }
 

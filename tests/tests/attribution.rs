@@ -18,7 +18,7 @@ use interceptor_tests::{
     agent::{Agent, free_port},
     ask::assert_upstream_untouched,
     clients::in_pod,
-    cluster::{AGENT_ENV, Peers, start_agent},
+    cluster::{AGENT_ENV, AgentBuilder, Peers},
     control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
@@ -381,7 +381,7 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
     let host = node.pod();
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "churn",
         &node,
         Peers {
@@ -389,10 +389,9 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &["--base-role-arn", "arn:aws:iam::123456789012:role/"],
-        &AGENT_ENV,
-        None,
     )
+    .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
+    .start()
     .await;
     let listing =
         std::env::temp_dir().join(format!("interceptor-churn-{}.list", std::process::id()));

@@ -12,7 +12,7 @@ use std::{net::IpAddr, path::PathBuf};
 use interceptor_tests::{
     Node,
     clients::boto3_credentials,
-    cluster::{AGENT_ENV, Peers, start_agent},
+    cluster::{AgentBuilder, Peers},
     control_plane::ControlPlane,
     fake_imds::FakeImds,
     moto::MotoServer,
@@ -53,7 +53,7 @@ async fn one_record_per_key_and_container_matching_what_the_sdk_received() {
     let defaulted = scope.running_pod(&node, &team, "defaulted", &[]).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "audit",
         &node,
         Peers {
@@ -61,17 +61,16 @@ async fn one_record_per_key_and_container_matching_what_the_sdk_received() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &[
-            "--log-format",
-            "json",
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--default-role",
-            "role-d",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--log-format",
+        "json",
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--default-role",
+        "role-d",
+    ])
+    .start()
     .await;
     let sts = moto.endpoint();
     let (received, pods) = tokio::task::spawn_blocking(move || {

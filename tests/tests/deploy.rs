@@ -22,7 +22,7 @@ use std::{
 use interceptor_tests::{
     Node,
     clients::{boto3, raw},
-    cluster::{AGENT_ENV, Peers, start_agent},
+    cluster::{AgentBuilder, Peers},
     cmd,
     control_plane::ControlPlane,
     fake_imds::FakeImds,
@@ -677,7 +677,7 @@ async fn every_alert_and_dashboard_query_selects_what_a_running_agent_exports() 
     let unknown = node.pod();
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "deploy-metrics",
         &node,
         Peers {
@@ -685,10 +685,9 @@ async fn every_alert_and_dashboard_query_selects_what_a_running_agent_exports() 
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &["--base-role-arn", "arn:aws:iam::123456789012:role/"],
-        &AGENT_ENV,
-        None,
     )
+    .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
+    .start()
     .await;
     let sts = moto.endpoint();
     let answers = tokio::task::spawn_blocking(move || {

@@ -24,7 +24,7 @@ use interceptor_tests::{
     agent::{Agent, free_port, series_value},
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::{boto3, in_pod},
-    cluster::{AGENT_ENV, Peers, Through, agent_setup, start_agent},
+    cluster::{AGENT_ENV, AgentBuilder, Peers, Through},
     control_plane::{ControlPlane, Scope, wait_until},
     fake_imds::{FakeImds, NODE_ROLE},
     forwarder::Forwarder,
@@ -118,7 +118,7 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let name = "faults-restart";
-    let setup = agent_setup(
+    let setup = AgentBuilder::new(
         name,
         &node,
         Peers {
@@ -126,14 +126,14 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            BASE_ARN,
-            "--default-role",
-            "default-role",
-        ],
-        None,
-    );
+    )
+    .args(&[
+        "--base-role-arn",
+        BASE_ARN,
+        "--default-role",
+        "default-role",
+    ])
+    .setup();
     // The same directory the agents pin in: detached on drop, panics included.
     let pins = Pins::new(name);
     assert_eq!(pins.0, setup.pin_dir);
@@ -240,7 +240,7 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
     let forwarder = Forwarder::start(plane.addr()).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "faults-catch-up",
         &node,
         Peers {
@@ -251,15 +251,14 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            BASE_ARN,
-            "--namespace-restrictions",
-            "--debug",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        BASE_ARN,
+        "--namespace-restrictions",
+        "--debug",
+    ])
+    .start()
     .await;
     for (pod, role) in [(&pod_a, "role-a"), (&pod_c, "role-c"), (&pod_d, "role-d")] {
         let (status, body) = get(pod, &format!("{CREDS}{role}"));
@@ -383,7 +382,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "faults-sts",
         &node,
         Peers {
@@ -391,10 +390,9 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
-        &["--base-role-arn", BASE_ARN, "--debug"],
-        &AGENT_ENV,
-        None,
     )
+    .args(&["--base-role-arn", BASE_ARN, "--debug"])
+    .start()
     .await;
     let role_a = format!("{CREDS}role-a");
     let (status, body) = get(&pod_a, &role_a);
@@ -553,7 +551,7 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
     let sts = StsProxy::start(moto.addr()).await;
     sts.set_expires_in(Some(STALE_FLOOR + MARGIN));
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "faults-expiry",
         &node,
         Peers {
@@ -561,10 +559,9 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
-        &["--base-role-arn", BASE_ARN],
-        &AGENT_ENV,
-        None,
     )
+    .args(&["--base-role-arn", BASE_ARN])
+    .start()
     .await;
     let path = format!("{CREDS}role-e");
     let document = |body: &str| -> (String, String) {

@@ -14,7 +14,7 @@ use interceptor_tests::{
     Node, Pod,
     agent::{Agent, series_value},
     clients::{in_pod, raw},
-    cluster::{AGENT_ENV, Peers, start_agent},
+    cluster::{AgentBuilder, Peers},
     control_plane::{ControlPlane, Scope},
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
@@ -87,7 +87,7 @@ impl Cluster {
             "^/latest/meta-data/placement/.*",
         ];
         extra.extend(LIMITS);
-        let (agent, _) = start_agent(
+        let (agent, _) = AgentBuilder::new(
             name,
             &node,
             Peers {
@@ -95,10 +95,9 @@ impl Cluster {
                 upstream: &upstream,
                 sts: &moto.endpoint(),
             },
-            &extra,
-            &AGENT_ENV,
-            None,
         )
+        .args(&extra)
+        .start()
         .await;
         let cluster = Self {
             agent,

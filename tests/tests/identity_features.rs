@@ -25,7 +25,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 use interceptor_tests::{
     Node, Pod,
     clients::boto3,
-    cluster::{AGENT_ENV, Peers, start_agent},
+    cluster::{AGENT_ENV, AgentBuilder, Peers},
     control_plane::{ControlPlane, Scope, wait_until},
     fake_imds::FakeImds,
     moto::MotoServer,
@@ -192,7 +192,7 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "identity-containers",
         &node,
         Peers {
@@ -200,17 +200,16 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--session-tags",
-            "--cluster-name",
-            "prod-1",
-            "--source-identity",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--session-tags",
+        "--cluster-name",
+        "prod-1",
+        "--source-identity",
+    ])
+    .start()
     .await;
     let whoami = moto.endpoint();
     let uid = pod.uid.clone();
@@ -383,7 +382,7 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "identity-service-accounts",
         &node,
         Peers {
@@ -391,16 +390,15 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--default-role",
-            "fallback",
-            "--irsa-annotations",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--default-role",
+        "fallback",
+        "--irsa-annotations",
+    ])
+    .start()
     .await;
     let whoami = moto.endpoint();
     let (own, from_sa, irsa, answers) = tokio::task::spawn_blocking({
@@ -521,7 +519,7 @@ async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
             .into(),
     ));
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (_agent, _) = start_agent(
+    let (_agent, _) = AgentBuilder::new(
         "identity-tag-session",
         &node,
         Peers {
@@ -529,14 +527,13 @@ async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--session-tags",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--session-tags",
+    ])
+    .start()
     .await;
     let whoami = moto.endpoint();
     let answer = tokio::task::spawn_blocking(move || boto3(&pod, &whoami))
@@ -574,7 +571,7 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "identity-chained",
         &node,
         Peers {
@@ -582,17 +579,16 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--assume-role-arn",
-            HOP,
-            "--session-tags",
-            "--source-identity",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--assume-role-arn",
+        HOP,
+        "--session-tags",
+        "--source-identity",
+    ])
+    .start()
     .await;
     let whoami = moto.endpoint();
     let uid = pod.uid.clone();

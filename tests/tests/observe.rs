@@ -29,7 +29,7 @@ use interceptor_tests::{
     Node, Pod,
     agent::{Agent, binary, free_port, series_value},
     clients::{CredsLoop, FAILURES_AFTER_READY, boto3_credentials, in_pod, is_refusal},
-    cluster::{AGENT_ENV, Peers, agent_setup, bindings_file, standalone_args, start_agent},
+    cluster::{AGENT_ENV, AgentBuilder, Peers, bindings_file, standalone_args},
     control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
@@ -114,7 +114,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     let stranger = node.pod();
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, app_port) = start_agent(
+    let (agent, app_port) = AgentBuilder::new(
         "observe",
         &node,
         Peers {
@@ -122,15 +122,14 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &[
-            "--observe",
-            "--base-role-arn",
-            ACCOUNT_ROLES,
-            "--namespace-restrictions",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--observe",
+        "--base-role-arn",
+        ACCOUNT_ROLES,
+        "--namespace-restrictions",
+    ])
+    .start()
     .await;
     assert!(
         agent
@@ -388,7 +387,7 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
         .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let setup = agent_setup(
+    let setup = AgentBuilder::new(
         "observe-switch",
         &node,
         Peers {
@@ -396,9 +395,9 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &["--base-role-arn", ACCOUNT_ROLES],
-        None,
-    );
+    )
+    .args(&["--base-role-arn", ACCOUNT_ROLES])
+    .setup();
     let start = |observe: bool| {
         let mut args = setup.args.clone();
         if observe {

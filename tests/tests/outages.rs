@@ -22,7 +22,7 @@ use interceptor_tests::{
     agent::Agent,
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::CredsLoop,
-    cluster::{AGENT_ENV, Peers, Through, start_agent},
+    cluster::{AgentBuilder, Peers, Through},
     control_plane::{ControlPlane, wait_until},
     fake_imds::FakeImds,
     forwarder::Forwarder,
@@ -67,7 +67,7 @@ async fn api_server_outage_and_expiry() {
     let forwarder = Forwarder::start(plane.addr()).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "outage-api",
         &node,
         Peers {
@@ -78,15 +78,14 @@ async fn api_server_outage_and_expiry() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--default-role",
-            "default-role",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--default-role",
+        "default-role",
+    ])
+    .start()
     .await;
     assert_eq!(get(&pod_a, CREDS), (200, "role-a".to_owned()));
 
@@ -197,7 +196,7 @@ async fn sts_outage_throttling_and_latency() {
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "outage-sts",
         &node,
         Peers {
@@ -205,14 +204,13 @@ async fn sts_outage_throttling_and_latency() {
             upstream: &upstream,
             sts: &sts.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--debug",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--debug",
+    ])
+    .start()
     .await;
     let role_a = format!("{CREDS}role-a");
     let (status, body) = get(&pod_a, &role_a);
@@ -331,7 +329,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
         .await;
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "outage-policy",
         &node,
         Peers {
@@ -339,14 +337,13 @@ async fn decisions_follow_annotation_and_restriction_changes() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--namespace-restrictions",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--namespace-restrictions",
+    ])
+    .start()
     .await;
     assert_eq!(get(&pod, CREDS), (200, "role-a".to_owned()));
 

@@ -9,7 +9,7 @@ use interceptor_tests::{
     Node, Pod,
     agent::Agent,
     clients::boto3,
-    cluster::{AGENT_ENV, Peers, start_agent},
+    cluster::{AgentBuilder, Peers},
     control_plane::{ControlPlane, wait_until},
     fake_imds::FakeImds,
     moto::MotoServer,
@@ -52,7 +52,7 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
 
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "real-cluster",
         &node,
         Peers {
@@ -60,14 +60,13 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--namespace-restrictions",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--namespace-restrictions",
+    ])
+    .start()
     .await;
 
     let taints = scope.wait_startup_taint_removed().await;
@@ -147,7 +146,7 @@ async fn after_compaction_and_an_apiserver_restart_the_agent_relists_and_serves_
 
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "real-relist",
         &node,
         Peers {
@@ -155,10 +154,9 @@ async fn after_compaction_and_an_apiserver_restart_the_agent_relists_and_serves_
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &["--base-role-arn", "arn:aws:iam::123456789012:role/"],
-        &AGENT_ENV,
-        None,
     )
+    .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
+    .start()
     .await;
     // The first AssumeRole of a cold STS may outlast a client's 1 s timeout: ask until
     // the role is served.

@@ -11,7 +11,7 @@ use interceptor_tests::{
     agent::Agent,
     ask::{CREDS, ask_until},
     clients::{aws_cli, boto3, in_pod, in_pod_with, raw, sdk_js, sdk_rust},
-    cluster::{AGENT_ENV, Peers, start_agent},
+    cluster::{AgentBuilder, Peers},
     control_plane::{ControlPlane, Scope, wait_until},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
@@ -71,7 +71,7 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
         "--namespace-restrictions",
         "--debug",
     ];
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "e2e",
         &node,
         Peers {
@@ -79,10 +79,9 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &extra,
-        &AGENT_ENV,
-        None,
     )
+    .args(&extra)
+    .start()
     .await;
     let mut taints = scope.wait_startup_taint_removed().await;
     taints.sort();
@@ -206,7 +205,7 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
         ("AWS_REGION", "us-east-1"),
     ];
     let extra = ["--base-role-arn", "arn:aws:iam::123456789012:role/"];
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "e2e-deny",
         &node,
         Peers {
@@ -214,10 +213,10 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &extra,
-        &env,
-        None,
     )
+    .args(&extra)
+    .env(&env)
+    .start()
     .await;
     let sts = moto.endpoint();
     let (ok, denied) =
@@ -292,7 +291,7 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     // The agent runs in a pod of its own below the attach point (hostNetwork, as the
     // DaemonSet), so its cgroups must be exempted by its pod UID.
     let agent_pod = node.pod();
-    let (agent, app_port) = start_agent(
+    let (agent, app_port) = AgentBuilder::new(
         "e2e-api",
         &node,
         Peers {
@@ -300,10 +299,10 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &extra,
-        &AGENT_ENV,
-        Some(&agent_pod),
     )
+    .args(&extra)
+    .own_pod(&agent_pod)
+    .start()
     .await;
     let status = std::process::Command::new(interceptor_tests::agent::binary())
         .args([
@@ -450,7 +449,7 @@ impl Cluster {
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
         let mut flags = vec!["--base-role-arn", "arn:aws:iam::123456789012:role/"];
         flags.extend_from_slice(extra);
-        let (agent, _) = start_agent(
+        let (agent, _) = AgentBuilder::new(
             name,
             &node,
             Peers {
@@ -458,10 +457,9 @@ impl Cluster {
                 upstream: &upstream,
                 sts: &moto.endpoint(),
             },
-            &flags,
-            &AGENT_ENV,
-            None,
         )
+        .args(&flags)
+        .start()
         .await;
         Some(Self {
             agent,

@@ -147,7 +147,7 @@ async fn a_new_agent_takes_over_only_once_its_pods_are_synced() {
     }
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let setup = cluster::agent_setup(
+    let setup = cluster::AgentBuilder::new(
         "takeover-kube",
         &node,
         Peers {
@@ -155,9 +155,9 @@ async fn a_new_agent_takes_over_only_once_its_pods_are_synced() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &["--base-role-arn", "arn:aws:iam::123456789012:role/"],
-        None,
-    );
+    )
+    .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
+    .setup();
     let surge = Surge::new("kube", &setup.args);
     let mut old = Agent::run(
         &setup.args,

@@ -15,7 +15,7 @@ use interceptor_tests::{
     Node, Pod,
     agent::{Agent, free_port},
     clients::aws_cli,
-    cluster::{AGENT_ENV, Peers, start_agent},
+    cluster::{AgentBuilder, Peers},
     cmd,
     control_plane::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, ControlPlane, wait_until},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
@@ -87,7 +87,7 @@ async fn kubernetes_act() {
 
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let (agent, _) = start_agent(
+    let (agent, _) = AgentBuilder::new(
         "demo-k8s",
         &node,
         Peers {
@@ -95,14 +95,13 @@ async fn kubernetes_act() {
             upstream: &upstream,
             sts: &moto.endpoint(),
         },
-        &[
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--namespace-restrictions",
-        ],
-        &AGENT_ENV,
-        None,
     )
+    .args(&[
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--namespace-restrictions",
+    ])
+    .start()
     .await;
     let taints = scope.wait_startup_taint_removed().await;
     println!(

@@ -28,7 +28,7 @@ use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
 use interceptor_tests::{
     Node, Pod,
     agent::Agent,
-    cluster::{AGENT_ENV, Peers},
+    cluster::{AgentBuilder, Peers},
     control_plane::{ControlPlane, Scope},
     fake_imds::FakeImds,
     moto::MotoServer,
@@ -319,7 +319,7 @@ async fn agent_scenarios(
     load_pods: &[Pod],
     report: &mut Report,
 ) -> Result<()> {
-    let agent = start_agent(world, "bench", agent_node, &[]).await;
+    let agent = start_agent_on(world, &world.scope, "bench", agent_node, &[]).await;
     // One request per pod: the caches are warm, and the document's size sizes the floor.
     let warm = run_strings(&places(load_pods), &http_args(1, "new", 1, 0))?;
     let body_bytes = warm.iter().map(|load| load.body_bytes).max().unwrap_or(0);
@@ -470,14 +470,9 @@ fn warm_up(pods: &[Pod]) -> Result<()> {
     Ok(())
 }
 
-/// The real agent on `node` in API-server mode for the agent's node, logging at info as
-/// in production.
-async fn start_agent(world: &World<'_>, name: &str, node: &Node, extra: &[&str]) -> Agent {
-    start_agent_on(world, &world.scope, name, node, extra).await
-}
-
-/// [`start_agent`] for the node of `api` (its `--node`, and the pods placed there), with
-/// its ServiceAccount's token, so with deploy/'s permissions.
+/// The real agent on `node` in API-server mode for the node of `api` (its `--node`, and
+/// the pods placed there), with its ServiceAccount's token, so with deploy/'s
+/// permissions, logging at info as in production.
 async fn start_agent_on(
     world: &World<'_>,
     api: &Scope<'_>,
@@ -485,8 +480,6 @@ async fn start_agent_on(
     node: &Node,
     extra: &[&str],
 ) -> Agent {
-    let mut args = vec!["--log-level", "info", "--base-role-arn", BASE_ARN];
-    args.extend(extra);
     let sts = world.sts.endpoint();
     let peers = Peers {
         api,
@@ -494,7 +487,10 @@ async fn start_agent_on(
         sts: &sts,
     };
     // The agent's guard detaches and removes what it pinned.
-    interceptor_tests::cluster::start_agent(name, node, peers, &args, &AGENT_ENV, None)
+    AgentBuilder::new(name, node, peers)
+        .args(&["--log-level", "info", "--base-role-arn", BASE_ARN])
+        .args(extra)
+        .start()
         .await
         .0
 }
@@ -851,7 +847,14 @@ async fn first_credentials(
     world.sts.set_delay(sizes.sts_delay);
     let with = first_requests(world, node, &agent, "prefetched").await?;
     drop(agent);
-    let agent = start_agent(world, "bench-noprefetch", node, &["--no-prefetch"]).await;
+    let agent = start_agent_on(
+        world,
+        &world.scope,
+        "bench-noprefetch",
+        node,
+        &["--no-prefetch"],
+    )
+    .await;
     let without = first_requests(world, node, &agent, "cold").await?;
     let ms = |ns: u64| ns as f64 / 1e6;
     for (name, q) in [("p50", 0.5), ("max", 1.0)] {
@@ -1026,7 +1029,14 @@ impl Footprint {
         self.add_idle(world, pods).await?;
         let assume = world.sts.count("AssumeRole");
         let index = self.details.len();
-        let agent = start_agent(world, &format!("bench-footprint-{index}"), node, &[]).await;
+        let agent = start_agent_on(
+            world,
+            &world.scope,
+            &format!("bench-footprint-{index}"),
+            node,
+            &[],
+        )
+        .await;
         // Every pod with a role is prefetched: wait for those calls before measuring.
         let expected = (pods + load_pods.len()) as u64;
         let deadline = Instant::now() + Duration::from_secs(120);
