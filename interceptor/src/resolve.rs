@@ -153,8 +153,9 @@ pub struct Resolver {
     /// Each pod's last outcome and what it was decided from: reused while neither the
     /// pod nor its namespace's policy changed (deciding parses the ARN and runs the
     /// namespace's patterns: once per change, not per request), and a change is logged
-    /// when it takes effect.
-    last: Mutex<HashMap<(String, MemoCaller), Memo>>,
+    /// when it takes effect. By pod UID, then by caller (a pod has a few containers): a
+    /// request looks its memo up without building a key.
+    last: Mutex<HashMap<String, Vec<(MemoCaller, Memo)>>>,
 }
 
 /// What the role session carries besides its name.
@@ -174,6 +175,17 @@ enum MemoCaller {
     Pod,
     Container(String),
     Unattributed,
+}
+
+impl MemoCaller {
+    fn is(&self, caller: policy::Caller<'_>) -> bool {
+        match (self, caller) {
+            (Self::Pod, policy::Caller::Pod) => true,
+            (Self::Container(name), policy::Caller::Container(asking)) => name == asking,
+            (Self::Unattributed, policy::Caller::Unattributed) => true,
+            _ => false,
+        }
+    }
 }
 
 impl From<policy::Caller<'_>> for MemoCaller {
@@ -387,7 +399,7 @@ impl Resolver {
             return Verdict::Gone;
         };
         if self.keeps_node_identity(&pod) {
-            self.remember(&pod, MemoCaller::Pod, None, None, Outcome::NodeIdentity);
+            self.remember(&pod, policy::Caller::Pod, None, None, Outcome::NodeIdentity);
             return Verdict::Decided {
                 pod,
                 outcome: Outcome::NodeIdentity,
@@ -399,7 +411,7 @@ impl Resolver {
             .service_accounts
             .as_ref()
             .and_then(|store| store.of_pod(&pod));
-        let outcome = match self.recall(&pod, container.into(), &policy, account.as_ref()) {
+        let outcome = match self.recall(&pod, container, &policy, account.as_ref()) {
             Some(outcome) => outcome,
             None => {
                 let subject = Subject {
@@ -420,13 +432,7 @@ impl Resolver {
                 let decision = policy::decide_for(&subject, &policy, &self.policy);
                 self.warn_session_name(&pod);
                 let outcome = self.outcome(&pod, decision);
-                self.remember(
-                    &pod,
-                    container.into(),
-                    Some(policy),
-                    account,
-                    outcome.clone(),
-                );
+                self.remember(&pod, container, Some(policy), account, outcome.clone());
                 outcome
             }
         };
@@ -465,7 +471,7 @@ impl Resolver {
     fn recall(
         &self,
         pod: &Arc<PodInfo>,
-        caller: MemoCaller,
+        caller: policy::Caller<'_>,
         policy: &Arc<NamespacePolicy>,
         account: Option<&Arc<Account>>,
     ) -> Option<Outcome> {
@@ -473,7 +479,10 @@ impl Resolver {
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let memo = last.get(&(pod.uid.clone(), caller))?;
+        let (_, memo) = last
+            .get(pod.uid.as_str())?
+            .iter()
+            .find(|(whom, _)| whom.is(caller))?;
         let same = Arc::ptr_eq(&memo.pod, pod)
             && memo
                 .policy
@@ -496,7 +505,7 @@ impl Resolver {
     fn remember(
         &self,
         pod: &Arc<PodInfo>,
-        caller: MemoCaller,
+        caller: policy::Caller<'_>,
         policy: Option<Arc<NamespacePolicy>>,
         account: Option<Arc<Account>>,
         now: Outcome,
@@ -505,28 +514,32 @@ impl Resolver {
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (pod.uid.clone(), caller);
-        if let Some(before) = last.get(&key)
-            && before.outcome != now
-        {
-            let container = match &key.1 {
-                MemoCaller::Container(name) => name.as_str(),
-                MemoCaller::Pod => "",
-                MemoCaller::Unattributed => "(unattributed)",
-            };
-            tracing::info!(pod = %pod.key(), container, from = %before.outcome, to = %now, "decision changed");
-        }
-        last.insert(
-            key,
-            Memo {
-                pod: Arc::clone(pod),
-                policy,
-                account,
-                outcome: now,
-            },
-        );
-        if last.len() > 2 * self.pods.len() + 64 {
-            last.retain(|(uid, _), _| matches!(self.pods.get(uid), Lookup::Found(_)));
+        let memo = Memo {
+            pod: Arc::clone(pod),
+            policy,
+            account,
+            outcome: now,
+        };
+        let Some(callers) = last.get_mut(pod.uid.as_str()) else {
+            last.insert(pod.uid.clone(), vec![(caller.into(), memo)]);
+            if last.len() > self.pods.len() + 64 {
+                last.retain(|uid, _| matches!(self.pods.get(uid), Lookup::Found(_)));
+            }
+            return;
+        };
+        match callers.iter_mut().find(|(whom, _)| whom.is(caller)) {
+            Some((_, before)) => {
+                if before.outcome != memo.outcome {
+                    let container = match caller {
+                        policy::Caller::Container(name) => name,
+                        policy::Caller::Pod => "",
+                        policy::Caller::Unattributed => "(unattributed)",
+                    };
+                    tracing::info!(pod = %pod.key(), container, from = %before.outcome, to = %memo.outcome, "decision changed");
+                }
+                *before = memo;
+            }
+            None => callers.push((caller.into(), memo)),
         }
     }
 
@@ -536,7 +549,7 @@ impl Resolver {
         self.last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|(known, _), _| known != uid);
+            .remove(uid);
     }
 
     /// Forgets what is cached about namespaces that are gone (call periodically).

@@ -18,10 +18,11 @@ mod sts;
 
 use std::{
     fmt,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
+use bytes::Bytes;
 pub use cache::{
     CacheStats, Clock, CredentialCache, Key, MAX_SESSION, MIN_SESSION, PREFETCH_CONCURRENCY,
     SDK_REFRESH_WINDOW, Settings, SystemClock,
@@ -55,12 +56,22 @@ pub struct Credentials {
     pub issued: SystemTime,
     /// `arn:aws:sts::<account>:assumed-role/<role>/<session>`.
     pub assumed_role_arn: String,
+    /// The answer's body, rendered on first serve ([`Credentials::rendered`]).
+    pub rendered: Rendered,
 }
 
 impl Credentials {
     /// The metadata API's `LastUpdated` (the same as `issued`).
     pub fn last_updated(&self) -> SystemTime {
         self.issued
+    }
+
+    /// The document served for these credentials, rendered by `render` the first time
+    /// and shared afterwards: every field of the metadata API's document (`LastUpdated`
+    /// included) is fixed once STS has answered, so a warm request copies a pointer
+    /// instead of formatting and allocating the same bytes again.
+    pub fn rendered(&self, render: impl FnOnce(&Self) -> Bytes) -> Bytes {
+        self.rendered.0.get_or_init(|| render(self)).clone()
     }
 
     /// Lifetime left at `now` (zero once expired).
@@ -82,6 +93,19 @@ impl fmt::Debug for Credentials {
             .finish()
     }
 }
+
+/// A rendering of [`Credentials`], made once. Not part of their value: any two renderings
+/// compare equal, and `Debug` never shows one (it holds the secret).
+#[derive(Clone, Default)]
+pub struct Rendered(OnceLock<Bytes>);
+
+impl PartialEq for Rendered {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Rendered {}
 
 /// Why no credentials can be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -187,6 +187,7 @@ pub(super) async fn assume_role(
             .assumed_role_user
             .map(|user| user.arn)
             .unwrap_or_default(),
+        rendered: Default::default(),
     })
 }
 

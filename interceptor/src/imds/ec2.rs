@@ -66,8 +66,9 @@ pub struct CredentialsDocument<'a> {
     pub last_updated: SystemTime,
 }
 
-/// `GET .../security-credentials/<role>`.
-pub fn credentials(document: &CredentialsDocument<'_>) -> Response<Body> {
+/// The body of `GET .../security-credentials/<role>`, served with [`text`] (the caller
+/// keeps it: [`crate::credentials::Credentials::rendered`]).
+pub fn credentials(document: &CredentialsDocument<'_>) -> Bytes {
     let mut body = Document::new(
         document.access_key_id.len() + document.secret_access_key.len() + document.token.len(),
     );
@@ -78,7 +79,7 @@ pub fn credentials(document: &CredentialsDocument<'_>) -> Response<Body> {
     body.text("SecretAccessKey", document.secret_access_key);
     body.text("Token", document.token);
     body.time("Expiration", document.expiration);
-    text(body.finish())
+    body.finish()
 }
 
 /// What EC2 answers for an instance profile whose role cannot be assumed: a 200 whose
@@ -208,13 +209,13 @@ mod tests {
     #[test]
     fn credentials_document_parses_as_json_with_ec2_fields() {
         let at = UNIX_EPOCH + Duration::from_secs(1_495_033_794);
-        let response = credentials(&CredentialsDocument {
+        let response = text(credentials(&CredentialsDocument {
             access_key_id: "ASIAEXAMPLE",
             secret_access_key: "s\"ecret",
             token: "tok",
             expiration: at,
             last_updated: at,
-        });
+        }));
         assert_eq!(response.headers()[header::CONTENT_TYPE], "text/plain");
         assert_eq!(response.headers()[header::SERVER], "EC2ws");
         let body =
@@ -257,13 +258,13 @@ mod tests {
     #[test]
     fn documents_are_laid_out_as_ec2_lays_them_out() {
         let at = UNIX_EPOCH + Duration::from_secs(1_495_033_794);
-        let document = body(credentials(&CredentialsDocument {
+        let document = body(text(credentials(&CredentialsDocument {
             access_key_id: "ASIAEXAMPLE",
             secret_access_key: "se\"cret\\",
             token: "to\nken",
             expiration: at + Duration::from_secs(3600),
             last_updated: at,
-        }));
+        })));
         assert_eq!(
             document,
             "{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"2017-05-17T15:09:54Z\",\n  \

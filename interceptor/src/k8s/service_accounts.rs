@@ -40,8 +40,43 @@ pub enum Account {
 /// ServiceAccounts by `(namespace, name)`, fed by [`follow`], read by every decision.
 #[derive(Default)]
 pub struct ServiceAccountStore {
-    by_key: RwLock<HashMap<Key, Arc<Account>>>,
+    by_key: RwLock<Accounts>,
     changed: tokio::sync::Notify,
+}
+
+/// By namespace, then by name: a decision looks its pod's ServiceAccount up with the
+/// pod's own strings, without building a key.
+#[derive(Default)]
+struct Accounts(HashMap<String, HashMap<String, Arc<Account>>>);
+
+impl Accounts {
+    fn get(&self, namespace: &str, name: &str) -> Option<&Arc<Account>> {
+        self.0.get(namespace)?.get(name)
+    }
+
+    fn get_mut(&mut self, (namespace, name): &Key) -> Option<&mut Arc<Account>> {
+        self.0.get_mut(namespace)?.get_mut(name)
+    }
+
+    fn insert(&mut self, (namespace, name): &Key, account: Account) {
+        self.0
+            .entry(namespace.clone())
+            .or_default()
+            .insert(name.clone(), Arc::new(account));
+    }
+
+    fn remove(&mut self, (namespace, name): &Key) {
+        if let Some(names) = self.0.get_mut(namespace) {
+            names.remove(name);
+            if names.is_empty() {
+                self.0.remove(namespace);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.values().map(HashMap::len).sum()
+    }
 }
 
 impl ServiceAccountStore {
@@ -52,7 +87,7 @@ impl ServiceAccountStore {
     /// The ServiceAccount of `pod` (`default` when the spec names none). `None` when
     /// nothing follows it (the store is not in use).
     pub fn of_pod(&self, pod: &PodInfo) -> Option<Arc<Account>> {
-        self.read().get(&key_of(pod)).cloned()
+        self.read().get(&pod.namespace, account_name(pod)).cloned()
     }
 
     /// Waits, up to `timeout`, until `pod`'s ServiceAccount has been read (a pod's first
@@ -78,13 +113,13 @@ impl ServiceAccountStore {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Key, Arc<Account>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Accounts> {
         self.by_key
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Key, Arc<Account>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Accounts> {
         self.by_key
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -93,10 +128,10 @@ impl ServiceAccountStore {
     /// Starts following `key` (as pending) unless it is already followed.
     fn follow(&self, key: &Key) -> bool {
         let mut by_key = self.write();
-        if by_key.contains_key(key) {
+        if by_key.get_mut(key).is_some() {
             return false;
         }
-        by_key.insert(key.clone(), Arc::new(Account::Pending));
+        by_key.insert(key, Account::Pending);
         drop(by_key);
         self.changed.notify_waiters();
         true
@@ -139,9 +174,13 @@ impl ServiceAccountStore {
     }
 }
 
+/// The ServiceAccount `pod` runs as: `default` when its spec names none.
+fn account_name(pod: &PodInfo) -> &str {
+    pod.service_account.as_deref().unwrap_or("default")
+}
+
 fn key_of(pod: &PodInfo) -> Key {
-    let name = pod.service_account.as_deref().unwrap_or("default");
-    (pod.namespace.clone(), name.to_owned())
+    (pod.namespace.clone(), account_name(pod).to_owned())
 }
 
 /// Follows the ServiceAccounts of the pods in `pods` into `store` until dropped: one
@@ -216,7 +255,7 @@ mod tests {
     fn pending_until_listed_then_follows_changes_and_deletion() {
         let store = ServiceAccountStore::new();
         let key: Key = ("team-a".into(), "app".into());
-        let get = || store.read().get(&key).map(|a| (**a).clone());
+        let get = || store.read().get(&key.0, &key.1).map(|a| (**a).clone());
         // Not followed: events are ignored.
         store.apply(&key, watcher::Event::Apply(meta(&[])));
         assert_eq!(get(), None);

@@ -59,6 +59,9 @@ struct Sizes {
     threads: usize,
     /// Rounds per condition (conditions alternate round by round, so drift hits both).
     rounds: usize,
+    /// Scenario 1's keep-alive rounds: more than elsewhere, because its p99 is compared
+    /// at 1.25x and one disturbed round on a shared machine moves a pooled p99 by more.
+    warm_rounds: usize,
     /// Requests per thread and round.
     keepalive_requests: u64,
     new_requests: u64,
@@ -85,6 +88,7 @@ impl Sizes {
             pods: 3,
             threads: 2,
             rounds: 3,
+            warm_rounds: 9,
             keepalive_requests: 3000,
             new_requests: 800,
             connects: 5000,
@@ -104,6 +108,7 @@ impl Sizes {
         Self {
             pods: 2,
             rounds: 2,
+            warm_rounds: 2,
             keepalive_requests: 600,
             new_requests: 200,
             connects: 1500,
@@ -512,7 +517,13 @@ fn warm_requests(
     ] {
         let args = http_args(sizes.threads, mode, requests, requests / 20);
         let (mut ours, mut floor) = (Pooled::default(), Pooled::default());
-        for _ in 0..sizes.rounds {
+        // New connections keep the usual rounds: each leaves its ports in TIME_WAIT, and
+        // tens of thousands of them slow the kernel's port search for both sides alike.
+        let rounds = match mode {
+            "new" => sizes.rounds,
+            _ => sizes.warm_rounds,
+        };
+        for _ in 0..rounds {
             floor.add_round(run_strings(&places(floor_pods), &args)?);
             ours.add_round(run_strings(&places(load_pods), &args)?);
         }
@@ -530,7 +541,12 @@ fn warm_requests(
                 ours: quantile(&ours.latencies_ns, q) as f64 / 1000.0,
                 baseline: Some(quantile(&floor.latencies_ns, q) as f64 / 1000.0),
                 unit: "us",
-                target: (name == "p99").then_some(Target::RatioAtMost(2.0)),
+                // Keep-alive: issue 15's 1.25x; a new connection per request: 2x.
+                target: (name == "p99").then_some(Target::RatioAtMost(if mode == "new" {
+                    2.0
+                } else {
+                    1.25
+                })),
             });
         }
         report.add(Figure {
@@ -554,7 +570,8 @@ fn warm_requests(
     details.insert(
         "setup".into(),
         json!({
-            "pods": sizes.pods, "threads_per_pod": sizes.threads, "rounds": sizes.rounds,
+            "pods": sizes.pods, "threads_per_pod": sizes.threads,
+            "keepalive_rounds": sizes.warm_rounds, "new_rounds": sizes.rounds,
             "keepalive_requests_per_thread": sizes.keepalive_requests,
             "new_requests_per_thread": sizes.new_requests, "body_bytes": body_bytes,
         }),
