@@ -37,6 +37,9 @@ use tokio::net::{TcpListener, TcpStream};
 /// The node's access key id: must never reach a pod.
 pub const NODE_ACCESS_KEY: &str = "ASIANODEROLELEAK0001";
 pub const NODE_ROLE: &str = "node-instance-role";
+/// The body of the node's signed instance identity (`pkcs7`, `signature`, `rsa2048`):
+/// must never reach a pod either (it logs in as the node, e.g. to Vault's EC2 auth).
+pub const NODE_SIGNATURE: &str = "NODE-SIGNED-IDENTITY-LEAK";
 pub const NODE_PROFILE_ARN: &str = "arn:aws:iam::123456789012:instance-profile/node-instance-role";
 
 const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
@@ -243,6 +246,20 @@ fn metadata(path: &str) -> (StatusCode, String) {
                 "{{\"Code\":\"Success\",\"Type\":\"AWS-HMAC\",\"AccessKeyId\":\"{NODE_ACCESS_KEY}\",\"SecretAccessKey\":\"node\",\"Token\":\"node\",\"Expiration\":\"2099-01-01T00:00:00Z\"}}"
             ))
         }
+        // The node's identity credentials (EC2's own, for the instance itself) and the
+        // signed identity forms: what a pod must never be forwarded, whatever the
+        // agent's allow-list says.
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance" => {
+            found(format!(
+                "{{\"Code\":\"Success\",\"Type\":\"AWS-HMAC\",\"AccessKeyId\":\"{NODE_ACCESS_KEY}\",\"SecretAccessKey\":\"node\",\"Token\":\"node\",\"Expiration\":\"2099-01-01T00:00:00Z\"}}"
+            ))
+        }
+        "/latest/meta-data/identity-credentials/ec2/info" => found(format!(
+            "{{\"Code\":\"Success\",\"AccountId\":\"123456789012\",\"InstanceProfileArn\":\"{NODE_PROFILE_ARN}\"}}"
+        )),
+        "/latest/dynamic/instance-identity/pkcs7"
+        | "/latest/dynamic/instance-identity/signature"
+        | "/latest/dynamic/instance-identity/rsa2048" => found(NODE_SIGNATURE.into()),
         "/latest/meta-data/placement/availability-zone" => found("us-east-1a".into()),
         "/latest/dynamic/instance-identity/document" => {
             found("{\"accountId\":\"123456789012\",\"region\":\"us-east-1\"}".into())
