@@ -6,7 +6,8 @@
 //! pins are `/sys/fs/bpf/interceptor-test-<pid>-<name>`, cgroups
 //! `<cgroup2>/interceptor-test-ic<pid % 100000>x<n>`, network namespaces
 //! `icp<pid % 100000>x<n>` (tests/src/pins.rs, tests/src/node.rs). A test process is a
-//! live process whose executable is under a `target/` directory; leftovers of any pid
+//! live process whose executable is under this run's target directory or any `target/`
+//! directory; leftovers of any pid
 //! (or pid residue) that one of those still has are kept, so a run beside another run on
 //! the same machine does not pull the floor from under it.
 
@@ -76,12 +77,18 @@ struct LiveTests {
 
 impl LiveTests {
     fn scan() -> Self {
+        // This run's own target directory may be anywhere (`CARGO_TARGET_DIR`); other
+        // checkouts' runs are recognised by the default layout.
+        let own = crate::run::target_dir();
         let pids: HashSet<u32> = entries(Path::new("/proc"))
             .filter_map(|(dir, name)| {
                 let pid = name.parse::<u32>().ok()?;
                 let exe = fs::read_link(dir.join("exe")).ok()?;
-                let exe = exe.to_string_lossy();
-                (exe.contains("/target/debug/") || exe.contains("/target/release/")).then_some(pid)
+                let test = exe.starts_with(&own) || {
+                    let exe = exe.to_string_lossy();
+                    exe.contains("/target/debug/") || exe.contains("/target/release/")
+                };
+                test.then_some(pid)
             })
             .collect();
         let residues = pids.iter().map(|pid| pid % 100_000).collect();
