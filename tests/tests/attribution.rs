@@ -18,7 +18,7 @@ use interceptor_tests::{
     agent::{Agent, free_port},
     ask::assert_upstream_untouched,
     clients::in_pod,
-    cluster::{AGENT_ENV, AgentBuilder, Peers},
+    cluster::{AGENT_ENV, AgentBuilder, Peers, cgroup_bindings_file, standalone_args_at},
     control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
@@ -86,41 +86,13 @@ struct Standalone {
 
 impl Standalone {
     fn new(node: &Node, bound: &[(&str, &Path)], sts: &str, upstream: &FakeImds) -> Self {
-        let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-        let mut text = String::from("bindings:\n");
-        for (role, cgroup) in bound {
-            let path = cgroup.strip_prefix(&mount).unwrap();
-            text.push_str(&format!(
-                "  - name: {role}\n    cgroup: /{}\n    role: {role}\n",
-                path.display()
-            ));
-        }
-        let file = std::env::temp_dir().join(format!(
-            "interceptor-attribution-{}-{}.yaml",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::write(&file, text).unwrap();
+        let bindings: Vec<(&str, &Path, &str)> = bound
+            .iter()
+            .map(|(role, cgroup)| (*role, *cgroup, *role))
+            .collect();
+        let file = cgroup_bindings_file(&format!("attribution-{}", free_port()), &bindings);
         let app_port = free_port();
-        let args = [
-            "--bindings",
-            &file.display().to_string(),
-            "--host-ip",
-            &node.address.to_string(),
-            "--app-port",
-            &app_port.to_string(),
-            "--cgroup-root",
-            &node.cgroup_top().display().to_string(),
-            "--metadata-addr",
-            &upstream.addr().to_string(),
-            "--sts-endpoint",
-            sts,
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-        ]
-        .iter()
-        .map(|arg| (*arg).to_owned())
-        .collect();
+        let args = standalone_args_at(node.cgroup_top(), app_port, node, &file, upstream, sts);
         Self {
             args,
             file,

@@ -21,7 +21,7 @@ use interceptor_tests::{
     Node,
     ask::assert_upstream_untouched,
     clients::raw,
-    cluster::AGENT_ENV,
+    cluster::{AGENT_ENV, bindings_file, cgroup_bindings_file, standalone_args_at},
     fake_imds::FakeImds,
     moto::MotoServer,
     node::{Cgroup, Netns, in_cgroup},
@@ -415,17 +415,7 @@ fn exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready() {
             .contains(&pod.container.id())
     );
 
-    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-    let bindings =
-        std::env::temp_dir().join(format!("interceptor-reconcile-{}.yaml", std::process::id()));
-    std::fs::write(
-        &bindings,
-        format!(
-            "bindings:\n  - name: a\n    cgroup: /{}\n    role: role-a\n",
-            pod.container.path.strip_prefix(&mount).unwrap().display()
-        ),
-    )
-    .unwrap();
+    let bindings = cgroup_bindings_file("reconcile", &[("a", &pod.container.path, "role-a")]);
     let args: Vec<String> = [
         "--bindings",
         &bindings.display().to_string(),
@@ -441,16 +431,11 @@ fn exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready() {
     .iter()
     .map(|arg| (*arg).to_owned())
     .collect();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-        ("AWS_SECRET_ACCESS_KEY", "x"),
-        ("AWS_REGION", "us-east-1"),
-    ];
     let mut agent = interceptor_tests::agent::Agent::run(
         &args,
         &pins.0,
         interceptor_tests::agent::free_port(),
-        &env,
+        &AGENT_ENV,
     );
     agent.wait_ready(std::time::Duration::from_secs(30));
     let exempt = ebpf::status(&pins.0).unwrap().exempt_cgroups;
@@ -475,7 +460,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
     let pod = node.pod();
     let pins = Pins::new("boot");
     let upstream = FakeImds::start(std::net::IpAddr::from([127, 0, 0, 1])).await;
-    let app_port = interceptor_tests::agent::free_port().to_string();
+    let app_port = interceptor_tests::agent::free_port();
     let attach = Command::new(interceptor_tests::agent::binary())
         .args(["attach", "--bpf-pin-dir", &pins.0.display().to_string()])
         .args(["--cgroup-root", &node.kubepods.display().to_string()])
@@ -483,7 +468,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
             "--host-ip",
             &node.address.to_string(),
             "--app-port",
-            &app_port,
+            &app_port.to_string(),
         ])
         .args(["--metadata-addr", &upstream.addr().to_string()])
         .output()
@@ -508,36 +493,16 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
     );
 
     let moto = MotoServer::start_on(node.address, &[]);
-    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-    let bindings =
-        std::env::temp_dir().join(format!("interceptor-boot-{}.yaml", std::process::id()));
-    std::fs::write(
+    let bindings = bindings_file("boot", &[("a", &*pod, "role-a")]);
+    // The agent finds the programs where `attach` put them: the same root and port.
+    let args = standalone_args_at(
+        &node.kubepods,
+        app_port,
+        &node,
         &bindings,
-        format!(
-            "bindings:\n  - name: a\n    cgroup: /{}\n    role: role-a\n",
-            pod.container.path.strip_prefix(&mount).unwrap().display()
-        ),
-    )
-    .unwrap();
-    let args: Vec<String> = [
-        "--bindings",
-        &bindings.display().to_string(),
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &app_port,
-        "--cgroup-root",
-        &node.kubepods.display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
+        &upstream,
         &moto.endpoint(),
-        "--base-role-arn",
-        "arn:aws:iam::123456789012:role/",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
+    );
     let admin_port = interceptor_tests::agent::free_port();
     let mut agent = interceptor_tests::agent::Agent::run(&args, &pins.0, admin_port, &AGENT_ENV);
     agent.wait_ready(std::time::Duration::from_secs(30));
