@@ -70,6 +70,12 @@ pub struct Peers<'a> {
     pub sts: &'a str,
 }
 
+impl<'a> Peers<'a> {
+    pub fn new(api: &'a dyn ApiEndpoint, upstream: &'a FakeImds, sts: &'a str) -> Self {
+        Self { api, upstream, sts }
+    }
+}
+
 /// How [`AgentBuilder`] runs the agent: its `run` arguments, pin directory and proxy
 /// port, for tests that start it again themselves (a restart with the same flags).
 pub struct AgentSetup {

@@ -356,11 +356,7 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
     let (agent, _) = AgentBuilder::new(
         "churn",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
     .start()

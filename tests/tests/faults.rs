@@ -118,22 +118,14 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let name = "faults-restart";
-    let setup = AgentBuilder::new(
-        name,
-        &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
-    )
-    .args(&[
-        "--base-role-arn",
-        BASE_ARN,
-        "--default-role",
-        "default-role",
-    ])
-    .setup();
+    let setup = AgentBuilder::new(name, &node, Peers::new(&scope, &upstream, &moto.endpoint()))
+        .args(&[
+            "--base-role-arn",
+            BASE_ARN,
+            "--default-role",
+            "default-role",
+        ])
+        .setup();
     // The same directory the agents pin in: detached on drop, panics included.
     let pins = Pins::new(name);
     assert_eq!(pins.0, setup.pin_dir);
@@ -243,14 +235,14 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
     let (agent, _) = AgentBuilder::new(
         "faults-catch-up",
         &node,
-        Peers {
-            api: &Through {
+        Peers::new(
+            &Through {
                 scope: &scope,
                 via: forwarder.addr(),
             },
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+            &upstream,
+            &moto.endpoint(),
+        ),
     )
     .args(&[
         "--base-role-arn",
@@ -385,11 +377,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
     let (agent, _) = AgentBuilder::new(
         "faults-sts",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&["--base-role-arn", BASE_ARN, "--debug"])
     .start()
@@ -554,11 +542,7 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
     let (agent, _) = AgentBuilder::new(
         "faults-expiry",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&["--base-role-arn", BASE_ARN])
     .start()

@@ -195,11 +195,7 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
     let (agent, _) = AgentBuilder::new(
         "identity-containers",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -385,11 +381,7 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
     let (agent, _) = AgentBuilder::new(
         "identity-service-accounts",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -522,11 +514,7 @@ async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
     let (_agent, _) = AgentBuilder::new(
         "identity-tag-session",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -574,11 +562,7 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
     let (agent, _) = AgentBuilder::new(
         "identity-chained",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",

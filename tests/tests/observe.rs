@@ -117,11 +117,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     let (agent, app_port) = AgentBuilder::new(
         "observe",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--observe",
@@ -390,11 +386,7 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
     let setup = AgentBuilder::new(
         "observe-switch",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", ACCOUNT_ROLES])
     .setup();

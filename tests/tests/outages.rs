@@ -70,14 +70,14 @@ async fn api_server_outage_and_expiry() {
     let (agent, _) = AgentBuilder::new(
         "outage-api",
         &node,
-        Peers {
-            api: &Through {
+        Peers::new(
+            &Through {
                 scope: &scope,
                 via: forwarder.addr(),
             },
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+            &upstream,
+            &moto.endpoint(),
+        ),
     )
     .args(&[
         "--base-role-arn",
@@ -199,11 +199,7 @@ async fn sts_outage_throttling_and_latency() {
     let (agent, _) = AgentBuilder::new(
         "outage-sts",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -332,11 +328,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     let (agent, _) = AgentBuilder::new(
         "outage-policy",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--base-role-arn",

@@ -55,11 +55,7 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
     let (agent, _) = AgentBuilder::new(
         "real-cluster",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -149,11 +145,7 @@ async fn after_compaction_and_an_apiserver_restart_the_agent_relists_and_serves_
     let (agent, _) = AgentBuilder::new(
         "real-relist",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
     .start()

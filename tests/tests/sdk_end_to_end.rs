@@ -74,11 +74,7 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     let (agent, _) = AgentBuilder::new(
         "e2e",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&extra)
     .start()
@@ -208,11 +204,7 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     let (agent, _) = AgentBuilder::new(
         "e2e-deny",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&extra)
     .env(&env)
@@ -294,11 +286,7 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     let (agent, app_port) = AgentBuilder::new(
         "e2e-api",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&extra)
     .own_pod(&agent_pod)
@@ -449,18 +437,11 @@ impl Cluster {
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
         let mut flags = vec!["--base-role-arn", "arn:aws:iam::123456789012:role/"];
         flags.extend_from_slice(extra);
-        let (agent, _) = AgentBuilder::new(
-            name,
-            &node,
-            Peers {
-                api: &scope,
-                upstream: &upstream,
-                sts: &moto.endpoint(),
-            },
-        )
-        .args(&flags)
-        .start()
-        .await;
+        let (agent, _) =
+            AgentBuilder::new(name, &node, Peers::new(&scope, &upstream, &moto.endpoint()))
+                .args(&flags)
+                .start()
+                .await;
         Some(Self {
             agent,
             pods: simulated,

@@ -150,11 +150,7 @@ async fn a_new_agent_takes_over_only_once_its_pods_are_synced() {
     let setup = cluster::AgentBuilder::new(
         "takeover-kube",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
     .setup();

@@ -90,11 +90,7 @@ async fn kubernetes_act() {
     let (agent, _) = AgentBuilder::new(
         "demo-k8s",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--base-role-arn",

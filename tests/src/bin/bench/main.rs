@@ -486,11 +486,7 @@ async fn start_agent_on(
     extra: &[&str],
 ) -> Agent {
     let sts = world.sts.endpoint();
-    let peers = Peers {
-        api,
-        upstream: &world.upstream,
-        sts: &sts,
-    };
+    let peers = Peers::new(api, &world.upstream, &sts);
     // The agent's guard detaches and removes what it pinned.
     AgentBuilder::new(name, node, peers)
         .args(&["--log-level", "info", "--base-role-arn", BASE_ARN])
