@@ -344,12 +344,7 @@ async fn every_pod_gets_exactly_its_decision() {
 
     // The decision follows annotation changes, and a deleted pod gets nothing.
     scope
-        .update_pod(&team_a, "app-a", |api| {
-            api.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ROLE_KEY.into(), "role-a2".into());
-        })
+        .annotate_pod(&team_a, "app-a", ROLE_KEY, "role-a2")
         .await;
     wait_for(
         "the changed role",

@@ -25,7 +25,7 @@ use interceptor_tests::{
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::{boto3, in_pod},
     cluster::{AGENT_ENV, AgentBuilder, Peers, Through},
-    control_plane::{ControlPlane, Scope, wait_until},
+    control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ROLE},
     forwarder::Forwarder,
     moto::MotoServer,
@@ -39,28 +39,6 @@ use interceptor_tests::{
 const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 const ROLE: &str = "iam.amazonaws.com/role";
 const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
-
-/// Waits until `namespace` holds an Event with `reason` on the pod `name`; returns it.
-async fn event_on(
-    scope: &Scope<'_>,
-    namespace: &str,
-    name: &str,
-    reason: &str,
-) -> serde_json::Value {
-    wait_until(
-        &format!("the {reason} event on {name}"),
-        Duration::from_secs(20),
-        || async {
-            let events = scope.events(namespace).await;
-            events
-                .iter()
-                .find(|event| event["reason"] == reason && event["regarding"]["name"] == name)
-                .cloned()
-                .ok_or_else(|| format!("{events:?}"))
-        },
-    )
-    .await
-}
 
 /// Whether the agent's `/debug/store` (`--debug`) holds credentials for `role`.
 fn holds_credentials(agent: &Agent, role: &str) -> bool {
@@ -261,26 +239,13 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
 
     let lists = plane.agent_pod_lists(&scope.node);
     forwarder.cut();
-    scope
-        .update_pod(&team, "app-a", |pod| {
-            pod.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ROLE.to_owned(), "role-x".to_owned());
-        })
-        .await;
+    scope.annotate_pod(&team, "app-a", ROLE, "role-x").await;
     scope.delete_pod(&team, "app-c").await;
     let pod_b = scope
         .simulated_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
         .await;
     scope
-        .update_namespace(&locked, |namespace| {
-            namespace
-                .metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ALLOWED.to_owned(), r#"["role-z"]"#.to_owned());
-        })
+        .annotate_namespace(&locked, ALLOWED, r#"["role-z"]"#)
         .await;
     let compacted = plane.compact().unwrap();
     plane.stop_apiserver();
@@ -344,7 +309,7 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         log.contains("decision changed") && log.contains(&format!("role {BASE_ARN}role-x")),
         "the change is logged:\n{log}"
     );
-    event_on(&scope, &locked, "app-d", "RoleNotAllowed").await;
+    scope.wait_event(&locked, "app-d", "RoleNotAllowed").await;
     assert_upstream_untouched(&upstream);
 }
 
@@ -423,7 +388,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
         (1..=3).contains(&refused_calls),
         "{refused_calls} AssumeRole calls for a refused role and 10 requests"
     );
-    let event = event_on(&scope, &team, "app-r", "AssumeRoleFailed").await;
+    let event = scope.wait_event(&team, "app-r", "AssumeRoleFailed").await;
     let note = event["note"].as_str().unwrap_or_default();
     assert!(
         note.contains("AccessDenied") && note.contains("role-r"),

@@ -23,7 +23,7 @@ use interceptor_tests::{
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::CredsLoop,
     cluster::{AgentBuilder, Peers, Through},
-    control_plane::{ControlPlane, wait_until},
+    control_plane::ControlPlane,
     fake_imds::FakeImds,
     forwarder::Forwarder,
     moto::MotoServer,
@@ -339,14 +339,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     .await;
     assert_eq!(get(&pod, CREDS), (200, "role-a".to_owned()));
 
-    scope
-        .update_pod(&team, "app", |pod| {
-            pod.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ROLE.to_owned(), "role-x".to_owned());
-        })
-        .await;
+    scope.annotate_pod(&team, "app", ROLE, "role-x").await;
     let answer = ask_until(&pod, CREDS, Duration::from_secs(10), |answer| {
         answer.1 == "role-x"
     })
@@ -356,13 +349,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     assert_eq!(status, 404, "the old role is no longer served: {body}");
 
     scope
-        .update_namespace(&team, |namespace| {
-            namespace
-                .metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ALLOWED.to_owned(), r#"["role-a"]"#.to_owned());
-        })
+        .annotate_namespace(&team, ALLOWED, r#"["role-a"]"#)
         .await;
     let answer = ask_until(&pod, CREDS, Duration::from_secs(10), |answer| {
         answer.0 != 200
@@ -383,17 +370,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     ] {
         assert!(log.contains(needle), "the log says {needle:?}:\n{log}");
     }
-    let event = wait_until("the RoleNotAllowed event", WAIT, || async {
-        let events = scope.events(&team).await;
-        events
-            .iter()
-            .find(|event| {
-                event["regarding"]["name"] == "app" && event["reason"] == "RoleNotAllowed"
-            })
-            .cloned()
-            .ok_or_else(|| format!("{events:?}"))
-    })
-    .await;
+    let event = scope.wait_event(&team, "app", "RoleNotAllowed").await;
     assert_eq!(event["type"], "Warning", "{event}");
     assert_upstream_untouched(&upstream);
 }

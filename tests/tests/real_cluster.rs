@@ -91,19 +91,7 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
     );
 
     // The refusal reached the real server as an events.k8s.io Event on that pod.
-    let event = wait_until(
-        "the RoleNotAllowed event",
-        Duration::from_secs(30),
-        || async {
-            let events = scope.events(&locked).await;
-            events
-                .iter()
-                .find(|e| e["reason"] == "RoleNotAllowed")
-                .cloned()
-                .ok_or_else(|| format!("{events:?}"))
-        },
-    )
-    .await;
+    let event = scope.wait_event(&locked, "wants-b", "RoleNotAllowed").await;
     assert_eq!(
         event["regarding"]["uid"],
         api_b.metadata.uid.unwrap().as_str()

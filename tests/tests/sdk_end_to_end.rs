@@ -12,7 +12,7 @@ use interceptor_tests::{
     ask::{CREDS, ask_until},
     clients::{aws_cli, boto3, in_pod, in_pod_with, raw, sdk_js, sdk_rust},
     cluster::{AgentBuilder, Peers},
-    control_plane::{ControlPlane, Scope, wait_until},
+    control_plane::{ControlPlane, Scope},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     peers::venv,
@@ -227,19 +227,7 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     );
     assert!(!denied.contains("assumed-role"), "{denied}");
     // The Event was created (and validated) by the real server, on the refused pod.
-    let event = wait_until(
-        "the AssumeRoleFailed event",
-        Duration::from_secs(30),
-        || async {
-            let events = scope.events(&team).await;
-            events
-                .iter()
-                .find(|e| e["reason"] == "AssumeRoleFailed")
-                .cloned()
-                .ok_or_else(|| format!("{events:?}"))
-        },
-    )
-    .await;
+    let event = scope.wait_event(&team, "refused", "AssumeRoleFailed").await;
     let note = event["note"].as_str().unwrap_or_default();
     assert!(
         note.contains("AccessDenied") && note.contains("role-secret"),
@@ -563,12 +551,7 @@ async fn after_an_annotation_change_sts_reports_the_new_role() {
     );
     cluster
         .scope
-        .update_pod(team, "app-a", |api| {
-            api.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ROLE.into(), "role-b".into());
-        })
+        .annotate_pod(team, "app-a", ROLE, "role-b")
         .await;
     // The agent has seen the change once the pod's role listing names the new role.
     let listed = ask_until(pod, CREDS, Duration::from_secs(10), |(status, role)| {
