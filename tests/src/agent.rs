@@ -162,6 +162,18 @@ impl Agent {
         series_value(&text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
     }
 
+    /// Whether the agent's `/debug/store` (it runs with `--debug`) holds credentials,
+    /// with their expiry, for the role `role_arn`.
+    pub fn holds_credentials(&self, role_arn: &str) -> bool {
+        let (_, store) = self.admin_get("/debug/store").expect("debug store");
+        let store: serde_json::Value = serde_json::from_str(&store).expect("debug store JSON");
+        store["credentials"]
+            .as_array()
+            .expect("credentials in the debug store")
+            .iter()
+            .any(|entry| entry["role"] == role_arn && !entry["expires"].is_null())
+    }
+
     /// Waits until `/readyz` answers 200; panics with the agent's log otherwise.
     pub fn wait_ready(&mut self, within: Duration) {
         let deadline = Instant::now() + within;

@@ -40,22 +40,6 @@ const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 const ROLE: &str = "iam.amazonaws.com/role";
 const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
 
-/// Whether the agent's `/debug/store` (`--debug`) holds credentials for `role`.
-fn holds_credentials(agent: &Agent, role: &str) -> bool {
-    let (_, store) = agent.admin_get("/debug/store").expect("debug store");
-    let store: serde_json::Value = serde_json::from_str(&store).expect("debug store JSON");
-    store["credentials"]
-        .as_array()
-        .expect("credentials in the debug store")
-        .iter()
-        .any(|entry| {
-            entry["role"]
-                .as_str()
-                .is_some_and(|arn| arn == format!("{BASE_ARN}{role}"))
-                && !entry["expires"].is_null()
-        })
-}
-
 /// A Prometheus sample of the agent's `/metrics`, by its name with labels.
 fn sample(agent: &Agent, name: &str) -> f64 {
     agent.metric(name)
@@ -235,7 +219,7 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         assert_eq!(status, 200, "{role}: {body}");
         access_key(&body);
     }
-    assert!(holds_credentials(&agent, "role-c"));
+    assert!(agent.holds_credentials(&format!("{BASE_ARN}role-c")));
 
     let lists = plane.agent_pod_lists(&scope.node);
     forwarder.cut();
@@ -296,7 +280,7 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         "the deleted pod's credentials forgotten",
         Duration::from_secs(10),
         || {
-            if holds_credentials(&agent, "role-c") {
+            if agent.holds_credentials(&format!("{BASE_ARN}role-c")) {
                 Err(agent.admin_get("/debug/store").unwrap_or_default().1)
             } else {
                 Ok(())
@@ -448,7 +432,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
         .simulated_pod(&node, &team, "app-s", &[(ROLE, "role-s")])
         .await;
     wait_for("prefetch stored role-s", Duration::from_secs(20), || {
-        if holds_credentials(&agent, "role-s") {
+        if agent.holds_credentials(&format!("{BASE_ARN}role-s")) {
             Ok(())
         } else {
             Err(agent.admin_get("/debug/store").unwrap_or_default().1)

@@ -27,6 +27,7 @@ use interceptor_tests::{
     fake_imds::FakeImds,
     forwarder::Forwarder,
     moto::MotoServer,
+    objects::wait_for,
     require_root,
     sts_proxy::{Fault, StsProxy},
 };
@@ -266,29 +267,14 @@ async fn sts_outage_throttling_and_latency() {
     let pod_d = scope
         .simulated_pod(&node, &team, "app-d", &[(ROLE, "role-d")])
         .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, store) = agent.admin_get("/debug/store").expect("debug store");
-        let store: serde_json::Value = serde_json::from_str(&store).unwrap();
-        let fetched = store["credentials"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|entry| {
-                entry["role"]
-                    .as_str()
-                    .is_some_and(|r| r.ends_with("/role-d"))
-                    && !entry["expires"].is_null()
-            });
-        if fetched {
-            break;
+    wait_for("prefetch stored role-d", Duration::from_secs(20), || {
+        if agent.holds_credentials("arn:aws:iam::123456789012:role/role-d") {
+            Ok(())
+        } else {
+            Err(agent.admin_get("/debug/store").unwrap_or_default().1)
         }
-        assert!(
-            Instant::now() < deadline,
-            "prefetch never stored role-d: {store}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let (hits, misses) = (counter(&agent, "hits"), counter(&agent, "misses"));
     let (status, body) = get(&pod_d, &format!("{CREDS}role-d"));
     assert_eq!(status, 200, "{body}");
