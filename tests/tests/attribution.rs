@@ -113,10 +113,6 @@ impl Drop for Standalone {
     }
 }
 
-fn metric(agent: &Agent, name: &str) -> f64 {
-    agent.metric(name)
-}
-
 fn assert_no_node_credentials(upstream: &FakeImds, answers: &[&str]) {
     for answer in answers {
         assert!(
@@ -223,7 +219,7 @@ async fn an_evicted_record_refuses_the_connection() {
     std::fs::write("/proc/sys/net/core/somaxconn", "65535").unwrap();
     let pins = Pins::new("evicted-record");
     let agent = agent_config.start(&pins);
-    let misses_before = metric(&agent, "interceptor_attribution_misses_total");
+    let misses_before = agent.metric("interceptor_attribution_misses_total");
 
     agent.pause();
     let resume = scopeguard(&agent);
@@ -264,7 +260,7 @@ async fn an_evicted_record_refuses_the_connection() {
         "a connection whose record was evicted ({rounds} floods) must be refused: {answer}\n{}",
         agent.log_text()
     );
-    assert!(metric(&agent, "interceptor_attribution_misses_total") > misses_before);
+    assert!(agent.metric("interceptor_attribution_misses_total") > misses_before);
     // The flood is gone; both pods are served as themselves again.
     let listing = |pod: &Pod| {
         in_pod(
@@ -292,7 +288,7 @@ fn scopeguard(agent: &Agent) -> impl Drop + '_ {
 
 /// Reads a `interceptor_tracked{kind="KIND"}` gauge.
 fn tracked(agent: &Agent, kind: &str) -> i64 {
-    metric(agent, &format!("interceptor_tracked{{kind=\"{kind}\"}}")) as i64
+    agent.metric(&format!("interceptor_tracked{{kind=\"{kind}\"}}")) as i64
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -40,11 +40,6 @@ const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 const ROLE: &str = "iam.amazonaws.com/role";
 const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
 
-/// A Prometheus sample of the agent's `/metrics`, by its name with labels.
-fn sample(agent: &Agent, name: &str) -> f64 {
-    agent.metric(name)
-}
-
 /// AssumeRole calls the proxy saw for `role`.
 fn calls_for(sts: &StsProxy, role: &str) -> usize {
     let arn = format!("{BASE_ARN}{role}");
@@ -569,10 +564,8 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
         started.elapsed()
     );
     assert!(
-        sample(
-            &agent,
-            r#"interceptor_credentials_events_total{event="stale_served"}"#
-        ) >= served as f64,
+        agent.metric(r#"interceptor_credentials_events_total{event="stale_served"}"#)
+            >= served as f64,
         "every cached answer of the outage is counted"
     );
     eprintln!("STS down: {served} cached answers, then 503 ({seen:?})");
