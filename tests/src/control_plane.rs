@@ -918,6 +918,15 @@ impl Scope<'_> {
         pod
     }
 
+    /// [`Self::running_pod`] for a pod the test wrote itself (`api`, in its namespace): created
+    /// through the API, simulated on `node` under the UID the server gave it, then Running.
+    pub async fn run_pod(&self, node: &crate::Node, api: Pod) -> crate::Pod {
+        let api = self.create_pod(api).await;
+        let pod = node.pod_with_uid(api.metadata.uid.clone().expect("a UID from the server"));
+        self.set_running(&api, &pod).await;
+        pod
+    }
+
     /// [`Self::set_running`] for a pod the test gave no simulated pod (an idle pod that
     /// only has to exist, as on a busy node): its address and container id as given.
     pub async fn set_running_as(

@@ -65,9 +65,9 @@ async fn kubernetes_act() {
         ("payments", "analytics", "analytics"),
         ("sandbox", "intruder", "billing"),
     ] {
-        let api = scope.add_pod(namespace, name, &[(ROLE, role)]).await;
-        let pod = node.pod_with_uid(api.metadata.uid.clone().unwrap());
-        scope.set_running(&api, &pod).await;
+        let pod = scope
+            .running_pod(&node, namespace, name, &[(ROLE, role)])
+            .await;
         pods.push((format!("{namespace}/{name}"), pod, role));
     }
     println!(
