@@ -16,7 +16,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
+use interceptor::ebpf::{self, METADATA_IPV6};
 use interceptor_tests::{
     Node,
     ask::assert_upstream_untouched,
@@ -210,19 +210,9 @@ fn raw_packets_to_the_metadata_addresses_never_leave_a_pod() {
          arrived: {arrived:?}"
     );
 
-    let datapath = ebpf::Datapath::open(&ebpf::Options {
-        pin_dir: pins.0.clone(),
-        cgroup_root: node.kubepods.clone(),
-        redirect: Redirect {
-            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-            metadata6: METADATA_IPV6,
-            proxy4: Some(SocketAddrV4::new(NODE4.parse().unwrap(), 8181)),
-            proxy6: None,
-        },
-        reload: false,
-        kernel_log: false,
-    })
-    .expect("attach");
+    let datapath =
+        ebpf::Datapath::open(&pins.options(&node, SocketAddrV4::new(NODE4.parse().unwrap(), 8181)))
+            .expect("attach");
     let (sent, arrived) = send_and_capture(&world, &pod.container);
     assert_eq!(
         metadata(&arrived),
@@ -288,19 +278,7 @@ fn a_colliding_record_is_deleted_not_substituted() {
     }
     let pins = Pins::new("collision");
     let proxy = SocketAddrV4::new("10.252.0.1".parse().unwrap(), 8181);
-    let datapath = ebpf::Datapath::open(&ebpf::Options {
-        pin_dir: pins.0.clone(),
-        cgroup_root: node.kubepods.clone(),
-        redirect: Redirect {
-            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-            metadata6: METADATA_IPV6,
-            proxy4: Some(proxy),
-            proxy6: None,
-        },
-        reload: false,
-        kernel_log: false,
-    })
-    .expect("attach");
+    let datapath = ebpf::Datapath::open(&pins.options(&node, proxy)).expect("attach");
     let attribution = datapath.attribution();
     let (peer, local) = (
         "10.252.0.2:40000".parse::<SocketAddr>().unwrap(),
@@ -391,21 +369,10 @@ fn exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready() {
     let node = Node::new();
     let pod = node.pod_cgroups();
     let pins = Pins::new("reconcile");
-    let redirect = Redirect {
-        metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-        metadata6: METADATA_IPV6,
-        proxy4: Some(SocketAddrV4::new(node.address, 8181)),
-        proxy6: None,
-    };
     {
-        let earlier = ebpf::Datapath::open(&ebpf::Options {
-            pin_dir: pins.0.clone(),
-            cgroup_root: node.kubepods.clone(),
-            redirect,
-            reload: false,
-            kernel_log: false,
-        })
-        .expect("attach");
+        let earlier =
+            ebpf::Datapath::open(&pins.options(&node, SocketAddrV4::new(node.address, 8181)))
+                .expect("attach");
         earlier.exempt().insert(pod.container.id()).expect("exempt");
     }
     assert!(
@@ -554,18 +521,7 @@ fn programs_of_another_build_are_replaced_not_reused() {
     }
     let node = Node::new();
     let pins = Pins::new("otherbuild");
-    let options = ebpf::Options {
-        pin_dir: pins.0.clone(),
-        cgroup_root: node.kubepods.clone(),
-        redirect: Redirect {
-            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-            metadata6: METADATA_IPV6,
-            proxy4: Some(SocketAddrV4::new(node.address, 8181)),
-            proxy6: None,
-        },
-        reload: false,
-        kernel_log: false,
-    };
+    let options = pins.options(&node, SocketAddrV4::new(node.address, 8181));
     let first = ebpf::Datapath::open(&options).expect("attach");
     assert_eq!(first.outcome(), ebpf::Outcome::Loaded);
     drop(first);
