@@ -19,8 +19,7 @@ use std::{
 use interceptor::ebpf::{self, METADATA_IPV6};
 use interceptor_tests::{
     Node,
-    ask::assert_upstream_untouched,
-    clients::raw,
+    ask::{CREDS, assert_upstream_untouched, get},
     cluster::{AGENT_ENV, bindings_file, cgroup_bindings_file, standalone_args_at},
     fake_imds::FakeImds,
     moto::MotoServer,
@@ -498,16 +497,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
         "the agent takes over the programs attached at boot:\n{}",
         agent.log_text()
     );
-    let served = tokio::task::spawn_blocking(move || {
-        raw(
-            &pod,
-            "GET",
-            "/latest/meta-data/iam/security-credentials/",
-            &[],
-        )
-    })
-    .await
-    .unwrap();
+    let served = get(&pod, CREDS);
     assert_eq!(served, (200, "role-a".to_owned()), "{}", agent.log_text());
     assert_upstream_untouched(&upstream);
 }

@@ -18,7 +18,7 @@ use interceptor::ebpf;
 use interceptor_tests::{
     Node, Pod,
     agent::{Agent, free_port},
-    clients::raw,
+    ask::{CREDS, get},
     cluster::{AGENT_ENV, bindings_file, standalone_args_at},
     fake_imds::FakeImds,
     moto::MotoServer,
@@ -168,17 +168,7 @@ impl Setup {
 
     /// The pod's credential role listing through 169.254.169.254: (status, body).
     async fn ask(&self) -> (u16, String) {
-        let pod = self.pod.clone();
-        tokio::task::spawn_blocking(move || {
-            raw(
-                &pod,
-                "GET",
-                "/latest/meta-data/iam/security-credentials/",
-                &[],
-            )
-        })
-        .await
-        .unwrap()
+        get(&self.pod, CREDS)
     }
 
     /// `count` metadata connects from the pod (no HTTP): how many connected.
