@@ -159,7 +159,19 @@ impl Agent {
     pub fn metric(&self, series: &str) -> f64 {
         let (status, text) = self.admin_get("/metrics").expect("the agent's /metrics");
         assert_eq!(status, 200, "/metrics: {text}");
-        series_value(&text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+        expect_series(&text, series)
+    }
+
+    /// Whether the agent's `/debug/store` (it runs with `--debug`) holds credentials,
+    /// with their expiry, for the role `role_arn`.
+    pub fn holds_credentials(&self, role_arn: &str) -> bool {
+        let (_, store) = self.admin_get("/debug/store").expect("debug store");
+        let store: serde_json::Value = serde_json::from_str(&store).expect("debug store JSON");
+        store["credentials"]
+            .as_array()
+            .expect("credentials in the debug store")
+            .iter()
+            .any(|entry| entry["role"] == role_arn && !entry["expires"].is_null())
     }
 
     /// Waits until `/readyz` answers 200; panics with the agent's log otherwise.
@@ -264,6 +276,13 @@ pub fn series_value(text: &str, series: &str) -> Option<f64> {
                 None
             }
         })
+}
+
+/// The value of the series `series` in `text` as [`series_value`] reads it; panics, with
+/// the exposition, if it is absent: a missing series is a renamed or lost metric, never
+/// a zero.
+pub fn expect_series(text: &str, series: &str) -> f64 {
+    series_value(text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
 /// The capabilities of this process's bounding set except `keep`, comma-separated, as

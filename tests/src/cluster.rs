@@ -70,6 +70,12 @@ pub struct Peers<'a> {
     pub sts: &'a str,
 }
 
+impl<'a> Peers<'a> {
+    pub fn new(api: &'a dyn ApiEndpoint, upstream: &'a FakeImds, sts: &'a str) -> Self {
+        Self { api, upstream, sts }
+    }
+}
+
 /// How [`AgentBuilder`] runs the agent: its `run` arguments, pin directory and proxy
 /// port, for tests that start it again themselves (a restart with the same flags).
 pub struct AgentSetup {
@@ -189,10 +195,22 @@ impl<'a> AgentBuilder<'a> {
 /// A standalone-mode bindings file binding each `(name, pod, role)` by the pod's
 /// container cgroup path; returns its path.
 pub fn bindings_file(file_name: &str, services: &[(&str, &Pod, &str)]) -> PathBuf {
+    let cgroups: Vec<(&str, &Path, &str)> = services
+        .iter()
+        .map(|(name, pod, role)| (*name, pod.container.path.as_path(), *role))
+        .collect();
+    cgroup_bindings_file(file_name, &cgroups)
+}
+
+/// A standalone-mode bindings file binding each `(name, cgroup, role)` by the cgroup's
+/// path (under the cgroup2 mount); written to a file named after `file_name` and this
+/// process, whose path it returns. Writing it again with the same `file_name` replaces
+/// it (a reload).
+pub fn cgroup_bindings_file(file_name: &str, bindings: &[(&str, &Path, &str)]) -> PathBuf {
     let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
     let mut text = String::from("bindings:\n");
-    for (name, pod, role) in services {
-        let path = pod.container.path.strip_prefix(&mount).unwrap();
+    for (name, cgroup, role) in bindings {
+        let path = cgroup.strip_prefix(&mount).unwrap();
         text.push_str(&format!(
             "  - name: {name}\n    cgroup: /{}\n    role: {role}\n",
             path.display()
@@ -214,15 +232,36 @@ pub fn standalone_args(
     upstream: &FakeImds,
     sts: &str,
 ) -> Vec<String> {
+    standalone_args_at(
+        node.cgroup_top(),
+        free_port(),
+        node,
+        bindings,
+        upstream,
+        sts,
+    )
+}
+
+/// [`standalone_args`] with the programs attached at `cgroup_root` and the proxy on
+/// `app_port`: for a test that dials the proxy itself or attached programs first
+/// (`interceptor attach`), which the agent must find at the same root and port.
+pub fn standalone_args_at(
+    cgroup_root: &Path,
+    app_port: u16,
+    node: &Node,
+    bindings: &Path,
+    upstream: &FakeImds,
+    sts: &str,
+) -> Vec<String> {
     [
         "--bindings",
         &bindings.display().to_string(),
         "--host-ip",
         &node.address.to_string(),
         "--app-port",
-        &free_port().to_string(),
+        &app_port.to_string(),
         "--cgroup-root",
-        &node.cgroup_top().display().to_string(),
+        &cgroup_root.display().to_string(),
         "--metadata-addr",
         &upstream.addr().to_string(),
         "--sts-endpoint",

@@ -737,6 +737,18 @@ impl Scope<'_> {
             .unwrap_or_else(|e| panic!("updating namespace {name}: {e}"))
     }
 
+    /// Sets the annotation `key` of namespace `name` to `value`.
+    pub async fn annotate_namespace(&self, name: &str, key: &str, value: &str) -> Namespace {
+        self.update_namespace(name, |namespace| {
+            namespace
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(key.to_owned(), value.to_owned());
+        })
+        .await
+    }
+
     /// The Node object of this test's node, with `taints`, as the kubelet registers it.
     pub async fn add_node(&self, taints: &[&str]) -> Node {
         let mut node = new_node(&self.node);
@@ -833,6 +845,17 @@ impl Scope<'_> {
             .unwrap_or_else(|e| panic!("updating pod {namespace}/{name}: {e}"))
     }
 
+    /// Sets the annotation `key` of pod `namespace/name` to `value`.
+    pub async fn annotate_pod(&self, namespace: &str, name: &str, key: &str, value: &str) -> Pod {
+        self.update_pod(namespace, name, |pod| {
+            pod.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(key.to_owned(), value.to_owned());
+        })
+        .await
+    }
+
     /// Deletes a pod as the kubelet completes a deletion (grace period 0).
     pub async fn delete_pod(&self, namespace: &str, name: &str) {
         Api::<Pod>::namespaced(self.plane.client().await, namespace)
@@ -859,6 +882,26 @@ impl Scope<'_> {
             .collect()
     }
 
+    /// Waits until `namespace` holds an Event with `reason` on the object named
+    /// `regarding` (a bound for a broken run: 60 s); returns it as JSON.
+    pub async fn wait_event(&self, namespace: &str, regarding: &str, reason: &str) -> Value {
+        wait_until(
+            &format!("the {reason} event on {regarding}"),
+            Duration::from_secs(60),
+            || async {
+                let events = self.events(namespace).await;
+                events
+                    .iter()
+                    .find(|event| {
+                        event["reason"] == reason && event["regarding"]["name"] == regarding
+                    })
+                    .cloned()
+                    .ok_or_else(|| format!("{events:?}"))
+            },
+        )
+        .await
+    }
+
     /// A pod on this test's node as a cluster makes one: created through the API with
     /// `annotations` (the server assigns its UID), simulated on `node` under that UID
     /// (cgroups named after it, its own network), then Running with its container's id
@@ -871,6 +914,15 @@ impl Scope<'_> {
         annotations: &[(&str, &str)],
     ) -> crate::Pod {
         let (api, pod) = self.created_pod(node, namespace, name, annotations).await;
+        self.set_running(&api, &pod).await;
+        pod
+    }
+
+    /// [`Self::running_pod`] for a pod the test wrote itself (`api`, in its namespace): created
+    /// through the API, simulated on `node` under the UID the server gave it, then Running.
+    pub async fn run_pod(&self, node: &crate::Node, api: Pod) -> crate::Pod {
+        let api = self.create_pod(api).await;
+        let pod = node.pod_with_uid(api.metadata.uid.clone().expect("a UID from the server"));
         self.set_running(&api, &pod).await;
         pod
     }

@@ -18,7 +18,7 @@ use interceptor_tests::{
     agent::{Agent, free_port},
     ask::assert_upstream_untouched,
     clients::in_pod,
-    cluster::{AGENT_ENV, AgentBuilder, Peers},
+    cluster::{AGENT_ENV, AgentBuilder, Peers, cgroup_bindings_file, standalone_args_at},
     control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
@@ -86,41 +86,13 @@ struct Standalone {
 
 impl Standalone {
     fn new(node: &Node, bound: &[(&str, &Path)], sts: &str, upstream: &FakeImds) -> Self {
-        let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-        let mut text = String::from("bindings:\n");
-        for (role, cgroup) in bound {
-            let path = cgroup.strip_prefix(&mount).unwrap();
-            text.push_str(&format!(
-                "  - name: {role}\n    cgroup: /{}\n    role: {role}\n",
-                path.display()
-            ));
-        }
-        let file = std::env::temp_dir().join(format!(
-            "interceptor-attribution-{}-{}.yaml",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::write(&file, text).unwrap();
+        let bindings: Vec<(&str, &Path, &str)> = bound
+            .iter()
+            .map(|(role, cgroup)| (*role, *cgroup, *role))
+            .collect();
+        let file = cgroup_bindings_file(&format!("attribution-{}", free_port()), &bindings);
         let app_port = free_port();
-        let args = [
-            "--bindings",
-            &file.display().to_string(),
-            "--host-ip",
-            &node.address.to_string(),
-            "--app-port",
-            &app_port.to_string(),
-            "--cgroup-root",
-            &node.cgroup_top().display().to_string(),
-            "--metadata-addr",
-            &upstream.addr().to_string(),
-            "--sts-endpoint",
-            sts,
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-        ]
-        .iter()
-        .map(|arg| (*arg).to_owned())
-        .collect();
+        let args = standalone_args_at(node.cgroup_top(), app_port, node, &file, upstream, sts);
         Self {
             args,
             file,
@@ -139,10 +111,6 @@ impl Drop for Standalone {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.file);
     }
-}
-
-fn metric(agent: &Agent, name: &str) -> f64 {
-    agent.metric(name)
 }
 
 fn assert_no_node_credentials(upstream: &FakeImds, answers: &[&str]) {
@@ -251,7 +219,7 @@ async fn an_evicted_record_refuses_the_connection() {
     std::fs::write("/proc/sys/net/core/somaxconn", "65535").unwrap();
     let pins = Pins::new("evicted-record");
     let agent = agent_config.start(&pins);
-    let misses_before = metric(&agent, "interceptor_attribution_misses_total");
+    let misses_before = agent.metric("interceptor_attribution_misses_total");
 
     agent.pause();
     let resume = scopeguard(&agent);
@@ -292,7 +260,7 @@ async fn an_evicted_record_refuses_the_connection() {
         "a connection whose record was evicted ({rounds} floods) must be refused: {answer}\n{}",
         agent.log_text()
     );
-    assert!(metric(&agent, "interceptor_attribution_misses_total") > misses_before);
+    assert!(agent.metric("interceptor_attribution_misses_total") > misses_before);
     // The flood is gone; both pods are served as themselves again.
     let listing = |pod: &Pod| {
         in_pod(
@@ -320,7 +288,7 @@ fn scopeguard(agent: &Agent) -> impl Drop + '_ {
 
 /// Reads a `interceptor_tracked{kind="KIND"}` gauge.
 fn tracked(agent: &Agent, kind: &str) -> i64 {
-    metric(agent, &format!("interceptor_tracked{{kind=\"{kind}\"}}")) as i64
+    agent.metric(&format!("interceptor_tracked{{kind=\"{kind}\"}}")) as i64
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -384,11 +352,7 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
     let (agent, _) = AgentBuilder::new(
         "churn",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
     .start()

@@ -56,11 +56,7 @@ async fn one_record_per_key_and_container_matching_what_the_sdk_received() {
     let (agent, _) = AgentBuilder::new(
         "audit",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--log-format",

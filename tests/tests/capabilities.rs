@@ -3,7 +3,13 @@
 //! `privileged: true`). CAP_SYS_ADMIN is needed only to mount bpffs where the host has
 //! not (the DaemonSet mounts the host's /sys/fs/bpf instead).
 
-use interceptor_tests::{Node, agent, cmd, pins::Pins, require_root};
+use interceptor_tests::{
+    Node, agent,
+    cluster::{AGENT_ENV, bindings_file, standalone_args},
+    cmd,
+    pins::Pins,
+    require_root,
+};
 
 /// What deploy/base/daemonset.yaml grants.
 ///
@@ -72,50 +78,18 @@ async fn serving_needs_nothing_more() {
     }
     let node = Node::new();
     let pod = node.pod();
-    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-    let file = std::env::temp_dir().join(format!("interceptor-caps-{}.yaml", std::process::id()));
-    let path = pod.container.path.strip_prefix(&mount).unwrap();
-    std::fs::write(
-        &file,
-        format!(
-            "bindings:\n  - name: app\n    cgroup: /{}\n    role: app\n",
-            path.display()
-        ),
-    )
-    .unwrap();
+    let file = bindings_file("caps", &[("app", &pod, "app")]);
     let moto = interceptor_tests::moto::MotoServer::start_on(node.address, &[]);
     let upstream =
         interceptor_tests::fake_imds::FakeImds::start(std::net::IpAddr::from([127, 0, 0, 1])).await;
-    let args: Vec<String> = [
-        "--bindings",
-        &file.display().to_string(),
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &agent::free_port().to_string(),
-        "--cgroup-root",
-        &node.cgroup_top().display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
-        &moto.endpoint(),
-        "--base-role-arn",
-        "arn:aws:iam::123456789012:role/",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
+    let args = standalone_args(&node, &file, &upstream, &moto.endpoint());
     let pins = Pins::new("caps-serving");
     let mut agent = agent::Agent::run_with_capabilities(
         &NEEDED,
         &args,
         &pins.0,
         agent::free_port(),
-        &[
-            ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-            ("AWS_SECRET_ACCESS_KEY", "x"),
-            ("AWS_REGION", "us-east-1"),
-        ],
+        &AGENT_ENV,
     );
     agent.wait_ready(std::time::Duration::from_secs(30));
     // The agent runs with exactly those three (bounding and effective), not more: a

@@ -8,8 +8,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use interceptor::ebpf::{self, Attributed, Attribution, METADATA_IPV4, METADATA_IPV6, Redirect};
-use interceptor_tests::{Node, Pod, cmd, node::in_cgroup, pins::Pins, probe, require_root};
+use interceptor::ebpf::{self, Attributed, Attribution, Redirect};
+use interceptor_tests::{
+    Node, Pod, cmd,
+    node::in_cgroup,
+    pins::{Pins, redirect_to},
+    probe, require_root,
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::TcpListener,
@@ -17,25 +22,6 @@ use tokio::{
 
 /// What the test proxy saw: per tag, the attribution of each connection.
 type Seen = Arc<Mutex<HashMap<String, Vec<Option<Attributed>>>>>;
-
-fn redirect_to(proxy: SocketAddrV4) -> Redirect {
-    Redirect {
-        metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-        metadata6: METADATA_IPV6,
-        proxy4: Some(proxy),
-        proxy6: None,
-    }
-}
-
-fn options(pins: &Pins, node: &Node, proxy: SocketAddrV4) -> ebpf::Options {
-    ebpf::Options {
-        pin_dir: pins.0.clone(),
-        cgroup_root: node.kubepods.clone(),
-        redirect: redirect_to(proxy),
-        reload: false,
-        kernel_log: false,
-    }
-}
 
 fn probe_metadata(pod: &Pod, count: usize, tag: &str) -> probe::ProbeReport {
     probe::run(pod.command(
@@ -64,7 +50,7 @@ async fn concurrent_pods_are_attributed_to_their_own_cgroups() {
         unreachable!()
     };
     drop(placeholder);
-    let datapath = ebpf::Datapath::open(&options(&pins, &node, proxy)).expect("attach");
+    let datapath = ebpf::Datapath::open(&pins.options(&node, proxy)).expect("attach");
     assert_eq!(datapath.outcome(), ebpf::Outcome::Loaded);
     let listener = TcpListener::bind(proxy)
         .await
@@ -176,7 +162,7 @@ async fn outside_and_exempt_cgroups_are_left_alone_and_ipv6_is_refused() {
         unreachable!()
     };
     drop(placeholder);
-    let datapath = ebpf::Datapath::open(&options(&pins, &node, proxy)).expect("attach");
+    let datapath = ebpf::Datapath::open(&pins.options(&node, proxy)).expect("attach");
     datapath.exempt().insert(exempt_pod.container.id()).unwrap();
     let (_, seen) = test_proxy_on(proxy, &pins, datapath.attribution()).await;
 
@@ -549,7 +535,7 @@ async fn ipv6_metadata_is_redirected_and_attributed_when_configured() {
             proxy6: Some(proxy6),
             ..redirect_to(proxy4)
         },
-        ..options(&pins, &node, proxy4)
+        ..pins.options(&node, proxy4)
     })
     .expect("attach");
     datapath

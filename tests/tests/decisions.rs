@@ -4,14 +4,14 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use interceptor::{
     cgroupfs,
-    ebpf::{self, Attribution, METADATA_IPV4, METADATA_IPV6, Redirect},
+    ebpf::{self, Attribution},
     identity::index::{CgroupIndex, Limits},
     k8s::{self, EventSink, NamespaceStore, PodStore, events},
     optout::OptOuts,
@@ -197,19 +197,7 @@ async fn every_pod_gets_exactly_its_decision() {
     let SocketAddr::V4(proxy) = listener.local_addr().unwrap() else {
         unreachable!()
     };
-    let datapath = ebpf::Datapath::open(&ebpf::Options {
-        pin_dir: pins.0.clone(),
-        cgroup_root: node.kubepods.clone(),
-        redirect: Redirect {
-            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-            metadata6: METADATA_IPV6,
-            proxy4: Some(proxy),
-            proxy6: None,
-        },
-        reload: false,
-        kernel_log: false,
-    })
-    .expect("attach");
+    let datapath = ebpf::Datapath::open(&pins.options(&node, proxy)).expect("attach");
     datapath
         .steer_to(&listener)
         .expect("steer to the test proxy");
@@ -344,12 +332,7 @@ async fn every_pod_gets_exactly_its_decision() {
 
     // The decision follows annotation changes, and a deleted pod gets nothing.
     scope
-        .update_pod(&team_a, "app-a", |api| {
-            api.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ROLE_KEY.into(), "role-a2".into());
-        })
+        .annotate_pod(&team_a, "app-a", ROLE_KEY, "role-a2")
         .await;
     wait_for(
         "the changed role",

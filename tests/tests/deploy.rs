@@ -680,11 +680,7 @@ async fn every_alert_and_dashboard_query_selects_what_a_running_agent_exports() 
     let (agent, _) = AgentBuilder::new(
         "deploy-metrics",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
     .start()

@@ -25,7 +25,7 @@ use interceptor_tests::{
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::{boto3, in_pod},
     cluster::{AGENT_ENV, AgentBuilder, Peers, Through},
-    control_plane::{ControlPlane, Scope, wait_until},
+    control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ROLE},
     forwarder::Forwarder,
     moto::MotoServer,
@@ -39,49 +39,6 @@ use interceptor_tests::{
 const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 const ROLE: &str = "iam.amazonaws.com/role";
 const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
-
-/// Waits until `namespace` holds an Event with `reason` on the pod `name`; returns it.
-async fn event_on(
-    scope: &Scope<'_>,
-    namespace: &str,
-    name: &str,
-    reason: &str,
-) -> serde_json::Value {
-    wait_until(
-        &format!("the {reason} event on {name}"),
-        Duration::from_secs(20),
-        || async {
-            let events = scope.events(namespace).await;
-            events
-                .iter()
-                .find(|event| event["reason"] == reason && event["regarding"]["name"] == name)
-                .cloned()
-                .ok_or_else(|| format!("{events:?}"))
-        },
-    )
-    .await
-}
-
-/// Whether the agent's `/debug/store` (`--debug`) holds credentials for `role`.
-fn holds_credentials(agent: &Agent, role: &str) -> bool {
-    let (_, store) = agent.admin_get("/debug/store").expect("debug store");
-    let store: serde_json::Value = serde_json::from_str(&store).expect("debug store JSON");
-    store["credentials"]
-        .as_array()
-        .expect("credentials in the debug store")
-        .iter()
-        .any(|entry| {
-            entry["role"]
-                .as_str()
-                .is_some_and(|arn| arn == format!("{BASE_ARN}{role}"))
-                && !entry["expires"].is_null()
-        })
-}
-
-/// A Prometheus sample of the agent's `/metrics`, by its name with labels.
-fn sample(agent: &Agent, name: &str) -> f64 {
-    agent.metric(name)
-}
 
 /// AssumeRole calls the proxy saw for `role`.
 fn calls_for(sts: &StsProxy, role: &str) -> usize {
@@ -118,22 +75,14 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let name = "faults-restart";
-    let setup = AgentBuilder::new(
-        name,
-        &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
-    )
-    .args(&[
-        "--base-role-arn",
-        BASE_ARN,
-        "--default-role",
-        "default-role",
-    ])
-    .setup();
+    let setup = AgentBuilder::new(name, &node, Peers::new(&scope, &upstream, &moto.endpoint()))
+        .args(&[
+            "--base-role-arn",
+            BASE_ARN,
+            "--default-role",
+            "default-role",
+        ])
+        .setup();
     // The same directory the agents pin in: detached on drop, panics included.
     let pins = Pins::new(name);
     assert_eq!(pins.0, setup.pin_dir);
@@ -243,14 +192,14 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
     let (agent, _) = AgentBuilder::new(
         "faults-catch-up",
         &node,
-        Peers {
-            api: &Through {
+        Peers::new(
+            &Through {
                 scope: &scope,
                 via: forwarder.addr(),
             },
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+            &upstream,
+            &moto.endpoint(),
+        ),
     )
     .args(&[
         "--base-role-arn",
@@ -265,30 +214,17 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         assert_eq!(status, 200, "{role}: {body}");
         access_key(&body);
     }
-    assert!(holds_credentials(&agent, "role-c"));
+    assert!(agent.holds_credentials(&format!("{BASE_ARN}role-c")));
 
     let lists = plane.agent_pod_lists(&scope.node);
     forwarder.cut();
-    scope
-        .update_pod(&team, "app-a", |pod| {
-            pod.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ROLE.to_owned(), "role-x".to_owned());
-        })
-        .await;
+    scope.annotate_pod(&team, "app-a", ROLE, "role-x").await;
     scope.delete_pod(&team, "app-c").await;
     let pod_b = scope
         .simulated_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
         .await;
     scope
-        .update_namespace(&locked, |namespace| {
-            namespace
-                .metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ALLOWED.to_owned(), r#"["role-z"]"#.to_owned());
-        })
+        .annotate_namespace(&locked, ALLOWED, r#"["role-z"]"#)
         .await;
     let compacted = plane.compact().unwrap();
     plane.stop_apiserver();
@@ -339,7 +275,7 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         "the deleted pod's credentials forgotten",
         Duration::from_secs(10),
         || {
-            if holds_credentials(&agent, "role-c") {
+            if agent.holds_credentials(&format!("{BASE_ARN}role-c")) {
                 Err(agent.admin_get("/debug/store").unwrap_or_default().1)
             } else {
                 Ok(())
@@ -352,7 +288,7 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         log.contains("decision changed") && log.contains(&format!("role {BASE_ARN}role-x")),
         "the change is logged:\n{log}"
     );
-    event_on(&scope, &locked, "app-d", "RoleNotAllowed").await;
+    scope.wait_event(&locked, "app-d", "RoleNotAllowed").await;
     assert_upstream_untouched(&upstream);
 }
 
@@ -385,11 +321,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
     let (agent, _) = AgentBuilder::new(
         "faults-sts",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&["--base-role-arn", BASE_ARN, "--debug"])
     .start()
@@ -435,7 +367,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
         (1..=3).contains(&refused_calls),
         "{refused_calls} AssumeRole calls for a refused role and 10 requests"
     );
-    let event = event_on(&scope, &team, "app-r", "AssumeRoleFailed").await;
+    let event = scope.wait_event(&team, "app-r", "AssumeRoleFailed").await;
     let note = event["note"].as_str().unwrap_or_default();
     assert!(
         note.contains("AccessDenied") && note.contains("role-r"),
@@ -495,7 +427,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
         .simulated_pod(&node, &team, "app-s", &[(ROLE, "role-s")])
         .await;
     wait_for("prefetch stored role-s", Duration::from_secs(20), || {
-        if holds_credentials(&agent, "role-s") {
+        if agent.holds_credentials(&format!("{BASE_ARN}role-s")) {
             Ok(())
         } else {
             Err(agent.admin_get("/debug/store").unwrap_or_default().1)
@@ -554,11 +486,7 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
     let (agent, _) = AgentBuilder::new(
         "faults-expiry",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&["--base-role-arn", BASE_ARN])
     .start()
@@ -636,10 +564,8 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
         started.elapsed()
     );
     assert!(
-        sample(
-            &agent,
-            r#"interceptor_credentials_events_total{event="stale_served"}"#
-        ) >= served as f64,
+        agent.metric(r#"interceptor_credentials_events_total{event="stale_served"}"#)
+            >= served as f64,
         "every cached answer of the outage is counted"
     );
     eprintln!("STS down: {served} cached answers, then 503 ({seen:?})");

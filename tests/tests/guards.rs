@@ -16,12 +16,11 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
+use interceptor::ebpf::{self, METADATA_IPV6};
 use interceptor_tests::{
     Node,
-    ask::assert_upstream_untouched,
-    clients::raw,
-    cluster::AGENT_ENV,
+    ask::{CREDS, assert_upstream_untouched, get},
+    cluster::{AGENT_ENV, bindings_file, cgroup_bindings_file, standalone_args_at},
     fake_imds::FakeImds,
     moto::MotoServer,
     node::{Cgroup, Netns, in_cgroup},
@@ -210,19 +209,9 @@ fn raw_packets_to_the_metadata_addresses_never_leave_a_pod() {
          arrived: {arrived:?}"
     );
 
-    let datapath = ebpf::Datapath::open(&ebpf::Options {
-        pin_dir: pins.0.clone(),
-        cgroup_root: node.kubepods.clone(),
-        redirect: Redirect {
-            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-            metadata6: METADATA_IPV6,
-            proxy4: Some(SocketAddrV4::new(NODE4.parse().unwrap(), 8181)),
-            proxy6: None,
-        },
-        reload: false,
-        kernel_log: false,
-    })
-    .expect("attach");
+    let datapath =
+        ebpf::Datapath::open(&pins.options(&node, SocketAddrV4::new(NODE4.parse().unwrap(), 8181)))
+            .expect("attach");
     let (sent, arrived) = send_and_capture(&world, &pod.container);
     assert_eq!(
         metadata(&arrived),
@@ -288,19 +277,7 @@ fn a_colliding_record_is_deleted_not_substituted() {
     }
     let pins = Pins::new("collision");
     let proxy = SocketAddrV4::new("10.252.0.1".parse().unwrap(), 8181);
-    let datapath = ebpf::Datapath::open(&ebpf::Options {
-        pin_dir: pins.0.clone(),
-        cgroup_root: node.kubepods.clone(),
-        redirect: Redirect {
-            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-            metadata6: METADATA_IPV6,
-            proxy4: Some(proxy),
-            proxy6: None,
-        },
-        reload: false,
-        kernel_log: false,
-    })
-    .expect("attach");
+    let datapath = ebpf::Datapath::open(&pins.options(&node, proxy)).expect("attach");
     let attribution = datapath.attribution();
     let (peer, local) = (
         "10.252.0.2:40000".parse::<SocketAddr>().unwrap(),
@@ -391,21 +368,10 @@ fn exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready() {
     let node = Node::new();
     let pod = node.pod_cgroups();
     let pins = Pins::new("reconcile");
-    let redirect = Redirect {
-        metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-        metadata6: METADATA_IPV6,
-        proxy4: Some(SocketAddrV4::new(node.address, 8181)),
-        proxy6: None,
-    };
     {
-        let earlier = ebpf::Datapath::open(&ebpf::Options {
-            pin_dir: pins.0.clone(),
-            cgroup_root: node.kubepods.clone(),
-            redirect,
-            reload: false,
-            kernel_log: false,
-        })
-        .expect("attach");
+        let earlier =
+            ebpf::Datapath::open(&pins.options(&node, SocketAddrV4::new(node.address, 8181)))
+                .expect("attach");
         earlier.exempt().insert(pod.container.id()).expect("exempt");
     }
     assert!(
@@ -415,17 +381,7 @@ fn exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready() {
             .contains(&pod.container.id())
     );
 
-    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-    let bindings =
-        std::env::temp_dir().join(format!("interceptor-reconcile-{}.yaml", std::process::id()));
-    std::fs::write(
-        &bindings,
-        format!(
-            "bindings:\n  - name: a\n    cgroup: /{}\n    role: role-a\n",
-            pod.container.path.strip_prefix(&mount).unwrap().display()
-        ),
-    )
-    .unwrap();
+    let bindings = cgroup_bindings_file("reconcile", &[("a", &pod.container.path, "role-a")]);
     let args: Vec<String> = [
         "--bindings",
         &bindings.display().to_string(),
@@ -441,16 +397,11 @@ fn exemptions_of_an_earlier_configuration_are_gone_when_the_agent_is_ready() {
     .iter()
     .map(|arg| (*arg).to_owned())
     .collect();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-        ("AWS_SECRET_ACCESS_KEY", "x"),
-        ("AWS_REGION", "us-east-1"),
-    ];
     let mut agent = interceptor_tests::agent::Agent::run(
         &args,
         &pins.0,
         interceptor_tests::agent::free_port(),
-        &env,
+        &AGENT_ENV,
     );
     agent.wait_ready(std::time::Duration::from_secs(30));
     let exempt = ebpf::status(&pins.0).unwrap().exempt_cgroups;
@@ -475,7 +426,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
     let pod = node.pod();
     let pins = Pins::new("boot");
     let upstream = FakeImds::start(std::net::IpAddr::from([127, 0, 0, 1])).await;
-    let app_port = interceptor_tests::agent::free_port().to_string();
+    let app_port = interceptor_tests::agent::free_port();
     let attach = Command::new(interceptor_tests::agent::binary())
         .args(["attach", "--bpf-pin-dir", &pins.0.display().to_string()])
         .args(["--cgroup-root", &node.kubepods.display().to_string()])
@@ -483,7 +434,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
             "--host-ip",
             &node.address.to_string(),
             "--app-port",
-            &app_port,
+            &app_port.to_string(),
         ])
         .args(["--metadata-addr", &upstream.addr().to_string()])
         .output()
@@ -508,36 +459,16 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
     );
 
     let moto = MotoServer::start_on(node.address, &[]);
-    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-    let bindings =
-        std::env::temp_dir().join(format!("interceptor-boot-{}.yaml", std::process::id()));
-    std::fs::write(
+    let bindings = bindings_file("boot", &[("a", &*pod, "role-a")]);
+    // The agent finds the programs where `attach` put them: the same root and port.
+    let args = standalone_args_at(
+        &node.kubepods,
+        app_port,
+        &node,
         &bindings,
-        format!(
-            "bindings:\n  - name: a\n    cgroup: /{}\n    role: role-a\n",
-            pod.container.path.strip_prefix(&mount).unwrap().display()
-        ),
-    )
-    .unwrap();
-    let args: Vec<String> = [
-        "--bindings",
-        &bindings.display().to_string(),
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &app_port,
-        "--cgroup-root",
-        &node.kubepods.display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
+        &upstream,
         &moto.endpoint(),
-        "--base-role-arn",
-        "arn:aws:iam::123456789012:role/",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
+    );
     let admin_port = interceptor_tests::agent::free_port();
     let mut agent = interceptor_tests::agent::Agent::run(&args, &pins.0, admin_port, &AGENT_ENV);
     agent.wait_ready(std::time::Duration::from_secs(30));
@@ -566,16 +497,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
         "the agent takes over the programs attached at boot:\n{}",
         agent.log_text()
     );
-    let served = tokio::task::spawn_blocking(move || {
-        raw(
-            &pod,
-            "GET",
-            "/latest/meta-data/iam/security-credentials/",
-            &[],
-        )
-    })
-    .await
-    .unwrap();
+    let served = get(&pod, CREDS);
     assert_eq!(served, (200, "role-a".to_owned()), "{}", agent.log_text());
     assert_upstream_untouched(&upstream);
 }
@@ -589,18 +511,7 @@ fn programs_of_another_build_are_replaced_not_reused() {
     }
     let node = Node::new();
     let pins = Pins::new("otherbuild");
-    let options = ebpf::Options {
-        pin_dir: pins.0.clone(),
-        cgroup_root: node.kubepods.clone(),
-        redirect: Redirect {
-            metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-            metadata6: METADATA_IPV6,
-            proxy4: Some(SocketAddrV4::new(node.address, 8181)),
-            proxy6: None,
-        },
-        reload: false,
-        kernel_log: false,
-    };
+    let options = pins.options(&node, SocketAddrV4::new(node.address, 8181));
     let first = ebpf::Datapath::open(&options).expect("attach");
     assert_eq!(first.outcome(), ebpf::Outcome::Loaded);
     drop(first);

@@ -87,18 +87,11 @@ impl Cluster {
             "^/latest/meta-data/placement/.*",
         ];
         extra.extend(LIMITS);
-        let (agent, _) = AgentBuilder::new(
-            name,
-            &node,
-            Peers {
-                api: &scope,
-                upstream: &upstream,
-                sts: &moto.endpoint(),
-            },
-        )
-        .args(&extra)
-        .start()
-        .await;
+        let (agent, _) =
+            AgentBuilder::new(name, &node, Peers::new(&scope, &upstream, &moto.endpoint()))
+                .args(&extra)
+                .start()
+                .await;
         let cluster = Self {
             agent,
             pod_a,

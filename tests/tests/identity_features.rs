@@ -111,6 +111,21 @@ fn tags(params: &[(String, String)]) -> (BTreeMap<String, String>, Vec<String>) 
     (tags, transitive)
 }
 
+/// A pod `namespace/name` on the scope's node that runs as the ServiceAccount `account`,
+/// with the role annotation `role` if any.
+fn pod_as(
+    scope: &Scope<'_>,
+    namespace: &str,
+    name: &str,
+    role: Option<&str>,
+    account: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    let mut api = new_pod(namespace, name, &scope.node);
+    api.metadata.annotations = role.map(|role| [(ROLE.to_owned(), role.to_owned())].into());
+    api.spec.get_or_insert_default().service_account_name = Some(account.into());
+    api
+}
+
 /// Waits until the real server holds an Event in `namespace` whose JSON contains
 /// `needle`.
 async fn wait_for_event(scope: &Scope<'_>, namespace: &str, needle: &str) {
@@ -155,12 +170,10 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
     };
     add_service_account(&scope, service_account(&team, "web-sa", &[])).await;
     let node = Node::new();
-    let mut api = new_pod(&team, "web", &scope.node);
-    api.metadata.annotations = Some([(ROLE.to_owned(), "app-role".to_owned())].into());
+    let mut api = pod_as(&scope, &team, "web", Some("app-role"), "web-sa");
     let spec = api.spec.get_or_insert_default();
     spec.containers = vec![container("app"), container("istio-proxy")];
     spec.init_containers = Some(vec![container("late")]);
-    spec.service_account_name = Some("web-sa".into());
     api.metadata.annotations.get_or_insert_default().insert(
         "iam.amazonaws.com/container-roles".into(),
         r#"{"istio-proxy": "mesh-role", "late": "late-role"}"#.into(),
@@ -195,11 +208,7 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
     let (agent, _) = AgentBuilder::new(
         "identity-containers",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -353,13 +362,11 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
         ("from-sa", None, "builder"),
         ("irsa", None, "irsa"),
     ] {
-        let mut api = new_pod(&team, name, &scope.node);
-        api.metadata.annotations = role.map(|role| [(ROLE.to_owned(), role.to_owned())].into());
-        api.spec.get_or_insert_default().service_account_name = Some(account.into());
-        let api = scope.create_pod(api).await;
-        let pod = node.pod_with_uid(api.metadata.uid.clone().expect("a UID"));
-        scope.set_running(&api, &pod).await;
-        pods.push(pod);
+        pods.push(
+            scope
+                .run_pod(&node, pod_as(&scope, &team, name, role, account))
+                .await,
+        );
     }
     let [own, from_sa, irsa]: [Pod; 3] = pods.try_into().expect("three pods");
     // The server's count of cluster-wide lists before this test's agent starts (see the
@@ -385,11 +392,7 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
     let (agent, _) = AgentBuilder::new(
         "identity-service-accounts",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -522,11 +525,7 @@ async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
     let (_agent, _) = AgentBuilder::new(
         "identity-tag-session",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -562,23 +561,15 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
     };
     add_service_account(&scope, service_account(&team, "web-sa", &[])).await;
     let node = Node::new();
-    let mut api = new_pod(&team, "web", &scope.node);
-    api.metadata.annotations = Some([(ROLE.to_owned(), "app-role".to_owned())].into());
-    api.spec.get_or_insert_default().service_account_name = Some("web-sa".into());
-    let api = scope.create_pod(api).await;
-    let pod = node.pod_with_uid(api.metadata.uid.clone().expect("a UID"));
-    scope.set_running(&api, &pod).await;
+    let api = pod_as(&scope, &team, "web", Some("app-role"), "web-sa");
+    let pod = scope.run_pod(&node, api).await;
     let moto = MotoServer::start_on(node.address, &[]);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "identity-chained",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",

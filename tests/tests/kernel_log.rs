@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
+use interceptor::ebpf;
 use interceptor_tests::{
     Node,
     agent::{Agent, free_port},
@@ -71,16 +71,8 @@ fn kernel_log_reaches_tracing_only_when_enabled() {
     for enabled in [false, true] {
         let pins = Pins::new(&format!("log-{enabled}"));
         let mut datapath = ebpf::Datapath::open(&ebpf::Options {
-            pin_dir: pins.0.clone(),
-            cgroup_root: node.kubepods.clone(),
-            redirect: Redirect {
-                metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-                metadata6: METADATA_IPV6,
-                proxy4: Some(SocketAddrV4::new(node.address, 8181)),
-                proxy6: None,
-            },
-            reload: false,
             kernel_log: enabled,
+            ..pins.options(&node, SocketAddrV4::new(node.address, 8181))
         })
         .expect("attach");
         datapath.spawn_kernel_log();

@@ -27,7 +27,7 @@ use std::{
 
 use interceptor_tests::{
     Node, Pod,
-    agent::{Agent, binary, free_port, series_value},
+    agent::{Agent, binary, expect_series, free_port, series_value},
     clients::{CredsLoop, FAILURES_AFTER_READY, boto3_credentials, in_pod, is_refusal},
     cluster::{AGENT_ENV, AgentBuilder, Peers, bindings_file, standalone_args},
     control_plane::ControlPlane,
@@ -117,11 +117,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     let (agent, app_port) = AgentBuilder::new(
         "observe",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--observe",
@@ -285,9 +281,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
 
     // The metrics carry the same counts.
     let (_, metrics) = agent.admin_get("/metrics").unwrap();
-    let value = |series: &str| {
-        series_value(&metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
-    };
+    let value = |series: &str| expect_series(&metrics, series);
     assert_eq!(value("interceptor_mode{mode=\"observe\"}"), 1.0);
     assert_eq!(value("interceptor_mode{mode=\"enforce\"}"), 0.0);
     let rows = report["rows"].as_array().unwrap();
@@ -390,11 +384,7 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
     let setup = AgentBuilder::new(
         "observe-switch",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", ACCOUNT_ROLES])
     .setup();

@@ -23,10 +23,11 @@ use interceptor_tests::{
     ask::{CREDS, access_key, ask_until, assert_upstream_untouched, get},
     clients::CredsLoop,
     cluster::{AgentBuilder, Peers, Through},
-    control_plane::{ControlPlane, wait_until},
+    control_plane::ControlPlane,
     fake_imds::FakeImds,
     forwarder::Forwarder,
     moto::MotoServer,
+    objects::wait_for,
     require_root,
     sts_proxy::{Fault, StsProxy},
 };
@@ -70,14 +71,14 @@ async fn api_server_outage_and_expiry() {
     let (agent, _) = AgentBuilder::new(
         "outage-api",
         &node,
-        Peers {
-            api: &Through {
+        Peers::new(
+            &Through {
                 scope: &scope,
                 via: forwarder.addr(),
             },
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+            &upstream,
+            &moto.endpoint(),
+        ),
     )
     .args(&[
         "--base-role-arn",
@@ -199,11 +200,7 @@ async fn sts_outage_throttling_and_latency() {
     let (agent, _) = AgentBuilder::new(
         "outage-sts",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &sts.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &sts.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -270,29 +267,14 @@ async fn sts_outage_throttling_and_latency() {
     let pod_d = scope
         .simulated_pod(&node, &team, "app-d", &[(ROLE, "role-d")])
         .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, store) = agent.admin_get("/debug/store").expect("debug store");
-        let store: serde_json::Value = serde_json::from_str(&store).unwrap();
-        let fetched = store["credentials"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|entry| {
-                entry["role"]
-                    .as_str()
-                    .is_some_and(|r| r.ends_with("/role-d"))
-                    && !entry["expires"].is_null()
-            });
-        if fetched {
-            break;
+    wait_for("prefetch stored role-d", Duration::from_secs(20), || {
+        if agent.holds_credentials("arn:aws:iam::123456789012:role/role-d") {
+            Ok(())
+        } else {
+            Err(agent.admin_get("/debug/store").unwrap_or_default().1)
         }
-        assert!(
-            Instant::now() < deadline,
-            "prefetch never stored role-d: {store}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let (hits, misses) = (counter(&agent, "hits"), counter(&agent, "misses"));
     let (status, body) = get(&pod_d, &format!("{CREDS}role-d"));
     assert_eq!(status, 200, "{body}");
@@ -332,11 +314,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     let (agent, _) = AgentBuilder::new(
         "outage-policy",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -347,14 +325,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     .await;
     assert_eq!(get(&pod, CREDS), (200, "role-a".to_owned()));
 
-    scope
-        .update_pod(&team, "app", |pod| {
-            pod.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ROLE.to_owned(), "role-x".to_owned());
-        })
-        .await;
+    scope.annotate_pod(&team, "app", ROLE, "role-x").await;
     let answer = ask_until(&pod, CREDS, Duration::from_secs(10), |answer| {
         answer.1 == "role-x"
     })
@@ -364,13 +335,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     assert_eq!(status, 404, "the old role is no longer served: {body}");
 
     scope
-        .update_namespace(&team, |namespace| {
-            namespace
-                .metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ALLOWED.to_owned(), r#"["role-a"]"#.to_owned());
-        })
+        .annotate_namespace(&team, ALLOWED, r#"["role-a"]"#)
         .await;
     let answer = ask_until(&pod, CREDS, Duration::from_secs(10), |answer| {
         answer.0 != 200
@@ -391,17 +356,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     ] {
         assert!(log.contains(needle), "the log says {needle:?}:\n{log}");
     }
-    let event = wait_until("the RoleNotAllowed event", WAIT, || async {
-        let events = scope.events(&team).await;
-        events
-            .iter()
-            .find(|event| {
-                event["regarding"]["name"] == "app" && event["reason"] == "RoleNotAllowed"
-            })
-            .cloned()
-            .ok_or_else(|| format!("{events:?}"))
-    })
-    .await;
+    let event = scope.wait_event(&team, "app", "RoleNotAllowed").await;
     assert_eq!(event["type"], "Warning", "{event}");
     assert_upstream_untouched(&upstream);
 }

@@ -63,10 +63,6 @@ const BEHAVIOURS: [(&str, (&str, &str, &str)); 10] = [
 /// Runs behaviour `index` as `client`; `Err(code)` with the HTTP status it failed with.
 async fn behave(index: usize, client: &Client, scope: &Scope<'_>, pod: &Pod) -> Result<(), u16> {
     let fields = ListParams::default().fields(&format!("spec.nodeName={}", scope.node));
-    let code = |error: kube::Error| match error {
-        kube::Error::Api(status) => status.code,
-        other => panic!("not an API answer: {other}"),
-    };
     match index {
         0 => Api::<Pod>::all(client.clone())
             .list(&fields)
@@ -77,15 +73,7 @@ async fn behave(index: usize, client: &Client, scope: &Scope<'_>, pod: &Pod) -> 
             let params = WatchParams::default()
                 .fields(&format!("spec.nodeName={}", scope.node))
                 .timeout(1);
-            let mut stream = Api::<Pod>::all(client.clone())
-                .watch(&params, "0")
-                .await
-                .map_err(code)?
-                .boxed();
-            match stream.next().await {
-                Some(Err(error)) => Err(code(error)),
-                _ => Ok(()),
-            }
+            first_answer(Api::<Pod>::all(client.clone()).watch(&params, "0").await).await
         }
         2 => Api::<Namespace>::all(client.clone())
             .list_metadata(&ListParams::default())
@@ -93,15 +81,12 @@ async fn behave(index: usize, client: &Client, scope: &Scope<'_>, pod: &Pod) -> 
             .map(drop)
             .map_err(code),
         3 => {
-            let mut stream = Api::<Namespace>::all(client.clone())
-                .watch_metadata(&WatchParams::default().timeout(1), "0")
-                .await
-                .map_err(code)?
-                .boxed();
-            match stream.next().await {
-                Some(Err(error)) => Err(code(error)),
-                _ => Ok(()),
-            }
+            first_answer(
+                Api::<Namespace>::all(client.clone())
+                    .watch_metadata(&WatchParams::default().timeout(1), "0")
+                    .await,
+            )
+            .await
         }
         4 | 5 => {
             // The taint is put back first, so each run has one to remove.
@@ -160,17 +145,35 @@ async fn behave(index: usize, client: &Client, scope: &Scope<'_>, pod: &Pod) -> 
             let params = WatchParams::default()
                 .fields("metadata.name=default")
                 .timeout(1);
-            let mut stream = Api::<ServiceAccount>::namespaced(client.clone(), namespace_of(pod))
-                .watch_metadata(&params, "0")
-                .await
-                .map_err(code)?
-                .boxed();
-            match stream.next().await {
-                Some(Err(error)) => Err(code(error)),
-                _ => Ok(()),
-            }
+            first_answer(
+                Api::<ServiceAccount>::namespaced(client.clone(), namespace_of(pod))
+                    .watch_metadata(&params, "0")
+                    .await,
+            )
+            .await
         }
         _ => unreachable!(),
+    }
+}
+
+/// The HTTP status the server refused a request with; panics on anything but an API
+/// answer.
+fn code(error: kube::Error) -> u16 {
+    match error {
+        kube::Error::Api(status) => status.code,
+        other => panic!("not an API answer: {other}"),
+    }
+}
+
+/// A watch as the agent starts one: refused with `Err(code)` when it starts or with its
+/// first answer, `Ok` otherwise.
+async fn first_answer<T>(
+    watch: kube::Result<impl futures::Stream<Item = kube::Result<T>>>,
+) -> Result<(), u16> {
+    let mut stream = std::pin::pin!(watch.map_err(code)?);
+    match stream.next().await {
+        Some(Err(error)) => Err(code(error)),
+        _ => Ok(()),
     }
 }
 

@@ -43,23 +43,19 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
     // The pods are created through the API; their UIDs name the simulated pods' cgroups,
     // and the harness writes their status as the kubelet would.
     let node = Node::new();
-    let api_a = scope.add_pod(&team, "app-a", &[(ROLE, "role-a")]).await;
-    let api_b = scope.add_pod(&locked, "wants-b", &[(ROLE, "role-b")]).await;
-    let pod_a = node.pod_with_uid(api_a.metadata.uid.clone().unwrap());
-    let pod_b = node.pod_with_uid(api_b.metadata.uid.clone().unwrap());
-    scope.set_running(&api_a, &pod_a).await;
-    scope.set_running(&api_b, &pod_b).await;
+    let pod_a = scope
+        .running_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
+    let pod_b = scope
+        .running_pod(&node, &locked, "wants-b", &[(ROLE, "role-b")])
+        .await;
 
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "real-cluster",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -95,23 +91,8 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
     );
 
     // The refusal reached the real server as an events.k8s.io Event on that pod.
-    let event = wait_until(
-        "the RoleNotAllowed event",
-        Duration::from_secs(30),
-        || async {
-            let events = scope.events(&locked).await;
-            events
-                .iter()
-                .find(|e| e["reason"] == "RoleNotAllowed")
-                .cloned()
-                .ok_or_else(|| format!("{events:?}"))
-        },
-    )
-    .await;
-    assert_eq!(
-        event["regarding"]["uid"],
-        api_b.metadata.uid.unwrap().as_str()
-    );
+    let event = scope.wait_event(&locked, "wants-b", "RoleNotAllowed").await;
+    assert_eq!(event["regarding"]["uid"], pod_b.uid.as_str());
     assert_eq!(event["type"], "Warning");
     assert!(
         event["note"]
@@ -140,20 +121,16 @@ async fn after_compaction_and_an_apiserver_restart_the_agent_relists_and_serves_
     let team = scope.namespace_name("team");
     scope.namespace(&team, &[]).await;
     let node = Node::new();
-    let api_a = scope.add_pod(&team, "app-a", &[(ROLE, "role-a")]).await;
-    let pod_a = node.pod_with_uid(api_a.metadata.uid.clone().unwrap());
-    scope.set_running(&api_a, &pod_a).await;
+    let pod_a = scope
+        .running_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
+        .await;
 
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "real-relist",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
     .start()
@@ -189,9 +166,9 @@ async fn after_compaction_and_an_apiserver_restart_the_agent_relists_and_serves_
     plane.stop_apiserver();
     plane.start_apiserver().unwrap();
 
-    let api_b = scope.add_pod(&team, "app-b", &[(ROLE, "role-b")]).await;
-    let pod_b = node.pod_with_uid(api_b.metadata.uid.clone().unwrap());
-    scope.set_running(&api_b, &pod_b).await;
+    let pod_b = scope
+        .running_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
+        .await;
     served(
         &agent,
         &moto.endpoint(),

@@ -13,6 +13,7 @@ use interceptor_tests::{
     Node,
     agent::{Agent, free_port},
     clients::{CredsLoop, FAILURES_AFTER_READY, is_refusal},
+    cluster::{AGENT_ENV, bindings_file, standalone_args},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     pins::Pins,
@@ -75,57 +76,22 @@ async fn restarts_under_load(restart: Restart) {
     const RESTARTS: usize = 3;
     let node = Node::new();
     let (pod_a, pod_b) = (node.pod(), node.pod());
-    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-    let file = std::env::temp_dir().join(format!(
-        "interceptor-restarts-{restart:?}-{}.yaml",
-        std::process::id()
-    ));
-    let mut bindings = String::from("bindings:\n");
-    for (name, pod) in [("role-a", &pod_a), ("role-b", &pod_b)] {
-        let path = pod.container.path.strip_prefix(&mount).unwrap();
-        bindings.push_str(&format!(
-            "  - name: {name}\n    cgroup: /{}\n    role: {name}\n",
-            path.display()
-        ));
-    }
-    std::fs::write(&file, bindings).unwrap();
+    let file = bindings_file(
+        &format!("restarts-{restart:?}"),
+        &[("role-a", &pod_a, "role-a"), ("role-b", &pod_b, "role-b")],
+    );
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let app_port = free_port();
-    let args: Vec<String> = [
-        "--bindings",
-        &file.display().to_string(),
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &app_port.to_string(),
-        "--cgroup-root",
-        &node.cgroup_top().display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
-        &moto.endpoint(),
-        "--base-role-arn",
-        "arn:aws:iam::123456789012:role/",
-        // The node's own credentials are one allow-list entry away: make sure they are not.
-        "--allow-route-regexp",
-        "^/latest/meta-data/placement/.*",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-        ("AWS_SECRET_ACCESS_KEY", "x"),
-        ("AWS_REGION", "us-east-1"),
-    ];
+    let mut args = standalone_args(&node, &file, &upstream, &moto.endpoint());
+    // The node's own credentials are one allow-list entry away: make sure they are not.
+    args.extend(["--allow-route-regexp", "^/latest/meta-data/placement/.*"].map(str::to_owned));
     let pins = Pins::new(&format!("restarts-{restart:?}"));
     let start = |pins: &Pins, reload: bool| {
         let mut args = args.clone();
         if reload {
             args.push("--reload".to_owned());
         }
-        let mut agent = Agent::run(&args, &pins.0, free_port(), &env);
+        let mut agent = Agent::run(&args, &pins.0, free_port(), &AGENT_ENV);
         agent.wait_ready(Duration::from_secs(30));
         agent
     };

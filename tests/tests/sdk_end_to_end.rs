@@ -12,7 +12,7 @@ use interceptor_tests::{
     ask::{CREDS, ask_until},
     clients::{aws_cli, boto3, in_pod, in_pod_with, raw, sdk_js, sdk_rust},
     cluster::{AgentBuilder, Peers},
-    control_plane::{ControlPlane, Scope, wait_until},
+    control_plane::{ControlPlane, Scope},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     peers::venv,
@@ -74,11 +74,7 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
     let (agent, _) = AgentBuilder::new(
         "e2e",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&extra)
     .start()
@@ -208,11 +204,7 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     let (agent, _) = AgentBuilder::new(
         "e2e-deny",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&extra)
     .env(&env)
@@ -235,19 +227,7 @@ async fn a_role_sts_refuses_reaches_the_pod_as_an_error_and_an_event() {
     );
     assert!(!denied.contains("assumed-role"), "{denied}");
     // The Event was created (and validated) by the real server, on the refused pod.
-    let event = wait_until(
-        "the AssumeRoleFailed event",
-        Duration::from_secs(30),
-        || async {
-            let events = scope.events(&team).await;
-            events
-                .iter()
-                .find(|e| e["reason"] == "AssumeRoleFailed")
-                .cloned()
-                .ok_or_else(|| format!("{events:?}"))
-        },
-    )
-    .await;
+    let event = scope.wait_event(&team, "refused", "AssumeRoleFailed").await;
     let note = event["note"].as_str().unwrap_or_default();
     assert!(
         note.contains("AccessDenied") && note.contains("role-secret"),
@@ -294,11 +274,7 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     let (agent, app_port) = AgentBuilder::new(
         "e2e-api",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&extra)
     .own_pod(&agent_pod)
@@ -449,18 +425,11 @@ impl Cluster {
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
         let mut flags = vec!["--base-role-arn", "arn:aws:iam::123456789012:role/"];
         flags.extend_from_slice(extra);
-        let (agent, _) = AgentBuilder::new(
-            name,
-            &node,
-            Peers {
-                api: &scope,
-                upstream: &upstream,
-                sts: &moto.endpoint(),
-            },
-        )
-        .args(&flags)
-        .start()
-        .await;
+        let (agent, _) =
+            AgentBuilder::new(name, &node, Peers::new(&scope, &upstream, &moto.endpoint()))
+                .args(&flags)
+                .start()
+                .await;
         Some(Self {
             agent,
             pods: simulated,
@@ -582,12 +551,7 @@ async fn after_an_annotation_change_sts_reports_the_new_role() {
     );
     cluster
         .scope
-        .update_pod(team, "app-a", |api| {
-            api.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(ROLE.into(), "role-b".into());
-        })
+        .annotate_pod(team, "app-a", ROLE, "role-b")
         .await;
     // The agent has seen the change once the pod's role listing names the new role.
     let listed = ask_until(pod, CREDS, Duration::from_secs(10), |(status, role)| {

@@ -18,8 +18,8 @@ use interceptor::ebpf;
 use interceptor_tests::{
     Node, Pod,
     agent::{Agent, free_port},
-    clients::raw,
-    cluster::AGENT_ENV,
+    ask::{CREDS, get},
+    cluster::{AGENT_ENV, bindings_file, standalone_args_at},
     fake_imds::FakeImds,
     moto::MotoServer,
     pins::Pins,
@@ -120,19 +120,7 @@ impl Setup {
         let pins = Pins::new(name);
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
         let moto = MotoServer::start_on(node.address, &[]);
-        let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-        let bindings = std::env::temp_dir().join(format!(
-            "interceptor-squat-{name}-{}.yaml",
-            std::process::id()
-        ));
-        std::fs::write(
-            &bindings,
-            format!(
-                "bindings:\n  - name: a\n    cgroup: /{}\n    role: role-a\n",
-                pod.container.path.strip_prefix(&mount).unwrap().display()
-            ),
-        )
-        .unwrap();
+        let bindings = bindings_file(&format!("squat-{name}"), &[("a", &*pod, "role-a")]);
         Self {
             node,
             pod,
@@ -167,41 +155,20 @@ impl Setup {
 
     /// The real agent in standalone mode, serving role-a to the pod.
     fn agent(&self) -> Agent {
-        let args: Vec<String> = [
-            "--bindings",
-            &self.bindings.display().to_string(),
-            "--host-ip",
-            &self.node.address.to_string(),
-            "--app-port",
-            &self.app_port.to_string(),
-            "--cgroup-root",
-            &self.node.kubepods.display().to_string(),
-            "--metadata-addr",
-            &self.upstream.addr().to_string(),
-            "--sts-endpoint",
+        let args = standalone_args_at(
+            &self.node.kubepods,
+            self.app_port,
+            &self.node,
+            &self.bindings,
+            &self.upstream,
             &self.moto.endpoint(),
-            "--base-role-arn",
-            "arn:aws:iam::123456789012:role/",
-        ]
-        .iter()
-        .map(|arg| (*arg).to_owned())
-        .collect();
+        );
         Agent::run(&args, &self.pins.0, free_port(), &AGENT_ENV)
     }
 
     /// The pod's credential role listing through 169.254.169.254: (status, body).
     async fn ask(&self) -> (u16, String) {
-        let pod = self.pod.clone();
-        tokio::task::spawn_blocking(move || {
-            raw(
-                &pod,
-                "GET",
-                "/latest/meta-data/iam/security-credentials/",
-                &[],
-            )
-        })
-        .await
-        .unwrap()
+        get(&self.pod, CREDS)
     }
 
     /// `count` metadata connects from the pod (no HTTP): how many connected.

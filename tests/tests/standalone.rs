@@ -9,25 +9,11 @@ use interceptor_tests::{
     Node,
     agent::{Agent, free_port},
     clients::{aws_cli, boto3, raw},
-    cluster::AGENT_ENV,
+    cluster::{AGENT_ENV, bindings_file, standalone_args},
     fake_imds::FakeImds,
     moto::MotoServer,
     require_root,
 };
-
-fn bindings(node: &Node, services: &[(&str, &interceptor_tests::Pod, &str)]) -> String {
-    let mount = interceptor::cgroupfs::cgroup2_mount().unwrap();
-    let mut text = String::from("bindings:\n");
-    for (name, pod, role) in services {
-        let path = pod.container.path.strip_prefix(&mount).unwrap();
-        text.push_str(&format!(
-            "  - name: {name}\n    cgroup: /{}\n    role: {role}\n",
-            path.display()
-        ));
-    }
-    let _ = node;
-    text
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bound_services_get_their_roles_and_the_file_is_reloaded() {
@@ -36,55 +22,21 @@ async fn bound_services_get_their_roles_and_the_file_is_reloaded() {
     }
     let node = Node::new();
     let (billing, web, unbound) = (node.pod(), node.pod(), node.pod());
-    let file =
-        std::env::temp_dir().join(format!("interceptor-bindings-{}.yaml", std::process::id()));
-    std::fs::write(
-        &file,
-        bindings(
-            &node,
-            &[
-                ("billing", &billing, "billing"),
-                ("web", &web, "arn:aws:iam::999999999999:role/web"),
-            ],
-        ),
-    )
-    .unwrap();
+    let file = bindings_file(
+        "bindings",
+        &[
+            ("billing", &billing, "billing"),
+            ("web", &web, "arn:aws:iam::999999999999:role/web"),
+        ],
+    );
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let args: Vec<String> = [
-        "--bindings",
-        &file.display().to_string(),
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &free_port().to_string(),
-        // Only the test's own tree: standalone attaches to the whole host by default.
-        "--cgroup-root",
-        &node.cgroup_top().display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
-        &moto.endpoint(),
-        "--base-role-arn",
-        "arn:aws:iam::123456789012:role/",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
+    let args = standalone_args(&node, &file, &upstream, &moto.endpoint());
     let pin_dir = PathBuf::from(format!(
         "/sys/fs/bpf/interceptor-test-{}-standalone",
         std::process::id()
     ));
-    let mut agent = Agent::run(
-        &args,
-        &pin_dir,
-        free_port(),
-        &[
-            ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-            ("AWS_SECRET_ACCESS_KEY", "x"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
+    let mut agent = Agent::run(&args, &pin_dir, free_port(), &AGENT_ENV);
     agent.wait_ready(Duration::from_secs(30));
     let sts = moto.endpoint();
     let results = {
@@ -141,17 +93,13 @@ async fn bound_services_get_their_roles_and_the_file_is_reloaded() {
         "served as bound while the file is broken"
     );
     // Swap the roles: the file is reloaded without a restart.
-    std::fs::write(
-        &file,
-        bindings(
-            &node,
-            &[
-                ("billing", &billing, "web-swapped"),
-                ("web", &web, "billing"),
-            ],
-        ),
-    )
-    .unwrap();
+    bindings_file(
+        "bindings",
+        &[
+            ("billing", &billing, "web-swapped"),
+            ("web", &web, "billing"),
+        ],
+    );
     let sts2 = sts.clone();
     let swapped = interceptor_tests::objects::wait_for(
         "the reloaded bindings",
@@ -183,34 +131,11 @@ async fn the_passthrough_fetches_a_new_token_after_a_401() {
     }
     let node = Node::new();
     let pod = node.pod();
-    let file = std::env::temp_dir().join(format!(
-        "interceptor-bindings-token-{}.yaml",
-        std::process::id()
-    ));
-    std::fs::write(&file, bindings(&node, &[("app", &pod, "app")])).unwrap();
+    let file = bindings_file("bindings-token", &[("app", &pod, "app")]);
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-    let args: Vec<String> = [
-        "--bindings",
-        &file.display().to_string(),
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &free_port().to_string(),
-        "--cgroup-root",
-        &node.cgroup_top().display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
-        &moto.endpoint(),
-        "--base-role-arn",
-        "arn:aws:iam::123456789012:role/",
-        "--allow-route-regexp",
-        "^/latest/meta-data/placement/.*",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
+    let mut args = standalone_args(&node, &file, &upstream, &moto.endpoint());
+    args.extend(["--allow-route-regexp", "^/latest/meta-data/placement/.*"].map(str::to_owned));
     let pins = interceptor_tests::pins::Pins::new("token-refetch");
     let mut agent = Agent::run(&args, &pins.0, free_port(), &AGENT_ENV);
     agent.wait_ready(Duration::from_secs(30));

@@ -134,15 +134,10 @@ async fn a_new_agent_takes_over_only_once_its_pods_are_synced() {
     let mut pods = Vec::new();
     for tag in ["a", "b"] {
         let role = format!("role-{tag}");
-        let api = scope
-            .add_pod(
-                &team,
-                &format!("app-{tag}"),
-                &[("iam.amazonaws.com/role", &role)],
-            )
+        let annotations = [("iam.amazonaws.com/role", role.as_str())];
+        let pod = scope
+            .running_pod(&node, &team, &format!("app-{tag}"), &annotations)
             .await;
-        let pod = node.pod_with_uid(api.metadata.uid.clone().unwrap());
-        scope.set_running(&api, &pod).await;
         pods.push(pod);
     }
     let moto = MotoServer::start_on(node.address, &[]);
@@ -150,11 +145,7 @@ async fn a_new_agent_takes_over_only_once_its_pods_are_synced() {
     let setup = cluster::AgentBuilder::new(
         "takeover-kube",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
     .setup();

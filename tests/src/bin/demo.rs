@@ -15,7 +15,7 @@ use interceptor_tests::{
     Node, Pod,
     agent::{Agent, free_port},
     clients::aws_cli,
-    cluster::{AgentBuilder, Peers},
+    cluster::{AGENT_ENV, AgentBuilder, Peers, bindings_file, standalone_args},
     cmd,
     control_plane::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, ControlPlane, wait_until},
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
@@ -65,9 +65,9 @@ async fn kubernetes_act() {
         ("payments", "analytics", "analytics"),
         ("sandbox", "intruder", "billing"),
     ] {
-        let api = scope.add_pod(namespace, name, &[(ROLE, role)]).await;
-        let pod = node.pod_with_uid(api.metadata.uid.clone().unwrap());
-        scope.set_running(&api, &pod).await;
+        let pod = scope
+            .running_pod(&node, namespace, name, &[(ROLE, role)])
+            .await;
         pods.push((format!("{namespace}/{name}"), pod, role));
     }
     println!(
@@ -90,11 +90,7 @@ async fn kubernetes_act() {
     let (agent, _) = AgentBuilder::new(
         "demo-k8s",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--base-role-arn",
@@ -162,51 +158,17 @@ async fn standalone_act() {
     let moto = MotoServer::start_on(node.address, &[]);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
 
-    let mount = interceptor::cgroupfs::cgroup2_mount().expect("cgroup2");
-    let mut bindings = String::from("bindings:\n");
-    for (name, pod, role) in &pods {
-        if let Some(role) = role {
-            let path = pod.container.path.strip_prefix(&mount).unwrap();
-            bindings.push_str(&format!(
-                "  - name: {name}\n    cgroup: /{}\n    role: {role}\n",
-                path.display()
-            ));
-        }
-    }
-    let file = std::env::temp_dir().join(format!("interceptor-demo-{}.yaml", std::process::id()));
-    std::fs::write(&file, &bindings).unwrap();
+    let bound: Vec<(&str, &Pod, &str)> = pods
+        .iter()
+        .filter_map(|(name, pod, role)| Some((*name, pod, (*role)?)))
+        .collect();
+    let file = bindings_file("demo", &bound);
+    let bindings = std::fs::read_to_string(&file).unwrap();
     println!("\n== bindings ({})\n{bindings}", file.display());
 
     let pins = Pins::new("demo");
-    let args: Vec<String> = [
-        "--bindings",
-        &file.display().to_string(),
-        "--host-ip",
-        &node.address.to_string(),
-        "--app-port",
-        &free_port().to_string(),
-        "--cgroup-root",
-        &node.cgroup_top().display().to_string(),
-        "--metadata-addr",
-        &upstream.addr().to_string(),
-        "--sts-endpoint",
-        &moto.endpoint(),
-        "--base-role-arn",
-        "arn:aws:iam::123456789012:role/",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
-    let mut agent = Agent::run(
-        &args,
-        &pins.0,
-        free_port(),
-        &[
-            ("AWS_ACCESS_KEY_ID", "AKIAAGENTEXAMPLE0001"),
-            ("AWS_SECRET_ACCESS_KEY", "agent-secret"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
+    let args = standalone_args(&node, &file, &upstream, &moto.endpoint());
+    let mut agent = Agent::run(&args, &pins.0, free_port(), &AGENT_ENV);
     agent.wait_ready(Duration::from_secs(30));
     let status = cmd::run(
         &interceptor_tests::agent::binary().display().to_string(),

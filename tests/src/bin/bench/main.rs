@@ -24,7 +24,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use interceptor::ebpf::{self, METADATA_IPV4, METADATA_IPV6, Redirect};
+use interceptor::ebpf;
 use interceptor_tests::{
     Node, Pod,
     agent::Agent,
@@ -345,19 +345,8 @@ async fn agent_scenarios(
                 .local_addr()?
                 .port(),
         );
-        let datapath = ebpf::Datapath::open(&ebpf::Options {
-            pin_dir: pins.0.clone(),
-            cgroup_root: floor_node.kubepods.clone(),
-            redirect: Redirect {
-                metadata4: SocketAddrV4::new(METADATA_IPV4, 80),
-                metadata6: METADATA_IPV6,
-                proxy4: Some(floor_addr),
-                proxy6: None,
-            },
-            reload: false,
-            kernel_log: false,
-        })
-        .context("attaching the programs for the floor")?;
+        let datapath = ebpf::Datapath::open(&pins.options(&floor_node, floor_addr))
+            .context("attaching the programs for the floor")?;
         let floor = Floor::start(floor_addr, body_bytes, &pins.0)?;
         warm_up(&floor_pods)?;
 
@@ -486,11 +475,7 @@ async fn start_agent_on(
     extra: &[&str],
 ) -> Agent {
     let sts = world.sts.endpoint();
-    let peers = Peers {
-        api,
-        upstream: &world.upstream,
-        sts: &sts,
-    };
+    let peers = Peers::new(api, &world.upstream, &sts);
     // The agent's guard detaches and removes what it pinned.
     AgentBuilder::new(name, node, peers)
         .args(&["--log-level", "info", "--base-role-arn", BASE_ARN])
