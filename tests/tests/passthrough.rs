@@ -71,11 +71,7 @@ async fn no_allow_list_forwards_a_credential_bearing_path() {
     let (agent, _) = AgentBuilder::new(
         "passthrough",
         &node,
-        Peers {
-            api: &scope,
-            upstream: &upstream,
-            sts: &moto.endpoint(),
-        },
+        Peers::new(&scope, &upstream, &moto.endpoint()),
     )
     .args(&[
         "--base-role-arn",
