@@ -6,13 +6,18 @@ use std::{path::PathBuf, process::Command};
 use crate::{
     Pod,
     peers::{js_peers, venv},
+    pod_client::{PodClient, Request},
 };
 
 /// A client command in `pod` with an environment that holds no credentials, not started.
 pub fn pod_command(pod: &Pod, program: &str, args: &[&str]) -> Command {
+    without_credentials(pod.command(program, args))
+}
+
+/// `command` with its environment replaced by one that holds no credentials.
+pub fn without_credentials(mut command: Command) -> Command {
     let home = std::env::temp_dir().join(format!("interceptor-nohome-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
-    let mut command: Command = pod.command(program, args);
     command
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
@@ -117,15 +122,17 @@ pub fn aws_cli(pod: &Pod, sts: &str) -> String {
     )
 }
 
-/// One raw request from inside `pod`: (status, body).
+/// One request from inside `pod` on a client started for it: (status, body), status 0
+/// and the error if the connection failed. `headers` are `Name=Value`.
 pub fn raw(pod: &Pod, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/py/imds_http.py");
-    let script = script.display().to_string();
-    let mut args = vec![script.as_str(), method, path];
-    args.extend_from_slice(headers);
-    let out = in_pod(pod, &venv().join("bin/python").display().to_string(), &args);
-    let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
-    (status.trim().parse().unwrap_or(0), body.to_owned())
+    let mut request = Request::new(method, path);
+    for header in headers {
+        let (name, value) = header
+            .split_once('=')
+            .unwrap_or_else(|| panic!("header {header:?} is not Name=Value"));
+        request = request.header(name, value);
+    }
+    PodClient::start(pod).ask(&request).status_body()
 }
 
 /// One attempt of [`CredsLoop`] that is an acceptable refusal while an agent is away or

@@ -26,6 +26,7 @@ pub mod node;
 pub mod objects;
 pub mod peers;
 pub mod pins;
+pub mod pod_client;
 pub mod privilege;
 pub mod probe;
 pub mod sts_proxy;

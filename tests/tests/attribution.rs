@@ -14,18 +14,18 @@ use std::{
 
 use futures::{StreamExt, stream};
 use interceptor_tests::{
-    Node, Pod,
+    Node,
     agent::{Agent, free_port},
-    ask::assert_upstream_untouched,
-    clients::in_pod,
+    ask::{CREDS, assert_upstream_untouched},
+    clients::{in_pod, raw},
     cluster::{AGENT_ENV, AgentBuilder, Peers, cgroup_bindings_file, standalone_args_at},
     control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
     moto::MotoServer,
-    node::in_cgroup,
     objects::new_pod,
     peers::venv,
     pins::Pins,
+    pod_client::{PodClient, Request},
     require_root,
 };
 use kube::{
@@ -149,41 +149,58 @@ async fn a_record_left_by_an_unaccepted_connect_is_not_inherited() {
     let pins = Pins::new("stale-record");
     let mut agent = agent_config.start(&pins);
     let proxy = node.address.to_string();
-    let app_port = agent_config.app_port.to_string();
-    // Dials HOST:PORT from source port FROM inside `cgroup`, in the shared namespace.
-    let dial = |cgroup: &interceptor_tests::node::Cgroup, from: u16, host: &str, port: &str| {
-        let out = in_cgroup(
-            cgroup,
-            Some(&pod_b.netns),
-            &python(),
-            &[&script(), "from-port", &from.to_string(), host, port],
-        )
-        .output()
-        .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    // Pod C's processes share pod B's network namespace.
+    let mut client_b = PodClient::start(&pod_b);
+    let mut client_c = PodClient::start_in(&pod_c.container, &pod_b.netns);
     let port = 41_234;
 
     agent.kill();
-    let refused = dial(&pod_b.container, port, "169.254.169.254", "80");
+    let refused = client_b.ask(&Request::get(CREDS).from_port(port));
     assert_eq!(
-        refused, "fail ECONNREFUSED",
-        "with the agent down the redirected connect finds nobody listening"
+        refused.error.as_deref(),
+        Some("ConnectionRefused"),
+        "with the agent down the redirected connect finds nobody listening: {refused:?}"
     );
 
     let agent = agent_config.start(&pins);
-    let c_direct = dial(&pod_c.container, port, &proxy, &app_port);
-    assert!(
-        c_direct.starts_with("403"),
-        "a direct connection from B's old port must be refused, not served as B: {c_direct}\n{}",
+    let c_direct = client_c
+        .ask(
+            &Request::get(CREDS)
+                .from_port(port)
+                .to(&proxy, agent_config.app_port),
+        )
+        .status_body();
+    assert_eq!(
+        c_direct.0,
+        403,
+        "a direct connection from B's old port must be refused, not served as B: {c_direct:?}\n{}",
         agent.log_text()
     );
-    // Through the redirect, each is served as itself.
-    let c_redirected = dial(&pod_c.container, 0, "169.254.169.254", "80");
-    assert_eq!(c_redirected, "200 role-c", "{}", agent.log_text());
-    let b_redirected = dial(&pod_b.container, 0, "169.254.169.254", "80");
-    assert_eq!(b_redirected, "200 role-b", "{}", agent.log_text());
-    assert_no_node_credentials(&upstream, &[&c_direct, &c_redirected, &b_redirected]);
+    // Through the redirect, each is served as itself, by the agent.
+    let through_redirect = |client: &mut PodClient| {
+        let answer = client.ask(&Request::get(CREDS));
+        assert_eq!(
+            answer.peer,
+            Some(format!("{proxy}:{}", agent_config.app_port)),
+            "{answer:?}"
+        );
+        answer.status_body()
+    };
+    let c_redirected = through_redirect(&mut client_c);
+    assert_eq!(
+        c_redirected,
+        (200, "role-c".to_owned()),
+        "{}",
+        agent.log_text()
+    );
+    let b_redirected = through_redirect(&mut client_b);
+    assert_eq!(
+        b_redirected,
+        (200, "role-b".to_owned()),
+        "{}",
+        agent.log_text()
+    );
+    assert_no_node_credentials(&upstream, &[&c_direct.1, &c_redirected.1, &b_redirected.1]);
 }
 
 /// The kernel's connection map holds a bounded number of records (LRU). Pod B floods it
@@ -262,17 +279,13 @@ async fn an_evicted_record_refuses_the_connection() {
     );
     assert!(agent.metric("interceptor_attribution_misses_total") > misses_before);
     // The flood is gone; both pods are served as themselves again.
-    let listing = |pod: &Pod| {
-        in_pod(
-            pod,
-            &python(),
-            &[&script(), "from-port", "0", "169.254.169.254", "80"],
-        )
-    };
-    let (a, b) = (listing(&pod_a), listing(&pod_b));
-    assert_eq!(a, "200 role-a");
-    assert_eq!(b, "200 role-b");
-    assert_no_node_credentials(&upstream, &[&answer, &a, &b]);
+    let (a, b) = (
+        raw(&pod_a, "GET", CREDS, &[]),
+        raw(&pod_b, "GET", CREDS, &[]),
+    );
+    assert_eq!(a, (200, "role-a".to_owned()));
+    assert_eq!(b, (200, "role-b".to_owned()));
+    assert_no_node_credentials(&upstream, &[&answer, &a.1, &b.1]);
 }
 
 /// Resumes the paused agent when dropped, also when the test fails in between.
@@ -357,9 +370,9 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
     .args(&["--base-role-arn", "arn:aws:iam::123456789012:role/"])
     .start()
     .await;
-    let listing =
-        std::env::temp_dir().join(format!("interceptor-churn-{}.list", std::process::id()));
-    let park = host.container.procs_file().display().to_string();
+    // One client, started in the host pod, passes through every pod's cgroup and asks
+    // from each; between rounds it is parked back in the host pod.
+    let mut client = PodClient::start(&host);
     let gauges = |agent: &Agent| {
         ["pods", "cgroups", "credentials", "kernel_conns"].map(|kind| tracked(agent, kind))
     };
@@ -390,16 +403,10 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
             .buffer_unordered(16)
             .collect()
             .await;
-        let mut pods = Vec::new();
-        let mut expected = std::collections::HashMap::new();
-        for (i, uid) in created {
-            let pod = node.pod_cgroups_with_uid(uid);
-            expected.insert(
-                pod.container.procs_file().display().to_string(),
-                format!("churn-{round}-{i}"),
-            );
-            pods.push(pod);
-        }
+        let pods: Vec<_> = created
+            .into_iter()
+            .map(|(i, uid)| (node.pod_cgroups_with_uid(uid), format!("churn-{round}-{i}")))
+            .collect();
         let known = wait_until(
             Duration::from_secs(20),
             || tracked(&agent, "pods"),
@@ -410,34 +417,18 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
             baseline[0] + PER_ROUND as i64,
             "the agent sees the round's pods"
         );
-        std::fs::write(
-            &listing,
-            expected.keys().cloned().collect::<Vec<_>>().join("\n"),
-        )
-        .unwrap();
-        let out = in_pod(
-            &host,
-            &python(),
-            &[&script(), "churn", &park, &listing.display().to_string()],
-        );
-        for line in out.lines() {
-            let mut words = line.splitn(3, ' ');
-            let (path, status, body) = (
-                words.next().unwrap_or_default(),
-                words.next().unwrap_or_default(),
-                words.next().unwrap_or_default(),
-            );
-            let role = expected
-                .get(path)
-                .unwrap_or_else(|| panic!("unexpected output: {out}"));
+        for (pod, role) in &pods {
+            let answer = client.ask(&Request::get(CREDS).after_joining(&pod.container));
             assert_eq!(
-                (status, body),
-                ("200", role.as_str()),
-                "round {round}: {path} must be served its own role\n{}",
+                answer.status_body(),
+                (200, role.clone()),
+                "round {round}: {} must be served its own role\n{}",
+                pod.container.path.display(),
                 agent.log_text()
             );
             served += 1;
         }
+        client.join(&host.container);
         let deleted: Vec<()> = stream::iter(0..PER_ROUND)
             .map(|i| {
                 let api = &pods_api;
@@ -470,7 +461,6 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
             rss_warm = rss_kib(agent.pid());
         }
     }
-    let _ = std::fs::remove_file(&listing);
     assert_eq!(served, ROUNDS * PER_ROUND, "every pod was served once");
     let rss_end = rss_kib(agent.pid());
     let pods_after_warm_up = (ROUNDS - WARM_UP - 1) * PER_ROUND;

@@ -20,6 +20,7 @@ use interceptor_tests::{
     moto::MotoServer,
     objects::wait_for,
     peers::venv,
+    pod_client::{PodClient, Request},
     require_root,
 };
 use serde_json::Value;
@@ -131,10 +132,12 @@ impl Cluster {
 /// A 503 is the agent saying STS has not answered yet (its 800 ms request wait; a loaded
 /// machine's moto can take longer for its first call): asked again, as SDKs do, a
 /// bounded number of times. Anything else than 503 or 200 fails at once.
-fn own_key(pod: &Pod, role: &str) -> String {
+fn own_key(client: &mut PodClient, role: &str) -> String {
     let mut attempt = 0;
     let (status, body) = loop {
-        let (status, body) = raw(pod, "GET", &format!("{CREDS}{role}"), &[]);
+        let (status, body) = client
+            .ask(&Request::get(&format!("{CREDS}{role}")))
+            .status_body();
         attempt += 1;
         if status != 503 || attempt == 20 {
             break (status, body);
@@ -158,14 +161,14 @@ fn hostile(pod: &Pod, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|_| panic!("hostile.py {args:?}: {out}"))
 }
 
-/// `bytes` sent raw on one connection from `pod`: (what came back, closed by the agent).
-fn send(pod: &Pod, bytes: &[u8]) -> (String, bool) {
-    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    let result = hostile(pod, &["send", &hex, "5"]);
-    (
-        result["data"].as_str().unwrap_or_default().to_owned(),
-        result["closed"].as_bool().unwrap_or(false),
-    )
+/// `bytes` sent raw on a new connection of `client`: (what came back within 5 s, closed
+/// by the agent). Panics if the connection itself failed.
+fn send(client: &mut PodClient, bytes: &[u8]) -> (String, bool) {
+    let answer = client.ask(&Request::bytes(bytes, 5.0));
+    match answer.closed {
+        Some(closed) => (answer.data, closed),
+        None => panic!("sending {:?}: {answer:?}", String::from_utf8_lossy(bytes)),
+    }
 }
 
 /// The status codes of every response in `data`, in order.
@@ -246,8 +249,9 @@ async fn hostile_requests_never_yield_foreign_credentials() {
     let node_address = cluster.node.address;
     let failed = tokio::task::block_in_place(|| {
         let (a, b) = (&cluster.pod_a, &cluster.pod_b);
-        let key_a = own_key(a, "role-a");
-        let key_b = own_key(b, "role-b");
+        let (mut client_a, mut client_b) = (PodClient::start(a), PodClient::start(b));
+        let key_a = own_key(&mut client_a, "role-a");
+        let key_b = own_key(&mut client_b, "role-b");
         let mut checks = Checks::new(&[&key_b]);
         let b_ip = b.ip.to_string();
 
@@ -263,17 +267,17 @@ async fn hostile_requests_never_yield_foreign_credentials() {
                 )
                 .into_bytes()
             };
-            let (data, _) = send(a, &with_host(CREDS));
+            let (data, _) = send(&mut client_a, &with_host(CREDS));
             checks.answer(&format!("list, Host {host:?}"), &data, &[200]);
             checks.that("list names pod a's role", data.ends_with("role-a"), &data);
-            let (data, _) = send(a, &with_host(&format!("{CREDS}role-a")));
+            let (data, _) = send(&mut client_a, &with_host(&format!("{CREDS}role-a")));
             checks.answer(&format!("own role, Host {host:?}"), &data, &[200]);
             checks.that("own credentials", data.contains(&key_a), &data);
             for other in ["role-b", NODE_ROLE] {
-                let (data, _) = send(a, &with_host(&format!("{CREDS}{other}")));
+                let (data, _) = send(&mut client_a, &with_host(&format!("{CREDS}{other}")));
                 checks.answer(&format!("{other}, forged Host {host:?}"), &data, &[404]);
             }
-            let (data, _) = send(a, &with_host("/metrics"));
+            let (data, _) = send(&mut client_a, &with_host("/metrics"));
             checks.answer(&format!("admin path, Host {host:?}"), &data, &[404]);
         }
 
@@ -304,7 +308,7 @@ async fn hostile_requests_never_yield_foreign_credentials() {
             format!("http://169.254.169.254{CREDS}{NODE_ROLE}"),
             "http://169.254.169.254/latest/meta-data/placement/../iam/info".to_owned(),
         ] {
-            let (data, _) = send(a, &get(&target, ""));
+            let (data, _) = send(&mut client_a, &get(&target, ""));
             checks.answer(&format!("GET {target}"), &data, &[400, 404]);
         }
         // Dated versions and query strings still name pod a's own role only.
@@ -313,7 +317,7 @@ async fn hostile_requests_never_yield_foreign_credentials() {
             format!("{CREDS}role-a?role=role-b"),
             format!("http://{b_ip}{CREDS}role-a"),
         ] {
-            let (data, _) = send(a, &get(&target, ""));
+            let (data, _) = send(&mut client_a, &get(&target, ""));
             checks.answer(&format!("GET {target}"), &data, &[200]);
             checks.that(&format!("{target}: own"), data.contains(&key_a), &data);
         }
@@ -398,7 +402,7 @@ async fn hostile_requests_never_yield_foreign_credentials() {
             ),
         ];
         for (what, request) in &smuggling {
-            let (data, _) = send(a, request.as_bytes());
+            let (data, _) = send(&mut client_a, request.as_bytes());
             let got = checks.answer(what, &data, &[200, 400, 404, 501]);
             // A 200 is only ever pod a's own credentials, once per request for them.
             let ok = got.iter().filter(|status| **status == 200).count();
@@ -426,13 +430,13 @@ async fn hostile_requests_never_yield_foreign_credentials() {
                 &[404],
             ),
         ] {
-            let (data, closed) = send(a, &request);
+            let (data, closed) = send(&mut client_a, &request);
             checks.answer(what, &data, allowed);
             checks.that(&format!("{what}: connection closed"), closed, &data);
         }
         checks.that(
             "served after the oversized requests",
-            own_key(a, "role-a") == key_a,
+            own_key(&mut client_a, "role-a") == key_a,
             "",
         );
 
@@ -446,7 +450,9 @@ async fn hostile_requests_never_yield_foreign_credentials() {
             let own = format!("{CREDS}role-a");
             let unread = scope.spawn(move || hostile(a, &["unread", "20000", "12", &own]));
             for round in 0..5 {
-                let (status, body) = raw(b, "GET", &format!("{CREDS}role-b"), &[]);
+                let (status, body) = client_b
+                    .ask(&Request::get(&format!("{CREDS}role-b")))
+                    .status_body();
                 checks.that(
                     &format!("pod b served while pod a is slow ({round})"),
                     status == 200 && body.contains(&key_b),
@@ -478,7 +484,7 @@ async fn hostile_requests_never_yield_foreign_credentials() {
         });
         checks.that(
             "served after the slow clients",
-            own_key(a, "role-a") == key_a && own_key(b, "role-b") == key_b,
+            own_key(&mut client_a, "role-a") == key_a && own_key(&mut client_b, "role-b") == key_b,
             "",
         );
         checks
@@ -509,27 +515,45 @@ async fn forged_and_foreign_tokens_are_refused() {
         return;
     };
     let pod_c = more.pop().expect("pod c");
-    let ttl = |seconds: u32| format!("X-aws-ec2-metadata-token-ttl-seconds={seconds}");
-    let mint = |pod: &Pod, seconds: u32| {
-        let (status, token) = raw(pod, "PUT", "/latest/api/token", &[&ttl(seconds)]);
+    let mint = |client: &mut PodClient, seconds: u32| {
+        let ttl = seconds.to_string();
+        let request = Request::new("PUT", "/latest/api/token")
+            .header("X-aws-ec2-metadata-token-ttl-seconds", &ttl);
+        let (status, token) = client.ask(&request).status_body();
         assert_eq!(status, 200, "token: {token}");
         token.trim().to_owned()
     };
     let (a, b) = (&cluster.pod_a, &cluster.pod_b);
-    let (key_a, key_b) =
-        tokio::task::block_in_place(|| (own_key(a, "role-a"), own_key(b, "role-b")));
-    let key_c = tokio::task::block_in_place(|| own_key(&pod_c, "role-c"));
-    let (token_a, token_b, token_c, short) =
-        tokio::task::block_in_place(|| (mint(a, 60), mint(b, 60), mint(&pod_c, 60), mint(a, 1)));
-    let with = |token: &str| format!("X-aws-ec2-metadata-token={token}");
+    let (mut client_a, mut client_b, mut client_c) = (
+        PodClient::start(a),
+        PodClient::start(b),
+        PodClient::start(&pod_c),
+    );
+    let (key_a, key_b, key_c) = tokio::task::block_in_place(|| {
+        (
+            own_key(&mut client_a, "role-a"),
+            own_key(&mut client_b, "role-b"),
+            own_key(&mut client_c, "role-c"),
+        )
+    });
+    let (token_a, token_b, token_c, short) = tokio::task::block_in_place(|| {
+        (
+            mint(&mut client_a, 60),
+            mint(&mut client_b, 60),
+            mint(&mut client_c, 60),
+            mint(&mut client_a, 1),
+        )
+    });
+    let with = |token: &str| Request::get(CREDS).header("X-aws-ec2-metadata-token", token);
     assert_eq!(
-        tokio::task::block_in_place(|| raw(a, "GET", CREDS, &[&with(&token_a)])),
+        tokio::task::block_in_place(|| client_a.ask(&with(&token_a)).status_body()),
         (200, "role-a".to_owned()),
         "pod a's own token works"
     );
 
     // Pod c is deleted from the API server and its cgroups removed; the agent forgets it.
     cluster.scope.delete_pod(&cluster.team, "app-c").await;
+    drop(client_c);
     drop(pod_c);
     wait_for(
         "the agent to forget pod c",
@@ -581,17 +605,18 @@ async fn forged_and_foreign_tokens_are_refused() {
         let mut checks = Checks::new(&[&key_c]);
         for (what, pod, token) in &cases {
             // The pod's own key is not foreign to it, the others' are.
-            let foreign = if std::ptr::eq(*pod, a) {
-                &key_b
+            let (client, foreign) = if std::ptr::eq(*pod, a) {
+                (&mut client_a, &key_b)
             } else {
-                &key_a
+                (&mut client_b, &key_a)
             };
             for path in [
                 CREDS.to_owned(),
                 format!("{CREDS}role-a"),
                 format!("{CREDS}role-b"),
             ] {
-                let (status, body) = raw(pod, "GET", &path, &[&with(token)]);
+                let request = Request::get(&path).header("X-aws-ec2-metadata-token", token);
+                let (status, body) = client.ask(&request).status_body();
                 checks.no_leak(what, &body);
                 checks.that(
                     &format!("{what}: GET {path}"),
@@ -620,7 +645,8 @@ async fn a_connection_flood_neither_starves_other_pods_nor_grows_the_agent() {
         return;
     };
     let (a, b) = (&cluster.pod_a, &cluster.pod_b);
-    let key_b = tokio::task::block_in_place(|| own_key(b, "role-b"));
+    let mut client_b = PodClient::start(b);
+    let key_b = tokio::task::block_in_place(|| own_key(&mut client_b, "role-b"));
     let rss = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
@@ -732,6 +758,9 @@ async fn a_connection_flood_neither_starves_other_pods_nor_grows_the_agent() {
     );
     let after = tokio::task::block_in_place(|| raw(a, "GET", CREDS, &[]));
     assert_eq!(after, (200, "role-a".to_owned()), "{}", log());
-    assert_eq!(tokio::task::block_in_place(|| own_key(b, "role-b")), key_b);
+    assert_eq!(
+        tokio::task::block_in_place(|| own_key(&mut client_b, "role-b")),
+        key_b
+    );
     cluster.assert_upstream_never_asked_for_credentials();
 }

@@ -1,8 +1,7 @@
-"""Hostile clients of the metadata address, run inside a pod. Each mode prints one JSON
-object on stdout.
+"""Hostile clients of the metadata address, run inside a pod, that hold their connections
+longer than one request (raw requests go through pod_client.py). Each mode prints one
+JSON object on stdout.
 
-  send HEX [WAIT]        send the bytes (hex), read until the server closes or WAIT s
-                         (default 5) pass: {"data": what came back, "closed": bool}
   silent WAIT            connect, send nothing: {"closed": bool} within WAIT s
   drip WAIT              send a valid request head one byte a second:
                          {"closed": bool, "sent": bytes sent, "data": what came back}
@@ -20,6 +19,8 @@ import socket
 import sys
 import time
 
+from pod_client import read_until_closed
+
 ADDRESS = ("169.254.169.254", 80)
 TCP_ESTABLISHED = 1
 HEAD = (
@@ -30,36 +31,6 @@ HEAD = (
 
 def connect(timeout: float = 3.0) -> socket.socket:
     return socket.create_connection(ADDRESS, timeout=timeout)
-
-
-def read_until_closed(sock: socket.socket, wait: float) -> tuple[bytes, bool]:
-    """Everything the server sends until it closes (True) or `wait` s pass (False)."""
-    deadline = time.monotonic() + wait
-    data = b""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return data, False
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            return data, False
-        except ConnectionResetError:
-            return data, True
-        if not chunk:
-            return data, True
-        data += chunk
-
-
-def send(payload: str, wait: float) -> dict:
-    sock = connect()
-    try:
-        sock.sendall(bytes.fromhex(payload))
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    data, closed = read_until_closed(sock, wait)
-    return {"data": data.decode(errors="replace"), "closed": closed}
 
 
 def silent(wait: float) -> dict:
@@ -150,9 +121,7 @@ def flood(count: int, hold: float) -> dict:
 
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
-    if mode == "send":
-        result = send(args[0], float(args[1]) if len(args) > 1 else 5.0)
-    elif mode == "silent":
+    if mode == "silent":
         result = silent(float(args[0]))
     elif mode == "drip":
         result = drip(float(args[0]))
