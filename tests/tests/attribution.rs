@@ -177,30 +177,20 @@ async fn a_record_left_by_an_unaccepted_connect_is_not_inherited() {
         agent.log_text()
     );
     // Through the redirect, each is served as itself, by the agent.
-    let through_redirect = |client: &mut PodClient| {
+    let served_as = |client: &mut PodClient, role: &str| {
         let answer = client.ask(&Request::get(CREDS));
         assert_eq!(
             answer.peer,
             Some(format!("{proxy}:{}", agent_config.app_port)),
             "{answer:?}"
         );
-        answer.status_body()
+        let (status, body) = answer.status_body();
+        assert_eq!((status, body.as_str()), (200, role), "{}", agent.log_text());
+        body
     };
-    let c_redirected = through_redirect(&mut client_c);
-    assert_eq!(
-        c_redirected,
-        (200, "role-c".to_owned()),
-        "{}",
-        agent.log_text()
-    );
-    let b_redirected = through_redirect(&mut client_b);
-    assert_eq!(
-        b_redirected,
-        (200, "role-b".to_owned()),
-        "{}",
-        agent.log_text()
-    );
-    assert_no_node_credentials(&upstream, &[&c_direct.1, &c_redirected.1, &b_redirected.1]);
+    let c_redirected = served_as(&mut client_c, "role-c");
+    let b_redirected = served_as(&mut client_b, "role-b");
+    assert_no_node_credentials(&upstream, &[&c_direct.1, &c_redirected, &b_redirected]);
 }
 
 /// The kernel's connection map holds a bounded number of records (LRU). Pod B floods it
