@@ -8,6 +8,7 @@ use crate::{
     Pod,
     clients::raw,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
+    pod_client::{PodClient, Request},
 };
 
 /// The credentials path of the metadata API.
@@ -16,7 +17,11 @@ pub const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 /// One GET from `pod` (a blocking client; the test's runtime keeps serving): the status
 /// and the trimmed body. Panics if the answer carries the node's credentials or role.
 pub fn get(pod: &Pod, path: &str) -> (u16, String) {
-    let (status, body) = tokio::task::block_in_place(|| raw(pod, "GET", path, &[]));
+    without_node_identity(tokio::task::block_in_place(|| raw(pod, "GET", path, &[])))
+}
+
+/// The answer, trimmed; panics if it carries the node's credentials or role.
+fn without_node_identity((status, body): (u16, String)) -> (u16, String) {
     assert!(
         !body.contains(NODE_ACCESS_KEY) && !body.contains(NODE_ROLE),
         "the node's identity reached a pod: {body}"
@@ -34,7 +39,8 @@ pub fn access_key(body: &str) -> String {
 }
 
 /// [`get`]s `path` from `pod` until `check` holds, for at most `within`: the answer that
-/// passed, or the last one (the caller's assertion then says what was wrong).
+/// passed, or the last one (the caller's assertion then says what was wrong). One client
+/// in the pod asks every time, each time on a new connection.
 pub async fn ask_until(
     pod: &Pod,
     path: &str,
@@ -42,8 +48,12 @@ pub async fn ask_until(
     check: impl Fn(&(u16, String)) -> bool,
 ) -> (u16, String) {
     let deadline = Instant::now() + within;
+    let mut client = PodClient::start(pod);
+    let request = Request::get(path);
     loop {
-        let answer = get(pod, path);
+        let answer = without_node_identity(tokio::task::block_in_place(|| {
+            client.ask(&request).status_body()
+        }));
         if check(&answer) || Instant::now() > deadline {
             return answer;
         }
