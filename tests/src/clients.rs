@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command};
 use crate::{
     Pod,
     peers::{js_peers, venv},
-    pod_client::{PodClient, Request},
+    pod_client::PodClient,
 };
 
 /// A client command in `pod` with an environment that holds no credentials, not started.
@@ -122,17 +122,9 @@ pub fn aws_cli(pod: &Pod, sts: &str) -> String {
     )
 }
 
-/// One request from inside `pod` on a client started for it: (status, body), status 0
-/// and the error if the connection failed. `headers` are `Name=Value`.
+/// One request from inside `pod` on a client started for it (see [`PodClient::raw`]).
 pub fn raw(pod: &Pod, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
-    let mut request = Request::new(method, path);
-    for header in headers {
-        let (name, value) = header
-            .split_once('=')
-            .unwrap_or_else(|| panic!("header {header:?} is not Name=Value"));
-        request = request.header(name, value);
-    }
-    PodClient::start(pod).ask(&request).status_body()
+    PodClient::start(pod).raw(method, path, headers)
 }
 
 /// One attempt of [`CredsLoop`] that is an acceptable refusal while an agent is away or

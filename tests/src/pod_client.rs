@@ -207,6 +207,19 @@ impl PodClient {
         answer
     }
 
+    /// `method path` with `headers` (`Name=Value`) on a new connection: (status, body),
+    /// status 0 and the error if the connection failed.
+    pub fn raw(&mut self, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
+        let mut request = Request::new(method, path);
+        for header in headers {
+            let (name, value) = header
+                .split_once('=')
+                .unwrap_or_else(|| panic!("header {header:?} is not Name=Value"));
+            request = request.header(name, value);
+        }
+        self.ask(&request).status_body()
+    }
+
     /// Moves the client into `cgroup`, sending nothing.
     pub fn join(&mut self, cgroup: &Cgroup) {
         let request = Request {

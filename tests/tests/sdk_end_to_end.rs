@@ -16,6 +16,7 @@ use interceptor_tests::{
     fake_imds::{FakeImds, NODE_ACCESS_KEY},
     moto::MotoServer,
     peers::venv,
+    pod_client::PodClient,
     require_root,
 };
 
@@ -309,8 +310,9 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     let role_b = format!("arn:aws:sts::123456789012:assumed-role/role-b/{team}.app-b");
 
     let checks = tokio::task::spawn_blocking(move || {
+        let mut client_a = PodClient::start(&pod_a);
         let ttl = "X-aws-ec2-metadata-token-ttl-seconds=60";
-        let (status, token_a) = raw(&pod_a, "PUT", "/latest/api/token", &[ttl]);
+        let (status, token_a) = client_a.raw("PUT", "/latest/api/token", &[ttl]);
         assert_eq!(status, 200, "token: {token_a}");
         let token_a = token_a.trim().to_owned();
         let with_a = format!("X-aws-ec2-metadata-token={token_a}");
@@ -319,27 +321,27 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
         let mut check = |what: &str, got: (u16, String), status: u16, needle: &str| {
             results.push((what.to_owned(), got.0 == status && got.1.contains(needle), format!("{got:?}")));
         };
-        check("list with token", raw(&pod_a, "GET", creds, &[&with_a]), 200, "role-a");
-        check("dated version", raw(&pod_a, "GET", "/2016-09-02/meta-data/iam/security-credentials/", &[&with_a]), 200, "role-a");
+        check("list with token", client_a.raw("GET", creds, &[&with_a]), 200, "role-a");
+        check("dated version", client_a.raw("GET", "/2016-09-02/meta-data/iam/security-credentials/", &[&with_a]), 200, "role-a");
         check(
             "own credentials",
-            raw(&pod_a, "GET", &format!("{creds}role-a"), &[&with_a]),
+            client_a.raw("GET", &format!("{creds}role-a"), &[&with_a]),
             200,
             "\"Code\" : \"Success\"",
         );
-        check("another role's name", raw(&pod_a, "GET", &format!("{creds}role-b"), &[&with_a]), 404, "404 - Not Found");
-        check("iam/info", raw(&pod_a, "GET", "/latest/meta-data/iam/info", &[&with_a]), 200, "instance-profile/role-a");
-        check("HEAD", raw(&pod_a, "HEAD", creds, &[&with_a]), 200, "");
-        check("tokenless with --imdsv2-required", raw(&pod_a, "GET", creds, &[]), 401, "");
+        check("another role's name", client_a.raw("GET", &format!("{creds}role-b"), &[&with_a]), 404, "404 - Not Found");
+        check("iam/info", client_a.raw("GET", "/latest/meta-data/iam/info", &[&with_a]), 200, "instance-profile/role-a");
+        check("HEAD", client_a.raw("HEAD", creds, &[&with_a]), 200, "");
+        check("tokenless with --imdsv2-required", client_a.raw("GET", creds, &[]), 401, "");
         check("pod a's token in pod b", raw(&pod_b, "GET", creds, &[&with_a]), 401, "");
-        check("forged token", raw(&pod_a, "GET", creds, &["X-aws-ec2-metadata-token=AAAA"]), 401, "");
-        check("token PUT with X-Forwarded-For", raw(&pod_a, "PUT", "/latest/api/token", &[ttl, "X-Forwarded-For=1.2.3.4"]), 403, "");
-        check("TTL out of range", raw(&pod_a, "PUT", "/latest/api/token", &["X-aws-ec2-metadata-token-ttl-seconds=21601"]), 400, "");
-        check("TTL missing", raw(&pod_a, "PUT", "/latest/api/token", &[]), 400, "");
-        check("allowed passthrough", raw(&pod_a, "GET", "/latest/meta-data/placement/availability-zone", &[&with_a]), 200, "us-east-1a");
-        check("not allowed: identity document", raw(&pod_a, "GET", "/latest/dynamic/instance-identity/document", &[&with_a]), 404, "");
-        check("path trick", raw(&pod_a, "GET", "/latest/meta-data/placement/../iam/security-credentials/", &[&with_a]), 404, "");
-        check("encoded trick", raw(&pod_a, "GET", "/latest/meta-data/placement/%2e%2e/iam/info", &[&with_a]), 404, "");
+        check("forged token", client_a.raw("GET", creds, &["X-aws-ec2-metadata-token=AAAA"]), 401, "");
+        check("token PUT with X-Forwarded-For", client_a.raw("PUT", "/latest/api/token", &[ttl, "X-Forwarded-For=1.2.3.4"]), 403, "");
+        check("TTL out of range", client_a.raw("PUT", "/latest/api/token", &["X-aws-ec2-metadata-token-ttl-seconds=21601"]), 400, "");
+        check("TTL missing", client_a.raw("PUT", "/latest/api/token", &[]), 400, "");
+        check("allowed passthrough", client_a.raw("GET", "/latest/meta-data/placement/availability-zone", &[&with_a]), 200, "us-east-1a");
+        check("not allowed: identity document", client_a.raw("GET", "/latest/dynamic/instance-identity/document", &[&with_a]), 404, "");
+        check("path trick", client_a.raw("GET", "/latest/meta-data/placement/../iam/security-credentials/", &[&with_a]), 404, "");
+        check("encoded trick", client_a.raw("GET", "/latest/meta-data/placement/%2e%2e/iam/info", &[&with_a]), 404, "");
         // A client that dials the proxy directly, not through the redirect: no kernel
         // record, so no answer but 403 (here from the node's own network namespace).
         let direct = std::process::Command::new(venv().join("bin/python"))
