@@ -43,6 +43,8 @@ pub struct Request {
     #[serde(skip_serializing_if = "Option::is_none")]
     source_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     join: Option<PathBuf>,
 }
 
@@ -92,6 +94,12 @@ impl Request {
     /// From source port `port` (bound with `SO_REUSEADDR`).
     pub fn from_port(mut self, port: u16) -> Self {
         self.source_port = Some(port);
+        self
+    }
+
+    /// Waits `seconds` for the connect and for each read (3 s unless set).
+    pub fn timeout(mut self, seconds: f64) -> Self {
+        self.timeout = Some(seconds);
         self
     }
 

@@ -17,7 +17,7 @@ use interceptor_tests::{
     Node,
     agent::{Agent, free_port},
     ask::{CREDS, assert_upstream_untouched},
-    clients::{in_pod, raw},
+    clients::in_pod,
     cluster::{AGENT_ENV, AgentBuilder, Peers, cgroup_bindings_file, standalone_args_at},
     control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_ROLE},
@@ -75,6 +75,12 @@ fn script() -> String {
         .join("peers/py/attribution.py")
         .display()
         .to_string()
+}
+
+/// A credential listing from a pod, waiting 5 s for the answer: an agent may still be
+/// closing a flood's backlog.
+fn listing() -> Request {
+    Request::get(CREDS).timeout(5.0)
 }
 
 /// A standalone agent (bindings file: cgroup -> role) on `node`, its upstream `upstream`.
@@ -155,7 +161,7 @@ async fn a_record_left_by_an_unaccepted_connect_is_not_inherited() {
     let port = 41_234;
 
     agent.kill();
-    let refused = client_b.ask(&Request::get(CREDS).from_port(port));
+    let refused = client_b.ask(&listing().from_port(port));
     assert_eq!(
         refused.error.as_deref(),
         Some("ConnectionRefused"),
@@ -164,11 +170,7 @@ async fn a_record_left_by_an_unaccepted_connect_is_not_inherited() {
 
     let agent = agent_config.start(&pins);
     let c_direct = client_c
-        .ask(
-            &Request::get(CREDS)
-                .from_port(port)
-                .to(&proxy, agent_config.app_port),
-        )
+        .ask(&listing().from_port(port).to(&proxy, agent_config.app_port))
         .status_body();
     assert_eq!(
         c_direct.0,
@@ -178,7 +180,7 @@ async fn a_record_left_by_an_unaccepted_connect_is_not_inherited() {
     );
     // Through the redirect, each is served as itself, by the agent.
     let served_as = |client: &mut PodClient, role: &str| {
-        let answer = client.ask(&Request::get(CREDS));
+        let answer = client.ask(&listing());
         assert_eq!(
             answer.peer,
             Some(format!("{proxy}:{}", agent_config.app_port)),
@@ -270,8 +272,8 @@ async fn an_evicted_record_refuses_the_connection() {
     assert!(agent.metric("interceptor_attribution_misses_total") > misses_before);
     // The flood is gone; both pods are served as themselves again.
     let (a, b) = (
-        raw(&pod_a, "GET", CREDS, &[]),
-        raw(&pod_b, "GET", CREDS, &[]),
+        PodClient::start(&pod_a).ask(&listing()).status_body(),
+        PodClient::start(&pod_b).ask(&listing()).status_body(),
     );
     assert_eq!(a, (200, "role-a".to_owned()));
     assert_eq!(b, (200, "role-b".to_owned()));
@@ -408,7 +410,7 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
             "the agent sees the round's pods"
         );
         for (pod, role) in &pods {
-            let answer = client.ask(&Request::get(CREDS).after_joining(&pod.container));
+            let answer = client.ask(&listing().after_joining(&pod.container));
             assert_eq!(
                 answer.status_body(),
                 (200, role.clone()),
