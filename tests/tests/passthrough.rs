@@ -12,11 +12,11 @@ use std::net::IpAddr;
 
 use interceptor_tests::{
     Node,
-    clients::raw,
     cluster::{AgentBuilder, Peers},
     control_plane::ControlPlane,
     fake_imds::{FakeImds, NODE_ACCESS_KEY, NODE_SIGNATURE},
     moto::MotoServer,
+    pod_client::PodClient,
     require_root,
 };
 
@@ -83,13 +83,14 @@ async fn no_allow_list_forwards_a_credential_bearing_path() {
     .await;
 
     let (refused, forwarded) = tokio::task::block_in_place(|| {
+        let mut client = PodClient::start(&pod);
         let refused: Vec<(&str, (u16, String))> = CREDENTIAL_BEARING
             .iter()
-            .map(|path| (*path, raw(&pod, "GET", path, &[])))
+            .map(|path| (*path, client.raw("GET", path, &[])))
             .collect();
         let forwarded: Vec<(&str, &str, (u16, String))> = FORWARDED
             .iter()
-            .map(|(path, body)| (*path, *body, raw(&pod, "GET", path, &[])))
+            .map(|(path, body)| (*path, *body, client.raw("GET", path, &[])))
             .collect();
         (refused, forwarded)
     });
