@@ -1036,12 +1036,12 @@ type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
 /// Spawns `command` from a thread that lives as long as the test binary, with
 /// `PR_SET_PDEATHSIG` = SIGKILL: the signal follows the spawning thread, so spawning from
 /// a test's own (short-lived) thread would kill the process when that test ends.
-fn spawn_tied(command: Command) -> io::Result<Child> {
+pub(crate) fn spawn_tied(command: Command) -> io::Result<Child> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
         std::thread::Builder::new()
-            .name("control-plane-spawner".into())
+            .name("tied-spawner".into())
             .spawn(move || {
                 for (mut command, reply) in rx {
                     // SAFETY: prctl is async-signal-safe; nothing else runs between fork
