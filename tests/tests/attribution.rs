@@ -141,7 +141,7 @@ async fn a_record_left_by_an_unaccepted_connect_is_not_inherited() {
     let node = Node::new();
     let pod_b = node.pod();
     let pod_c = node.pod_cgroups();
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let agent_config = Standalone::new(
         &node,
@@ -209,7 +209,7 @@ async fn an_evicted_record_refuses_the_connection() {
     let flood = interceptor_ebpf::CONNS_MAX_ENTRIES as usize + 3_000;
     let node = Node::new();
     let (pod_a, pod_b) = (node.pod(), node.pod());
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let agent_config = Standalone::new(
         &node,
@@ -352,7 +352,7 @@ async fn churning_thousands_of_pods_leaves_no_trace() {
     let node = Node::new();
     // The pods' processes share this pod's network namespace (like hostNetwork pods).
     let host = node.pod();
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "churn",

@@ -51,7 +51,7 @@ async fn one_record_per_key_and_container_matching_what_the_sdk_received() {
         )
         .await;
     let defaulted = scope.running_pod(&node, &team, "defaulted", &[]).await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "audit",

@@ -79,7 +79,7 @@ async fn serving_needs_nothing_more() {
     let node = Node::new();
     let pod = node.pod();
     let file = bindings_file("caps", &[("app", &pod, "app")]);
-    let moto = interceptor_tests::moto::MotoServer::start_on(node.address, &[]);
+    let moto = interceptor_tests::moto::MotoServer::shared_on(node.address);
     let upstream =
         interceptor_tests::fake_imds::FakeImds::start(std::net::IpAddr::from([127, 0, 0, 1])).await;
     let args = standalone_args(&node, &file, &upstream, &moto.endpoint());

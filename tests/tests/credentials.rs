@@ -125,7 +125,7 @@ async fn assumed_role_and_session_are_what_sts_reports() {
 
 #[tokio::test]
 async fn prefetch_makes_the_first_request_a_hit() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     let cache = cache(&proxy, Settings::default()).await;
     cache.prefetch(&request("role-a", "new-pod"));
@@ -156,7 +156,7 @@ async fn prefetch_makes_the_first_request_a_hit() {
 /// the agent restarts). Found by the churn test: keys of deleted pods reappeared.
 #[tokio::test]
 async fn queued_prefetches_of_deleted_pods_cache_nothing() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     proxy.set_delay(Duration::from_millis(300));
     let cache = cache(&proxy, Settings::default()).await;
@@ -205,7 +205,7 @@ async fn queued_prefetches_of_deleted_pods_cache_nothing() {
 
 #[tokio::test]
 async fn concurrent_requests_make_one_call_per_key() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     proxy.set_delay(Duration::from_millis(200));
     // What is counted is calls, not time: a request waits for the one call in flight as
@@ -247,7 +247,7 @@ async fn concurrent_requests_make_one_call_per_key() {
 /// a hit without another call.
 #[tokio::test]
 async fn a_slow_sts_call_outlives_the_request_that_started_it() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     proxy.set_delay(Duration::from_secs(2));
     let cache = cache(
@@ -305,7 +305,7 @@ fn counter(cache: &CredentialCache, name: &str) -> u64 {
 
 #[tokio::test]
 async fn credentials_are_refreshed_before_they_expire() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     // The agent's own settings for 15-minute sessions (STS's minimum).
     let settings = Settings::for_session(Duration::from_secs(900));
@@ -369,7 +369,7 @@ async fn credentials_are_refreshed_before_they_expire() {
 
 #[tokio::test]
 async fn outages_serve_cached_credentials_and_report_the_rest() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     // Every request wants fresher credentials than it has (serve floor just below the
     // session length, once the clock has moved), so each one calls STS: outages are
@@ -438,7 +438,7 @@ async fn outages_serve_cached_credentials_and_report_the_rest() {
 
 #[tokio::test]
 async fn throttling_backs_off_and_recovers_with_bounded_calls() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     let clock = ManualClock::new();
     let cache = cache_on(
@@ -527,7 +527,7 @@ async fn throttling_backs_off_and_recovers_with_bounded_calls() {
 
 #[tokio::test]
 async fn refusals_say_why_and_are_not_retried_in_a_loop() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     let cache = cache(&proxy, Settings::default()).await;
     proxy.set_fault(Fault::Deny);
@@ -605,7 +605,7 @@ async fn moto_checking_policies_refuses_a_role_the_agent_may_not_assume() {
 
 #[tokio::test]
 async fn an_intermediate_role_is_assumed_first_and_once() {
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let proxy = StsProxy::start(moto.addr()).await;
     let client = sts_client(&StsConfig {
         endpoint: Some(proxy.endpoint()),

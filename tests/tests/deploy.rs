@@ -675,7 +675,7 @@ async fn every_alert_and_dashboard_query_selects_what_a_running_agent_exports() 
         .await;
     // A pod the API server does not know.
     let unknown = node.pod();
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "deploy-metrics",

@@ -23,7 +23,7 @@ async fn sigterm_answers_the_request_in_flight_then_exits_with_programs_attached
     let node = Node::new();
     let pod = std::sync::Arc::new(node.pod());
     let file = cluster::bindings_file("drain", &[("drained", &pod, "role-d")]);
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let sts = StsProxy::start(moto.addr()).await;
     // Slow enough to be caught in flight, quicker than the agent's wait for STS (800 ms),
     // so the answer is the credentials, not a 503.

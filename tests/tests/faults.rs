@@ -72,7 +72,7 @@ async fn an_agent_started_while_the_api_server_is_down_serves_no_one_it_cannot_s
         .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
         .await;
     let pod_u = scope.simulated_pod(&node, &team, "app-u", &[]).await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let name = "faults-restart";
     let setup = AgentBuilder::new(name, &node, Peers::new(&scope, &upstream, &moto.endpoint()))
@@ -187,7 +187,7 @@ async fn what_changed_while_the_api_server_was_down_is_caught_up_through_expiry(
         .simulated_pod(&node, &locked, "app-d", &[(ROLE, "role-d")])
         .await;
     let forwarder = Forwarder::start(plane.addr()).await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "faults-catch-up",
@@ -315,7 +315,7 @@ async fn sts_refusing_failing_under_load_and_slow_with_a_real_sdk() {
     let pod_a = scope
         .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
         .await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
@@ -479,7 +479,7 @@ async fn cached_credentials_flow_through_an_sts_outage_until_shortly_before_expi
     let pod = scope
         .simulated_pod(&node, &team, "app-e", &[(ROLE, "role-e")])
         .await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let sts = StsProxy::start(moto.addr()).await;
     sts.set_expires_in(Some(STALE_FLOOR + MARGIN));
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;

@@ -458,7 +458,7 @@ async fn attached_at_boot_pods_are_refused_until_the_agent_serves_them() {
         "with no agent, every metadata connect is refused: {refused:?}"
     );
 
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let bindings = bindings_file("boot", &[("a", &*pod, "role-a")]);
     // The agent finds the programs where `attach` put them: the same root and port.
     let args = standalone_args_at(

@@ -78,7 +78,7 @@ impl Cluster {
         for (app, pod_role) in more_pods {
             more.push(scope.running_pod(&node, &team, app, &role(pod_role)).await);
         }
-        let moto = MotoServer::start_on(node.address, &[]);
+        let moto = MotoServer::shared_on(node.address);
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
         let mut extra = vec![
             "--base-role-arn",

@@ -202,7 +202,7 @@ async fn each_container_gets_its_own_role_with_pod_identity_tags() {
         .await
         .expect("the pod's status");
 
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
@@ -386,7 +386,7 @@ async fn roles_come_from_the_service_account_and_follow_its_changes() {
     };
     let (total, open) = ("apiserver_request_total", "apiserver_longrunning_requests");
     let cluster_lists = accounts(total, "LIST", "cluster");
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
@@ -514,7 +514,7 @@ async fn a_trust_policy_without_tag_session_is_named_in_the_pods_event() {
     let pod = scope
         .running_pod(&node, &team, "tagged", &[(ROLE, "strict-role")])
         .await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let sts = StsProxy::start(moto.addr()).await;
     sts.set_fault(Fault::DenyWith(
         "User: arn:aws:iam::123456789012:user/node is not authorized to perform: \
@@ -563,7 +563,7 @@ async fn source_identity_and_tags_go_on_the_chained_call_through_the_intermediat
     let node = Node::new();
     let api = pod_as(&scope, &team, "web", Some("app-role"), "web-sa");
     let pod = scope.run_pod(&node, api).await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(

@@ -105,7 +105,7 @@ async fn the_agent_logs_the_programs_records_when_asked() {
     let node = Node::new();
     let pod = std::sync::Arc::new(node.pod());
     let file = cluster::bindings_file("kernel-log", &[("logged", &pod, "role-l")]);
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(std::net::IpAddr::from([127, 0, 0, 1])).await;
     let args = cluster::standalone_args(&node, &file, &upstream, &moto.endpoint());
     let pins = Pins::new("kernel-log-agent");

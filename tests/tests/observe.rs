@@ -112,7 +112,7 @@ async fn observe_mode_serves_the_node_s_answers_and_reports_what_enforcement_wou
     // A pod the API server does not know (as a static pod's cgroup is): enforcement would
     // refuse it; observing, it is answered as the node would, like the others.
     let stranger = node.pod();
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, app_port) = AgentBuilder::new(
         "observe",
@@ -379,7 +379,7 @@ async fn switching_from_observe_to_enforcing_is_a_restart_after_which_no_node_cr
     let pod_b = scope
         .running_pod(&node, &team, "app-b", &[(ROLE, "role-b")])
         .await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let setup = AgentBuilder::new(
         "observe-switch",
@@ -534,7 +534,7 @@ async fn standalone_observe_mode_reports_bound_and_unbound_services() {
     let node = Node::new();
     let (bound, unbound) = (node.pod(), node.pod());
     let file = bindings_file("observe-standalone", &[("billing", &bound, "billing")]);
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let mut args = standalone_args(&node, &file, &upstream, &moto.endpoint());
     args.push("--observe".to_owned());

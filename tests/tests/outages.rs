@@ -66,7 +66,7 @@ async fn api_server_outage_and_expiry() {
         .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
         .await;
     let forwarder = Forwarder::start(plane.addr()).await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "outage-api",
@@ -194,7 +194,7 @@ async fn sts_outage_throttling_and_latency() {
     let pod_a = scope
         .simulated_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
         .await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let sts = StsProxy::start(moto.addr()).await;
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
@@ -309,7 +309,7 @@ async fn decisions_follow_annotation_and_restriction_changes() {
     let pod = scope
         .simulated_pod(&node, &team, "app", &[(ROLE, "role-a")])
         .await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "outage-policy",

@@ -66,7 +66,7 @@ async fn no_allow_list_forwards_a_credential_bearing_path() {
     let pod = scope
         .running_pod(&node, &team, "app", &[("iam.amazonaws.com/role", "role-a")])
         .await;
-    let moto = MotoServer::start();
+    let moto = MotoServer::shared();
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "passthrough",

@@ -50,7 +50,7 @@ async fn the_agent_with_deploys_rbac_serves_roles_lifts_its_taint_and_posts_even
         .running_pod(&node, &locked, "wants-b", &[(ROLE, "role-b")])
         .await;
 
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "real-cluster",
@@ -125,7 +125,7 @@ async fn after_compaction_and_an_apiserver_restart_the_agent_relists_and_serves_
         .running_pod(&node, &team, "app-a", &[(ROLE, "role-a")])
         .await;
 
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let (agent, _) = AgentBuilder::new(
         "real-relist",

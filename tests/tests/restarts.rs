@@ -80,7 +80,7 @@ async fn restarts_under_load(restart: Restart) {
         &format!("restarts-{restart:?}"),
         &[("role-a", &pod_a, "role-a"), ("role-b", &pod_b, "role-b")],
     );
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let mut args = standalone_args(&node, &file, &upstream, &moto.endpoint());
     // The node's own credentials are one allow-list entry away: make sure they are not.

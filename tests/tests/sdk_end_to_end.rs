@@ -64,7 +64,7 @@ async fn real_sdks_in_pods_get_exactly_their_own_role() {
         .await;
 
     // STS on the node's address, so that pods reach it too.
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let extra = [
         "--auto-discover-base-arn",
@@ -260,7 +260,7 @@ async fn the_metadata_api_answers_as_ec2_and_holds_against_misuse() {
     let pod_b = scope
         .running_pod(&node, &team, "app-b", &role(Some("role-b")))
         .await;
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let extra = [
         "--base-role-arn",
@@ -423,7 +423,7 @@ impl Cluster {
         for (app, pod_role) in pods {
             simulated.push(scope.running_pod(&node, &team, app, &role(*pod_role)).await);
         }
-        let moto = MotoServer::start_on(node.address, &[]);
+        let moto = MotoServer::shared_on(node.address);
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
         let mut flags = vec!["--base-role-arn", "arn:aws:iam::123456789012:role/"];
         flags.extend_from_slice(extra);

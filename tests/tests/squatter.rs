@@ -119,7 +119,7 @@ impl Setup {
         let pod = Arc::new(node.pod());
         let pins = Pins::new(name);
         let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
-        let moto = MotoServer::start_on(node.address, &[]);
+        let moto = MotoServer::shared_on(node.address);
         let bindings = bindings_file(&format!("squat-{name}"), &[("a", &*pod, "role-a")]);
         Self {
             node,

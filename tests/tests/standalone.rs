@@ -29,7 +29,7 @@ async fn bound_services_get_their_roles_and_the_file_is_reloaded() {
             ("web", &web, "arn:aws:iam::999999999999:role/web"),
         ],
     );
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let args = standalone_args(&node, &file, &upstream, &moto.endpoint());
     let pin_dir = PathBuf::from(format!(
@@ -132,7 +132,7 @@ async fn the_passthrough_fetches_a_new_token_after_a_401() {
     let node = Node::new();
     let pod = node.pod();
     let file = bindings_file("bindings-token", &[("app", &pod, "app")]);
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let mut args = standalone_args(&node, &file, &upstream, &moto.endpoint());
     args.extend(["--allow-route-regexp", "^/latest/meta-data/placement/.*"].map(str::to_owned));

@@ -68,7 +68,7 @@ async fn standalone_takeover(build: Build) {
             ("role-b", &pods[1], "role-b"),
         ],
     );
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let args = cluster::standalone_args(&node, &file, &upstream, &moto.endpoint());
     let pins = Pins::new(&format!("takeover-{build:?}"));
@@ -140,7 +140,7 @@ async fn a_new_agent_takes_over_only_once_its_pods_are_synced() {
             .await;
         pods.push(pod);
     }
-    let moto = MotoServer::start_on(node.address, &[]);
+    let moto = MotoServer::shared_on(node.address);
     let upstream = FakeImds::start(IpAddr::from([127, 0, 0, 1])).await;
     let setup = cluster::AgentBuilder::new(
         "takeover-kube",
