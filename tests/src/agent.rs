@@ -300,12 +300,27 @@ pub fn drop_all_but(keep: &[&str]) -> String {
         .join(",")
 }
 
-/// A free TCP port on loopback (for ports the agent binds on all addresses).
+/// A free TCP port on loopback (for ports the agent binds on all addresses), never one
+/// this process handed out before.
+///
+/// The kernel may give the same ephemeral port to two binds in a row once the first
+/// listener is closed, so two calls for one agent (`--app-port`, `--metrics-port`) could
+/// otherwise collide; the agent rightly refuses that configuration.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 #[cfg(test)]

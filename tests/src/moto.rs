@@ -26,7 +26,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
     sync::OnceLock,
@@ -34,14 +34,7 @@ use std::{
 };
 
 pub use crate::peers::venv;
-use crate::{control_plane::spawn_tied, world};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free loopback port")
-}
+use crate::{agent::free_port, control_plane::spawn_tied, world};
 
 /// A moto server: one this value started (killed, by its PID, on drop), or the shared one
 /// as reached at one address.
