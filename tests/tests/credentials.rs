@@ -233,6 +233,12 @@ async fn concurrent_requests_make_one_call_per_key() {
         3,
         "30 tasks x 5 requests for 3 keys"
     );
+    // Each key's first call is a miss; the requests that waited for it are counted as
+    // such, not as hits (the 200 ms call is long enough for the first round to wait).
+    let (misses, coalesced) = (counter(&cache, "misses"), counter(&cache, "coalesced"));
+    assert_eq!(misses, 3);
+    assert!(coalesced > 0, "no request waited for a call in flight");
+    assert_eq!(counter(&cache, "hits") + coalesced, 147);
     // An external id is part of the key: another pod's external id never shares.
     let mut with_id = request("role-0", "shared");
     with_id.external_id = Some("tenant-42".into());

@@ -197,6 +197,9 @@ pub struct CacheStats {
     pub held: AtomicU64,
     /// Requests answered before STS did (`request_wait`), the call going on.
     pub waited_out: AtomicU64,
+    /// Requests and prefetches that waited for another's STS call for the same key and
+    /// took its credentials (single flight): neither a hit nor a call of their own.
+    pub coalesced: AtomicU64,
     /// Slots evicted because their pod asked for more than [`SLOTS_PER_POD`].
     pub evicted: AtomicU64,
 }
@@ -220,6 +223,7 @@ impl CacheStats {
             ("stale_served", &self.stale_served),
             ("held", &self.held),
             ("waited_out", &self.waited_out),
+            ("coalesced", &self.coalesced),
             ("evicted", &self.evicted),
         ]
         .into_iter()
@@ -480,14 +484,15 @@ impl CredentialCache {
         key: &Key,
         slot: &Arc<Slot>,
     ) -> Result<Arc<Credentials>, CredentialsError> {
+        // Both callers found the slot without fresh credentials: if it has them now, they
+        // came from another call (before the lock, or while we waited for it).
         if let Some(current) = self.fresh(slot) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
             return Ok(current);
         }
         let _fetching = slot.fetching.lock().await;
         if let Some(current) = self.fresh(slot) {
-            // Fetched by whoever held the lock before us.
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
             return Ok(current);
         }
         if let Some(error) = slot.recent_failure(self.settings.error_hold, self.clock.monotonic()) {

@@ -810,9 +810,7 @@ async fn first_requests(
     let pods = add_pods(world, node, tag, sizes.first_pods, |_| ROLE.into()).await?;
     tokio::time::sleep(sizes.container_start.saturating_sub(appeared.elapsed())).await;
     let started = appeared.elapsed();
-    // Cache hits are counted over the requests alone: the agent also counts one when a
-    // prefetch finds another in flight and waits for it, which happens here because each
-    // pod appears twice (created, then its status written).
+    // Only requests count as hits: a prefetch that finds another's answer is `coalesced`.
     let hits = credentials_counter(agent, "hits")?;
     let path = credentials_path(ROLE);
     let loads = run_all(&places(&pods), &["first", METADATA, &path, "10000"])?;
