@@ -13,6 +13,7 @@ pub mod namespaces;
 pub mod node;
 pub mod pods;
 pub mod service_accounts;
+mod slim;
 
 use std::path::Path;
 

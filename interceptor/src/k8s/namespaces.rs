@@ -12,10 +12,11 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client,
-    core::PartialObjectMeta,
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::watch;
+
+use super::slim::Metadata;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamespaceInfo {
@@ -26,11 +27,12 @@ pub struct NamespaceInfo {
 }
 
 impl NamespaceInfo {
-    fn from_meta(meta: &PartialObjectMeta<Namespace>) -> Option<Self> {
+    fn from_meta(meta: Metadata<Namespace>) -> Option<Self> {
+        let meta = meta.metadata;
         Some(Self {
-            name: meta.metadata.name.clone()?,
-            annotations: meta.metadata.annotations.clone().unwrap_or_default(),
-            resource_version: meta.metadata.resource_version.clone().unwrap_or_default(),
+            name: meta.name?,
+            annotations: meta.annotations.unwrap_or_default(),
+            resource_version: meta.resource_version.unwrap_or_default(),
         })
     }
 }
@@ -83,14 +85,14 @@ impl NamespaceStore {
         let _ = synced.wait_for(|synced| *synced).await;
     }
 
-    pub fn apply(&self, event: watcher::Event<PartialObjectMeta<Namespace>>) {
+    pub fn apply(&self, event: watcher::Event<Metadata<Namespace>>) {
         let mut inner = self
             .inner
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match event {
             watcher::Event::Apply(meta) => {
-                if let Some(info) = NamespaceInfo::from_meta(&meta) {
+                if let Some(info) = NamespaceInfo::from_meta(meta) {
                     inner.by_name.insert(info.name.clone(), Arc::new(info));
                 }
             }
@@ -101,7 +103,7 @@ impl NamespaceStore {
             }
             watcher::Event::Init => inner.relist = Some(HashMap::new()),
             watcher::Event::InitApply(meta) => {
-                if let Some(info) = NamespaceInfo::from_meta(&meta) {
+                if let Some(info) = NamespaceInfo::from_meta(meta) {
                     inner
                         .relist
                         .get_or_insert_with(HashMap::new)
@@ -118,8 +120,8 @@ impl NamespaceStore {
 
 /// Watches every namespace's metadata into `store` until the task is dropped.
 pub async fn watch(client: Client, store: Arc<NamespaceStore>) {
-    // An `Api` over `PartialObjectMeta` makes metadata-only requests.
-    let api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
+    // An `Api` over `Metadata` makes metadata-only requests, decoded sparingly.
+    let api: Api<Metadata<Namespace>> = Api::all(client);
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();

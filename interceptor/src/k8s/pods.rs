@@ -7,12 +7,13 @@ use std::{
 };
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::{Notify, broadcast, watch};
+
+pub use self::view::PodView;
 
 /// What the agent keeps of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,18 +34,32 @@ pub struct PodInfo {
 
 impl PodInfo {
     /// `None` for an object without the identity fields every real pod has.
-    pub fn from_pod(pod: &Pod) -> Option<Self> {
-        let meta = &pod.metadata;
-        let spec = pod.spec.as_ref();
+    pub fn from_view(pod: PodView) -> Option<Self> {
+        let PodView {
+            metadata,
+            spec,
+            status,
+        } = pod;
+        let spec = spec.unwrap_or_default();
+        let containers = [
+            spec.containers,
+            spec.init_containers,
+            spec.ephemeral_containers,
+        ];
         Some(Self {
-            uid: meta.uid.clone()?,
-            namespace: meta.namespace.clone()?,
-            name: meta.name.clone()?,
-            annotations: meta.annotations.clone().unwrap_or_default(),
-            host_network: spec.and_then(|spec| spec.host_network).unwrap_or(false),
-            service_account: spec.and_then(|spec| spec.service_account_name.clone()),
-            containers: spec.map(container_names).unwrap_or_default(),
-            container_ids: pod.status.as_ref().map(container_ids).unwrap_or_default(),
+            uid: metadata.uid?,
+            namespace: metadata.namespace?,
+            name: metadata.name?,
+            annotations: metadata.annotations.unwrap_or_default(),
+            host_network: spec.host_network.unwrap_or(false),
+            service_account: spec.service_account_name,
+            containers: containers
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|c| c.name)
+                .collect(),
+            container_ids: status.map(container_ids).unwrap_or_default(),
         })
     }
 
@@ -63,18 +78,11 @@ impl PodInfo {
     }
 }
 
-fn container_names(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
-    let names = spec.containers.iter().map(|c| &c.name);
-    let init = spec.init_containers.iter().flatten().map(|c| &c.name);
-    let ephemeral = spec.ephemeral_containers.iter().flatten().map(|c| &c.name);
-    names.chain(init).chain(ephemeral).cloned().collect()
-}
-
-fn container_ids(status: &k8s_openapi::api::core::v1::PodStatus) -> Vec<(String, String)> {
+fn container_ids(status: view::Status) -> Vec<(String, String)> {
     let all = [
-        &status.container_statuses,
-        &status.init_container_statuses,
-        &status.ephemeral_container_statuses,
+        status.container_statuses,
+        status.init_container_statuses,
+        status.ephemeral_container_statuses,
     ];
     all.into_iter()
         .flatten()
@@ -83,7 +91,7 @@ fn container_ids(status: &k8s_openapi::api::core::v1::PodStatus) -> Vec<(String,
             // `<runtime>://<id>`; the cgroup path has the id alone.
             let full = status.container_id.as_deref()?;
             let id = full.rsplit_once("://").map_or(full, |(_, id)| id);
-            (!id.is_empty()).then(|| (id.to_ascii_lowercase(), status.name.clone()))
+            (!id.is_empty()).then(|| (id.to_ascii_lowercase(), status.name))
         })
         .collect()
 }
@@ -217,18 +225,18 @@ impl PodStore {
     }
 
     /// Applies one watch event.
-    pub fn apply(&self, event: watcher::Event<Pod>) {
+    pub fn apply(&self, event: watcher::Event<PodView>) {
         let mut changes = Vec::new();
         {
             let mut inner = self.write();
             match event {
                 watcher::Event::Apply(pod) => {
-                    if let Some(info) = PodInfo::from_pod(&pod).map(Arc::new) {
+                    if let Some(info) = PodInfo::from_view(pod).map(Arc::new) {
                         apply_one(&mut inner, &info, &mut changes);
                     }
                 }
                 watcher::Event::Delete(pod) => {
-                    if let Some(info) = PodInfo::from_pod(&pod) {
+                    if let Some(info) = PodInfo::from_view(pod) {
                         inner.by_uid.remove(&info.uid);
                         inner.tombstone(info.uid.clone());
                         changes.push(PodChange::Deleted(Arc::new(info)));
@@ -236,7 +244,7 @@ impl PodStore {
                 }
                 watcher::Event::Init => inner.relist = Some(HashMap::new()),
                 watcher::Event::InitApply(pod) => {
-                    if let Some(info) = PodInfo::from_pod(&pod) {
+                    if let Some(info) = PodInfo::from_view(pod) {
                         inner
                             .relist
                             .get_or_insert_with(HashMap::new)
@@ -286,7 +294,7 @@ fn apply_one(inner: &mut Inner, info: &Arc<PodInfo>, changes: &mut Vec<PodChange
 /// Watches the pods of `node` into `store` until the task is dropped. Errors (API server
 /// down, watch expired) are logged and retried with backoff; the store keeps its content.
 pub async fn watch(client: Client, node: String, store: Arc<PodStore>) {
-    let api: Api<Pod> = Api::all(client);
+    let api: Api<PodView> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut events = watcher(api, config).default_backoff().boxed();
     loop {
@@ -297,6 +305,8 @@ pub async fn watch(client: Client, node: String, store: Arc<PodStore>) {
         }
     }
 }
+
+mod view;
 
 #[cfg(test)]
 mod tests;

@@ -8,8 +8,13 @@ use kube::runtime::watcher::Event;
 
 use super::*;
 
-fn pod(uid: &str, name: &str, role: Option<&str>) -> Pod {
-    Pod {
+/// `pod`, as the agent decodes it from the API server's JSON.
+fn view(pod: &Pod) -> PodView {
+    serde_json::from_value(serde_json::to_value(pod).unwrap()).unwrap()
+}
+
+fn pod(uid: &str, name: &str, role: Option<&str>) -> PodView {
+    view(&Pod {
         metadata: ObjectMeta {
             uid: Some(uid.into()),
             name: Some(name.into()),
@@ -23,7 +28,7 @@ fn pod(uid: &str, name: &str, role: Option<&str>) -> Pod {
             ..PodSpec::default()
         }),
         ..Pod::default()
-    }
+    })
 }
 
 #[test]
@@ -121,4 +126,86 @@ fn changes_are_broadcast() {
         changes.try_recv().is_err(),
         "an unchanged re-apply is not a change"
     );
+}
+
+/// A pod as kube-apiserver sends it, with the fields the agent skips (managedFields,
+/// volumes, tolerations, conditions) around the ones it keeps.
+#[test]
+fn a_full_pod_decodes_to_what_the_agent_keeps() {
+    let json = serde_json::json!({
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": "web-0",
+            "namespace": "team-a",
+            "uid": "0b0e4c9e-6a2f-4d51-9a7e-1f0c2d3e4f50",
+            "resourceVersion": "4711",
+            "labels": {"app": "web"},
+            "annotations": {"iam.amazonaws.com/role": "role-a", "other": "x"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                 "name": "web", "uid": "u", "controller": true}],
+            "managedFields": [{"manager": "kubelet", "operation": "Update",
+                               "apiVersion": "v1", "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:status": {"f:conditions": {".": {}}}}}]
+        },
+        "spec": {
+            "serviceAccountName": "web",
+            "hostNetwork": true,
+            "volumes": [{"name": "kube-api-access", "projected": {"sources": []}}],
+            "initContainers": [{"name": "setup", "image": "busybox"}],
+            "containers": [{"name": "app", "image": "nginx",
+                            "ports": [{"containerPort": 80}],
+                            "resources": {"limits": {"cpu": "1"}}}],
+            "ephemeralContainers": [{"name": "debug", "image": "busybox"}],
+            "tolerations": [{"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]
+        },
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "podIP": "10.0.0.7",
+            "initContainerStatuses": [{"name": "setup", "ready": true, "restartCount": 0,
+                                       "image": "busybox", "imageID": "",
+                                       "containerID": "containerd://AA11"}],
+            "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
+                                   "image": "nginx", "imageID": "",
+                                   "containerID": "cri-o://bb22"},
+                                  {"name": "waiting", "ready": false, "restartCount": 0,
+                                   "image": "nginx", "imageID": ""}]
+        }
+    });
+    let pod: PodView = serde_json::from_value(json).unwrap();
+    assert_eq!(pod.metadata.resource_version.as_deref(), Some("4711"));
+    let info = PodInfo::from_view(pod).unwrap();
+    assert_eq!(
+        info,
+        PodInfo {
+            uid: "0b0e4c9e-6a2f-4d51-9a7e-1f0c2d3e4f50".into(),
+            namespace: "team-a".into(),
+            name: "web-0".into(),
+            annotations: BTreeMap::from([
+                ("iam.amazonaws.com/role".into(), "role-a".into()),
+                ("other".into(), "x".into()),
+            ]),
+            host_network: true,
+            service_account: Some("web".into()),
+            containers: vec!["app".into(), "setup".into(), "debug".into()],
+            container_ids: vec![
+                ("bb22".into(), "app".into()),
+                ("aa11".into(), "setup".into())
+            ],
+        }
+    );
+}
+
+/// Fields the API server may send as `null` or leave out decode as absent.
+#[test]
+fn a_sparse_pod_decodes() {
+    let json = serde_json::json!({
+        "metadata": {"name": "a", "namespace": "n", "uid": "u", "annotations": null},
+        "spec": {"containers": null, "hostNetwork": null},
+        "status": null
+    });
+    let info = PodInfo::from_view(serde_json::from_value(json).unwrap()).unwrap();
+    assert!(info.annotations.is_empty() && info.containers.is_empty());
+    assert!(!info.host_network && info.container_ids.is_empty());
 }
