@@ -300,32 +300,65 @@ pub fn drop_all_but(keep: &[&str]) -> String {
         .join(",")
 }
 
-/// A free TCP port on loopback (for ports the agent binds on all addresses), never one
-/// this process handed out before.
+/// A free TCP port (for ports the agent binds on all addresses), never one this process
+/// handed out before.
 ///
-/// The kernel may give the same ephemeral port to two binds in a row once the first
-/// listener is closed, so two calls for one agent (`--app-port`, `--metrics-port`) could
-/// otherwise collide; the agent rightly refuses that configuration.
+/// A port is only reserved by a listener, and the agent binds its own, so between this
+/// call and the agent's bind the port must not go elsewhere. The kernel hands out ports of
+/// its ephemeral range on its own (`bind` to port 0, outgoing connections), and has given
+/// the same one to two `bind(0)` calls in a row (once an agent's `--app-port` and
+/// `--metrics-port` came out equal). So ports come from just below that range, which the
+/// kernel never picks by itself, in order; each test process has a network namespace of
+/// its own ([`crate::world`]), so nothing else there binds them. Each is checked by a bind.
+/// A process a test starts from its own executable stays in its namespace: the order
+/// starts at a place drawn from the PID, so the two do not walk the same ports.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|addr| addr.port())
-            .expect("a free port");
-        if !given.contains(&port) {
-            given.push(port);
+    use std::sync::{Mutex, PoisonError};
+    static NEXT: Mutex<Option<u16>> = Mutex::new(None);
+    let (low, high) = below_ephemeral();
+    let start = || {
+        let spread = u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        low + (spread % u64::from(high - low)) as u16
+    };
+    let mut next = NEXT.lock().unwrap_or_else(PoisonError::into_inner);
+    for _ in low..high {
+        let port = next.unwrap_or_else(start);
+        *next = Some(if port + 1 >= high { low } else { port + 1 });
+        if std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).is_ok() {
             return port;
         }
     }
+    panic!("no free port in {low}..{high}");
+}
+
+/// The lower half of the ports below the kernel's ephemeral range (`ip_local_port_range`;
+/// 16384..32768 by default).
+fn below_ephemeral() -> (u16, u16) {
+    let first = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = first.max(4096);
+    (high / 2, high)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::series_value;
+    use super::{below_ephemeral, free_port, series_value};
+
+    #[test]
+    fn ports_are_distinct_and_never_ones_the_kernel_picks() {
+        let (low, high) = below_ephemeral();
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        assert!(
+            ports.iter().all(|port| (low..high).contains(port)),
+            "{ports:?}"
+        );
+    }
 
     #[test]
     fn a_series_is_found_exactly_or_not_at_all() {
